@@ -1,0 +1,134 @@
+"""The ``lmdistill`` command line. Thin: each command validates a config and calls one function."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lmdistill.errors import LmdistillError
+
+# Offline by default: model hubs are unreachable here, and a run must never hang on a download.
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = typer.Typer(
+    name="lmdistill",
+    help="Knowledge distillation for language models: from data to a distilled student and a report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+SetOption = typer.Option(None, "--set", help="override a config key: --set train.steps=100 (repeatable)")
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
+    _configure_logging(verbose)
+
+
+def _train_command(config: Optional[Path], overrides: Optional[list[str]], resume: bool, need_teacher: bool) -> None:
+    from lmdistill.config import load_config
+    from lmdistill.train.run import run_training
+
+    cfg = load_config(config, overrides or [])
+    if need_teacher and cfg.teacher is None:
+        raise LmdistillError("distill needs a 'teacher:' section with the teacher's path (or --set teacher.path=DIR)")
+    result = run_training(cfg, resume=resume)
+    typer.echo(json.dumps({"output_dir": str(result.output_dir), **{k: v for k, v in result.final_metrics.items() if k != "kind"},
+                           "train_tokens_per_second": round(result.tokens_per_second, 1)}, indent=2))
+
+
+@app.command()
+def pretrain(
+    config: Optional[Path] = typer.Argument(None, help="YAML run config (defaults apply without one)"),
+    set: Optional[list[str]] = SetOption,
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in output_dir"),
+) -> None:
+    """Train a model from scratch on a corpus with the next-token loss (how a teacher is made here)."""
+    _train_command(config, set, resume, need_teacher=False)
+
+
+@app.command()
+def distill(
+    config: Path = typer.Argument(..., help="YAML run config with teacher, student, data and objective"),
+    set: Optional[list[str]] = SetOption,
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in output_dir"),
+) -> None:
+    """Distil a teacher into a student with any objective or mixture of objectives."""
+    _train_command(config, set, resume, need_teacher=True)
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Argument(..., help="model directory (save_pretrained) or hub id"),
+    corpus: str = typer.Option("kjv", help="corpus name or data file"),
+    split: str = typer.Option("validation", help="train, validation or test"),
+    block_size: int = typer.Option(128, help="tokens per evaluated block"),
+    teacher: Optional[str] = typer.Option(None, help="also report agreement with this teacher"),
+    max_batches: Optional[int] = typer.Option(None, help="cap on evaluated batches"),
+) -> None:
+    """Perplexity and bits per byte of a model on a corpus split (and agreement with a teacher)."""
+    from lmdistill.eval.run import evaluate_model
+
+    metrics = evaluate_model(model, corpus=corpus, split=split, block_size=block_size, teacher=teacher, max_batches=max_batches)
+    typer.echo(json.dumps(metrics, indent=2))
+
+
+@app.command()
+def presets() -> None:
+    """List the from-scratch model presets."""
+    from lmdistill.models.presets import PRESETS
+
+    for name, p in PRESETS.items():
+        typer.echo(f"{name:22s} {p.family:6s} layers={p.layers} hidden={p.hidden}  {p.description}")
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("runs/demo"), help="where the table, plots and models go"),
+    set: Optional[list[str]] = SetOption,
+) -> None:
+    """Pretrain a teacher on KJV (cached), distil a student, train its label-only twin, report."""
+    from lmdistill.report.demo import run_demo
+
+    run_demo(output, overrides=set or [])
+
+
+def _register_optional() -> None:
+    """Commands of packages that may be absent in a partial install register only when importable."""
+    try:
+        from lmdistill.cli import embed as embed_cli
+    except ModuleNotFoundError as exc:
+        if exc.name != "lmdistill.cli.embed":
+            raise
+        return
+    app.command("embed-distill")(embed_cli.embed_distill)
+    app.command("embed-eval")(embed_cli.embed_eval)
+
+
+_register_optional()
+
+
+def main() -> None:
+    try:
+        app()
+    except LmdistillError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho("interrupted; the last complete checkpoint is kept", err=True)
+        sys.exit(130)

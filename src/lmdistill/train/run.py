@@ -1,0 +1,125 @@
+"""Build a run from a validated config: tokenizer, data, teacher, student, objective -> Trainer.
+
+Pretraining and label-only training are runs without a teacher and with the ``cross_entropy``
+objective; distillation adds a teacher. Everything that can be checked without loading a model is
+checked first (config, paths, objective name and parameters).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedModel
+
+from lmdistill.config import RunConfig
+from lmdistill.data.prepare import PreparedData, default_cache_dir, prepare_data
+from lmdistill.data.tokenizer import load_tokenizer
+from lmdistill.errors import ConfigError
+from lmdistill.losses import build_objective
+from lmdistill.models.loading import build_from_preset, count_parameters, load_causal_lm
+from lmdistill.models.vocab import check_vocab_compatible
+from lmdistill.teachers.live import LiveTeacher
+from lmdistill.train.trainer import Trainer, TrainResult
+
+log = logging.getLogger(__name__)
+_LAYER = re.compile(r"\.(h|layers)\.(\d+)\.")
+
+
+def init_from_teacher_layers(student: PreTrainedModel, teacher: PreTrainedModel) -> list[int]:
+    """Copy the teacher's embeddings, final norm and evenly spaced layers into a narrower-depth
+    student of the same width (the layer-subset initialisation of DistilBERT-style students).
+    Returns the teacher layer indices used. Fails clearly when the shapes do not allow it."""
+    s_state, t_state = student.state_dict(), teacher.state_dict()
+    n_s = 1 + max((int(m.group(2)) for k in s_state if (m := _LAYER.search(k))), default=-1)
+    n_t = 1 + max((int(m.group(2)) for k in t_state if (m := _LAYER.search(k))), default=-1)
+    if n_s == 0 or n_t == 0 or n_s > n_t:
+        raise ConfigError(f"student.init=teacher_layers needs a student with at most the teacher's {n_t} layers (student has {n_s})")
+    chosen = [round(i * (n_t - 1) / max(1, n_s - 1)) for i in range(n_s)] if n_s > 1 else [n_t - 1]
+    new_state = {}
+    for key, value in s_state.items():
+        m = _LAYER.search(key)
+        t_key = key if m is None else key[: m.start()] + f".{m.group(1)}.{chosen[int(m.group(2))]}." + key[m.end():]
+        if t_key not in t_state or t_state[t_key].shape != value.shape:
+            got = tuple(t_state[t_key].shape) if t_key in t_state else "absent"
+            raise ConfigError(
+                f"student.init=teacher_layers: shapes do not allow it ({key}: student {tuple(value.shape)}, "
+                f"teacher {got}); use a student preset of the teacher's width, or student.init=scratch"
+            )
+        new_state[key] = t_state[t_key].detach().clone().to(value.dtype)
+    student.load_state_dict(new_state)
+    return chosen
+
+
+def _tokenizer_for(config: RunConfig):
+    if config.tokenizer.path:
+        return load_tokenizer(config.tokenizer.path)
+    if config.teacher is not None:
+        return load_tokenizer(config.teacher.path)
+    if config.student.path:
+        return load_tokenizer(config.student.path)
+    return None  # trained on the corpus by prepare_data
+
+
+def build_trainer(config: RunConfig, *, show_progress: bool = True, accelerator=None) -> tuple[Trainer, PreparedData]:
+    objective = build_objective(config.objective)  # validates name and parameters before any model loads
+    if objective.requires_teacher and config.teacher is None:
+        raise ConfigError(f"objective '{objective.name}' needs a teacher: add teacher.path to the config")
+    torch.manual_seed(config.train.seed)
+    data = prepare_data(
+        config.data.corpus,
+        block_size=config.data.block_size,
+        tokenizer=_tokenizer_for(config),
+        vocab_size=config.tokenizer.vocab_size,
+        fractions=config.data.split_fractions,
+        cache_dir=Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir(),
+    )
+    tokenizer = data.tokenizer
+    teacher_model = None
+    if config.teacher is not None:
+        teacher_model = load_causal_lm(config.teacher.path, dtype=config.teacher.dtype)
+    if config.student.path:
+        student = load_causal_lm(config.student.path, dtype=config.student.dtype)
+        student_tokenizer = AutoTokenizer.from_pretrained(config.student.path)
+    else:
+        student = build_from_preset(config.student.preset, tokenizer, max_positions=max(config.data.block_size, 128), seed=config.train.seed)
+        student_tokenizer = tokenizer
+    teacher = None
+    vocab_size = len(tokenizer)
+    if teacher_model is not None:
+        alignment = check_vocab_compatible(
+            tokenizer, student_tokenizer,
+            teacher_rows=teacher_model.get_output_embeddings().weight.shape[0],
+            student_rows=student.get_output_embeddings().weight.shape[0],
+        )
+        vocab_size = alignment.real_vocab_size
+        teacher = LiveTeacher(teacher_model, alignment)
+        if config.student.init == "teacher_layers":
+            used = init_from_teacher_layers(student, teacher_model)
+            log.info("student initialised from teacher layers %s", used)
+    elif config.student.init == "teacher_layers":
+        raise ConfigError("student.init=teacher_layers needs a teacher section")
+    log.info("student: %.2fM parameters", count_parameters(student) / 1e6)
+    trainer = Trainer(
+        config,
+        student=student,
+        tokenizer=tokenizer,
+        objective=objective,
+        train_stream=data.streams["train"],
+        validation_stream=data.streams["validation"],
+        teacher=teacher,
+        vocab_size=vocab_size,
+        accelerator=accelerator,
+        show_progress=show_progress,
+    )
+    return trainer, data
+
+
+def run_training(config: RunConfig, *, resume: bool = False, show_progress: bool = True) -> TrainResult:
+    """Train (pretrain, label-only or distil, depending on the config), save the final model."""
+    trainer, _ = build_trainer(config, show_progress=show_progress)
+    result = trainer.train(resume=resume)
+    trainer.save_final()
+    return result

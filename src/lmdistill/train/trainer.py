@@ -1,0 +1,321 @@
+"""The one training loop. Pretraining, label-only training and every distillation objective run here;
+methods plug in as an objective (``lmdistill.losses``) and a teacher source (``lmdistill.teachers``).
+
+Devices and processes go through Hugging Face Accelerate (DDP under ``torchrun`` / ``accelerate
+launch``; FSDP/DeepSpeed settings pass through its config). Gradient accumulation is done here with
+``no_sync`` so that the loss normalisation is exact: every micro-batch's summed per-token loss is
+divided by the number of valid target tokens in the whole global batch (all micro-batches, all
+ranks), so 4 accumulated micro-batches give the same gradient as one batch 4x the size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from safetensors.torch import load_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lmdistill.config import RunConfig, dump_config
+from lmdistill.data.blocks import BlockDataset, TokenStream, collate
+from lmdistill.errors import LmdistillError
+from lmdistill.eval.lm import evaluate_lm
+from lmdistill.losses import Objective, fused_linear_distill, reduce_tokens
+from lmdistill.train.checkpoint import CheckpointManager
+from lmdistill.train.schedule import BatchSchedule, accumulation_steps
+
+
+class TrainingDiverged(LmdistillError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warm-up, then cosine decay to ``min_ratio`` of the peak."""
+
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_metrics: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    tokens_per_second: float = 0.0
+    train_seconds: float = 0.0
+
+
+class MetricsLog:
+    """JSON lines plus TensorBoard events, written by the main process only."""
+
+    def __init__(self, output_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = output_dir / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record.get("step", 0)
+        for key, value in record.items():
+            if key not in ("step", "kind") and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{record.get('kind', 'train')}/{key}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        student: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        objective: Objective,
+        train_stream: TokenStream,
+        validation_stream: TokenStream,
+        teacher: Any | None = None,
+        vocab_size: int | None = None,
+        accelerator: Accelerator | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.tc = config.train
+        self.accelerator = accelerator or Accelerator(mixed_precision=self.tc.mixed_precision, cpu=not torch.cuda.is_available())
+        self.tokenizer = tokenizer
+        self.objective = objective
+        if objective.requires_teacher and teacher is None:
+            raise LmdistillError(f"objective '{objective.name}' needs a teacher; add a 'teacher:' section to the config")
+        self.teacher = teacher
+        self.vocab_size = vocab_size or len(tokenizer)
+        self.train_data = BlockDataset(train_stream, config.data.block_size)
+        self.val_data = BlockDataset(validation_stream, config.data.block_size)
+        self.val_bytes_per_token = validation_stream.bytes_per_target
+        self.output_dir = Path(config.output_dir)
+        self.show_progress = show_progress
+
+        acc = self.accelerator
+        self.micro_batch, self.accum = accumulation_steps(self.tc.batch_size, self.tc.micro_batch_size, acc.num_processes)
+        self.schedule = BatchSchedule(len(self.train_data), self.tc.batch_size, self.tc.seed)
+
+        decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim < 2]
+        extra = list(objective.parameters()) if hasattr(objective, "parameters") else []
+        groups = [{"params": decay, "weight_decay": self.tc.weight_decay}, {"params": no_decay + extra, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=self.tc.lr, betas=self.tc.betas)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(self.tc.warmup_steps, self.tc.steps, self.tc.min_lr_ratio)
+        )
+        self.model, self.optimizer = acc.prepare(student, optimizer)
+        self.scheduler = scheduler
+        self.checkpoints = CheckpointManager(self.output_dir, keep=config.checkpoint.keep)
+        self.log = MetricsLog(self.output_dir, acc.is_main_process)
+        self.step = 0
+
+    # ----------------------------------------------------------------------------------------- loss
+    def _micro_loss(self, batch: dict[str, torch.Tensor], normalizer: torch.Tensor) -> torch.Tensor:
+        """Summed per-token loss of one micro-batch divided by the global batch's valid-token count."""
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        flat_labels = labels.reshape(-1)
+        if self.tc.chunked_loss:
+            out = self.model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1)
+            hidden = out.hidden_states[-1].reshape(-1, out.hidden_states[-1].shape[-1])
+            weight = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight[: self.vocab_size]
+            teacher_signal = None
+            if self.objective.requires_teacher:
+                t_hidden, t_weight = self.teacher.hidden_and_weight(input_ids)
+                teacher_signal = (t_hidden.reshape(-1, t_hidden.shape[-1]), t_weight)
+            return fused_linear_distill(
+                hidden, weight, teacher_signal, flat_labels, self.objective,
+                chunk_size=self.tc.chunk_size, normalizer=normalizer,
+            )
+        logits = self.model(input_ids=input_ids).logits[..., : self.vocab_size]
+        teacher_signal = None
+        if self.objective.requires_teacher:
+            t = self.teacher.logits(input_ids)
+            teacher_signal = t.reshape(-1, t.shape[-1]) if isinstance(t, torch.Tensor) else t
+        per_token = self.objective.per_token(logits.reshape(-1, logits.shape[-1]), teacher_signal, flat_labels)
+        return reduce_tokens(per_token, flat_labels, normalizer=normalizer)
+
+    def train_step(self, step: int) -> float:
+        acc = self.accelerator
+        micro_idx = self.schedule.micro_batches(step, acc.process_index, acc.num_processes, self.micro_batch)
+        batches = [collate([self.train_data[int(i)] for i in idx]) for idx in micro_idx]
+        local_valid = torch.tensor(sum(int((b["labels"] != -100).sum()) for b in batches), dtype=torch.float64)
+        global_valid = acc.reduce(local_valid.to(acc.device), reduction="sum").to(torch.float32).clamp_min(1.0)
+        total = torch.zeros((), dtype=torch.float64)
+        self.model.train()
+        for j, batch in enumerate(batches):
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            last = j == len(batches) - 1
+            sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
+            with sync, acc.autocast():
+                loss = self._micro_loss(batch, global_valid)
+                # DDP averages gradients over ranks; scaling by the world size turns that into a sum,
+                # so the gradient is that of (sum of all tokens' losses) / (global valid tokens).
+                acc.backward(loss * acc.num_processes)
+            total += loss.detach().double().cpu()
+        global_loss = acc.reduce(total.to(acc.device), reduction="sum").item()
+        if not math.isfinite(global_loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(
+                f"loss became {global_loss} at step {step + 1}; stopped. The last good checkpoint is kept in "
+                f"{self.checkpoints.root} (lower train.lr, enable train.grad_clip, or check the data)."
+            )
+        if self.tc.grad_clip is not None:
+            acc.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.objective.on_step_end(global_loss, step + 1, self.tc.steps)
+        return global_loss
+
+    # ------------------------------------------------------------------------------- eval, saving
+    def evaluate(self) -> dict[str, float]:
+        acc = self.accelerator
+        return evaluate_lm(
+            acc.unwrap_model(self.model),
+            self.val_data,
+            bytes_per_token=self.val_bytes_per_token,
+            batch_size=self.config.eval.batch_size,
+            max_batches=self.config.eval.max_batches,
+            teacher=self.teacher,
+            vocab_size=self.vocab_size,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            all_reduce=lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu(),
+        )
+
+    def save_checkpoint(self) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.checkpoints.save(
+                self.step,
+                model=acc.unwrap_model(self.model),
+                tokenizer=self.tokenizer,
+                optimizer=self.optimizer,
+                state={
+                    "scheduler": self.scheduler.state_dict(),
+                    "objective": self.objective.state_dict(),
+                    "data_position": {"next_step": self.step, "seed": self.tc.seed},
+                },
+            )
+        acc.wait_for_everyone()
+
+    def resume(self) -> bool:
+        """Restore the newest complete checkpoint; False when there is none."""
+        ckpt = self.checkpoints.latest()
+        if ckpt is None:
+            return False
+        model = self.accelerator.unwrap_model(self.model)
+        weights = load_file(str(ckpt.path / "model" / "model.safetensors"))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        # Tied output weights are stored once; anything else missing means the wrong checkpoint.
+        tied = set(getattr(model, "_tied_weights_keys", None) or [])
+        real_missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+        if real_missing or unexpected:
+            raise LmdistillError(f"checkpoint {ckpt.path} does not fit this model: missing {real_missing[:5]}, unexpected {unexpected[:5]}")
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        state = CheckpointManager.load_state(ckpt, self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.objective.load_state_dict(state["objective"])
+        self.step = int(state["data_position"]["next_step"])
+        if self.accelerator.is_main_process:
+            print(f"resumed from {ckpt.path} at step {self.step}")
+        return True
+
+    def save_final(self, path: Path | None = None) -> Path:
+        path = path or self.output_dir / "final"
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            tmp = path.with_name(path.name + ".tmp")
+            model = acc.unwrap_model(self.model)
+            model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            if path.exists():
+                import shutil
+
+                shutil.rmtree(path)
+            tmp.rename(path)
+        acc.wait_for_everyone()
+        return path
+
+    # ------------------------------------------------------------------------------------- loop
+    def train(self, resume: bool = False) -> TrainResult:
+        acc = self.accelerator
+        if resume:
+            self.resume()
+        elif acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(dump_config(self.config), encoding="utf-8")
+        tokens_per_step = self.tc.batch_size * self.config.data.block_size
+        history: list[dict[str, Any]] = []
+        start_time = time.perf_counter()
+        start_step = self.step
+        progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            disable=not (self.show_progress and acc.is_main_process),
+        )
+        with progress:
+            task = progress.add_task("train", total=self.tc.steps, completed=self.step, info="")
+            while self.step < self.tc.steps:
+                loss = self.train_step(self.step)
+                self.step += 1
+                elapsed = time.perf_counter() - start_time
+                tps = (self.step - start_step) * tokens_per_step / max(elapsed, 1e-9)
+                progress.update(task, completed=self.step, info=f"loss {loss:.4f}  {tps:,.0f} tok/s")
+                if self.step % self.tc.log_every == 0 or self.step == self.tc.steps:
+                    record = {"kind": "train", "step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                              "tokens_per_second": tps, **self._objective_fields()}
+                    history.append(record)
+                    self.log.write(record)
+                if self.step % self.config.eval.every == 0 and self.step != self.tc.steps:
+                    metrics = {"kind": "eval", "step": self.step, **self.evaluate()}
+                    history.append(metrics)
+                    self.log.write(metrics)
+                if self.step % self.config.checkpoint.every == 0 or self.step == self.tc.steps:
+                    self.save_checkpoint()
+        train_seconds = time.perf_counter() - start_time
+        final = {"kind": "eval", "step": self.step, **self.evaluate()}
+        history.append(final)
+        self.log.write(final)
+        self.log.close()
+        done = self.step - start_step
+        return TrainResult(
+            output_dir=self.output_dir,
+            final_metrics=final,
+            history=history,
+            tokens_per_second=done * tokens_per_step / max(train_seconds, 1e-9),
+            train_seconds=train_seconds,
+        )
+
+    def _objective_fields(self) -> dict[str, float]:
+        state = self.objective.state_dict()
+        return {f"objective/{k}": v for k, v in state.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

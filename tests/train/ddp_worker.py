@@ -1,0 +1,30 @@
+"""Run a few distillation steps (under torchrun or alone) and write losses and final weights.
+
+Usage: python ddp_worker.py CONFIG.yaml OUT_PREFIX
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from safetensors.torch import save_file
+
+from lmdistill.config import load_config
+from lmdistill.train.run import build_trainer
+
+
+def main() -> None:
+    config_path, out = sys.argv[1], sys.argv[2]
+    trainer, _ = build_trainer(load_config(config_path), show_progress=False)
+    losses = [trainer.train_step(step) for step in range(trainer.tc.steps)]
+    acc = trainer.accelerator
+    if acc.is_main_process:
+        model = acc.unwrap_model(trainer.model)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}, out + ".safetensors")
+        with open(out + ".json", "w") as f:
+            json.dump({"losses": losses, "world_size": acc.num_processes}, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The trainer: exact resume, NaN stop, exact loss normalisation under accumulation, real distillation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmdistill.errors import LmdistillError
+from lmdistill.train.run import build_trainer, run_training
+from lmdistill.train.trainer import TrainingDiverged
+from tests.conftest import save_tiny_model
+from tests.train.helpers import run_config
+
+
+def _weights(trainer) -> dict[str, torch.Tensor]:
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture()
+def student_dir(tmp_path, small_tokenizer):
+    return save_tiny_model(tmp_path / "student", small_tokenizer, layers=1, hidden=32, seed=2)
+
+
+def test_resume_is_bit_identical(tmp_path, kjv_small_txt, cache_dir, student_dir, tiny_teacher, monkeypatch):
+    objective = {"name": "forward_kl"}
+    full_cfg = run_config(tmp_path / "a", kjv_small_txt, cache_dir, student_dir, tiny_teacher, objective=objective)
+    full, _ = build_trainer(full_cfg, show_progress=False)
+    full.train()
+    expected = _weights(full)
+
+    cfg = run_config(tmp_path / "b", kjv_small_txt, cache_dir, student_dir, tiny_teacher, objective=objective)
+    killed, _ = build_trainer(cfg, show_progress=False)
+    original = killed.train_step
+
+    def dies_at_step_5(step):
+        if step == 4:  # steps 1-4 done, checkpoint at 4 written; the process "dies" in step 5
+            raise KeyboardInterrupt
+        return original(step)
+
+    monkeypatch.setattr(killed, "train_step", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    assert killed.checkpoints.latest().step == 4
+
+    resumed, _ = build_trainer(cfg, show_progress=False)
+    resumed.train(resume=True)
+    got = _weights(resumed)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, kjv_small_txt, cache_dir, student_dir):
+    cfg = run_config(tmp_path, kjv_small_txt, cache_dir, student_dir)
+    trainer, _ = build_trainer(cfg, show_progress=False)
+    per_token = trainer.objective.per_token
+    calls = {"n": 0}
+
+    def poisoned(logits, teacher, labels):
+        calls["n"] += 1
+        out = per_token(logits, teacher, labels)
+        return out * float("nan") if calls["n"] == 3 else out  # one micro-batch per step: step 3
+
+    trainer.objective.per_token = poisoned
+    with pytest.raises(TrainingDiverged, match="step 3"):
+        trainer.train()
+    latest = trainer.checkpoints.latest()
+    assert latest is not None and latest.step == 2
+    # the kept checkpoint is loadable by plain transformers
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(latest.path / "model")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_accumulation_equals_one_big_batch(tmp_path, verse_pairs_jsonl, cache_dir, small_tokenizer):
+    """Prompt/response blocks have different numbers of valid tokens, so a per-micro-batch mean would
+    differ from the global mean; normalising by the global count must make them equal."""
+    student = save_tiny_model(tmp_path / "s", small_tokenizer, layers=1, hidden=32, seed=3)
+    results = []
+    for micro in (None, 1):
+        cfg = run_config(
+            tmp_path / f"m{micro}", verse_pairs_jsonl, cache_dir, student,
+            train={"steps": 3, "batch_size": 4, "micro_batch_size": micro, "grad_clip": None},
+            tokenizer={"path": str(student)},
+        )
+        trainer, _ = build_trainer(cfg, show_progress=False)
+        assert trainer.accum == (1 if micro is None else 4)
+        valid_counts = {int((trainer.train_data[int(i)]["labels"] != -100).sum()) for i in trainer.schedule.global_indices(0)}
+        assert len(valid_counts) > 1, "the test needs blocks with different valid-token counts"
+        losses = [trainer.train_step(s) for s in range(3)]
+        results.append((losses, _weights(trainer)))
+    (l1, w1), (l4, w4) = results
+    assert l1 == pytest.approx(l4, rel=1e-5)
+    for key in w1:
+        torch.testing.assert_close(w1[key], w4[key], rtol=1e-5, atol=1e-6)
+
+
+def test_short_real_distillation_improves_student(tmp_path, kjv_small_txt, cache_dir, small_tokenizer):
+    # a teacher that knows something: pretrained briefly on the same real text
+    teacher_init = save_tiny_model(tmp_path / "t0", small_tokenizer, layers=2, hidden=64, seed=5)
+    t_cfg = run_config(tmp_path / "t", kjv_small_txt, cache_dir, teacher_init,
+                       train={"steps": 80, "batch_size": 8, "lr": 1e-2, "warmup_steps": 5}, checkpoint={"every": 1000})
+    run_training(t_cfg, show_progress=False)
+    teacher = tmp_path / "t" / "run" / "final"
+
+    student = save_tiny_model(tmp_path / "s", small_tokenizer, layers=1, hidden=32, seed=6)
+    cfg = run_config(tmp_path / "d", kjv_small_txt, cache_dir, student, teacher,
+                     train={"steps": 40, "batch_size": 8, "lr": 1e-2, "warmup_steps": 4}, checkpoint={"every": 1000})
+    trainer, _ = build_trainer(cfg, show_progress=False)
+    before = trainer.evaluate()
+    result = trainer.train()
+    after = result.final_metrics
+    assert after["loss"] < before["loss"] - 0.5
+    assert after["kl_to_teacher"] < before["kl_to_teacher"]
+    assert after["top1_agreement"] > before["top1_agreement"]
+    assert (tmp_path / "d" / "run" / "metrics.jsonl").exists()
+
+
+def test_objective_needing_teacher_without_teacher_is_refused(tmp_path, kjv_small_txt, cache_dir, student_dir):
+    cfg = run_config(tmp_path, kjv_small_txt, cache_dir, student_dir, objective="reverse_kl")
+    with pytest.raises(LmdistillError, match="teacher"):
+        build_trainer(cfg, show_progress=False)
