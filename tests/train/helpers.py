@@ -21,8 +21,8 @@ def run_config(tmp: Path, corpus: Path, cache_dir: Path, student: Path, teacher:
     if teacher is not None:
         raw["teacher"] = {"path": str(teacher)}
     for key, value in sections.items():
-        if isinstance(value, dict):
-            raw.setdefault(key, {}).update(value)
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key].update(value)
         else:
             raw[key] = value
     return validate_config(raw, "test")

@@ -17,7 +17,7 @@ def test_ranks_and_microbatches_partition_the_global_batch():
         parts = [np.concatenate(sched.micro_batches(step, r, 2, 2)) for r in range(2)]
         assert np.array_equal(np.concatenate(parts), glob)
     # consecutive steps walk through a permutation: every item once per epoch
-    first_epoch = np.concatenate([sched.global_indices(s) for s in range(4)])[:37]
+    first_epoch = np.concatenate([sched.global_indices(s) for s in range(5)])[:37]
     assert sorted(first_epoch.tolist()) == list(range(37))
     assert np.array_equal(BatchSchedule(37, 8, 3).global_indices(9), sched.global_indices(9))
     assert not np.array_equal(BatchSchedule(37, 8, 4).global_indices(0), sched.global_indices(0))

@@ -37,7 +37,7 @@ class TaskConfig(Section):
     eval_corpus: int = Field(1500, gt=0, description="documents in the evaluation corpus (test split)")
     max_definitions: int = Field(4, gt=0, description="definitions kept per entry document")
     max_chars: int = Field(400, gt=20, description="documents and queries are cut to this many characters")
-    cache_dir: str | None = Field(None, description="where the built task is cached; default .cache/lmdistill/embed")
+    cache_dir: str | None = Field(None, description="where the built task is cached; default <project cache>/embed")
 
 
 class EncoderConfig(Section):
@@ -93,7 +93,7 @@ class M3Config(Section):
 class TrainConfig(Section):
     steps: int = Field(150, gt=0)
     batch_size: int = Field(32, gt=1)
-    lr: float = Field(5e-5, gt=0)
+    lr: float = Field(2e-4, gt=0)
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
@@ -113,7 +113,7 @@ class EmbedConfig(Section):
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: torch's own choice")
     task: TaskConfig = TaskConfig()
     teacher: EncoderConfig = EncoderConfig()
-    student: EncoderConfig = EncoderConfig(num_layers=3)
+    student: EncoderConfig = EncoderConfig(num_layers=3, max_seq_length=64)
     lm: LMConfig = LMConfig()
     mining: MiningConfig = MiningConfig()
     mcl: MCLConfig = MCLConfig()
@@ -123,8 +123,11 @@ class EmbedConfig(Section):
 
     @model_validator(mode="after")
     def _method_needs(self) -> EmbedConfig:
-        if self.method == "flipped_kd" and self.lm.path is None:
-            raise ValueError("method flipped_kd needs lm.path: a local causal LM directory (e.g. from `lmdistill pretrain`)")
+        if self.method == "flipped_kd":
+            if self.lm.path is None:
+                raise ValueError("method flipped_kd needs lm.path: a local causal LM directory (e.g. from `lmdistill pretrain`)")
+            if not Path(self.lm.path).expanduser().is_dir():
+                raise ValueError(f"lm.path '{self.lm.path}' is not a directory (train one with `lmdistill pretrain`)")
         if self.method == "margin_mse" and self.mining.negatives_from == "none":
             raise ValueError("margin_mse learns margins on (query, positive, negative) triples: mining.negatives_from cannot be 'none'")
         if self.mcl.pos_threshold > self.mcl.neg_threshold:

@@ -38,7 +38,14 @@ def rankings_from_scores(scores: torch.Tensor, ids: Sequence[str], k: int, chunk
 class DenseIndex:
     """Brute-force inner-product search (cosine when ``similarity='cosine'``: both sides are normalised)."""
 
-    def __init__(self, embeddings: np.ndarray | torch.Tensor, ids: Sequence[str], similarity: str = "cosine") -> None:
+    def __init__(
+        self,
+        embeddings: np.ndarray | torch.Tensor,
+        ids: Sequence[str],
+        similarity: str = "cosine",
+        *,
+        normalized: bool = False,
+    ) -> None:
         if similarity not in ("cosine", "dot"):
             raise ValueError(f"unknown similarity '{similarity}'; allowed: cosine, dot")
         emb = torch.as_tensor(np.asarray(embeddings) if not isinstance(embeddings, torch.Tensor) else embeddings).float()
@@ -47,7 +54,8 @@ class DenseIndex:
         if len(set(ids)) != len(ids):
             raise ValueError("document ids must be unique")
         self.similarity = similarity
-        self.embeddings = F.normalize(emb, dim=-1) if similarity == "cosine" else emb
+        # ``normalized``: rows are already unit length (e.g. reloaded), normalising again would perturb them.
+        self.embeddings = F.normalize(emb, dim=-1) if similarity == "cosine" and not normalized else emb
         self.ids = list(ids)
 
     def __len__(self) -> int:
@@ -78,7 +86,7 @@ class DenseIndex:
     def load(cls, path: str | Path) -> DenseIndex:
         path = Path(path)
         meta = json.loads((path / "index.json").read_text())
-        return cls(np.load(path / "embeddings.npy"), meta["ids"], meta["similarity"])
+        return cls(np.load(path / "embeddings.npy"), meta["ids"], meta["similarity"], normalized=True)
 
 
 _WORD = re.compile(r"(?u)\b\w\w+\b")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -207,7 +206,10 @@ def build_task(
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("LMDISTILL_CACHE", ".cache/lmdistill")) / "embed"
+    """The project cache (``$LMDISTILL_CACHE_DIR`` or ``.cache/lmdistill``), subfolder ``embed``."""
+    from lmdistill.data.cache import default_cache_dir as project_cache
+
+    return Path(project_cache()) / "embed"
 
 
 def load_gcide_task(

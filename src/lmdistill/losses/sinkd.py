@@ -30,10 +30,12 @@ def sinkhorn_log_plan(cost: Tensor, log_a: Tensor, log_b: Tensor, epsilon: float
     Log-domain Sinkhorn (stable for small epsilon): starting from ``v = 1``, each iteration rescales the
     rows of ``K = exp(-cost / epsilon)`` to the marginal ``a`` and then the columns to ``b``, the order of
     the SinKD reference code; after the last iteration the column marginals hold exactly. Differentiable
-    through the unrolled iterations, as in the reference.
+    through the unrolled iterations, as in the reference. Rows/columns whose log-marginal is at most
+    ``-1e4`` carry no mass and are absent from the start (their initial ``v`` is 0, not 1), so padding a
+    block with massless rows changes nothing.
     """
     log_k = -cost / epsilon
-    log_v = torch.zeros_like(log_b)
+    log_v = torch.where(log_b <= _NO_MASS, log_b, torch.zeros_like(log_b))
     log_u = torch.zeros_like(log_a)
     for _ in range(iterations):
         log_u = log_a - torch.logsumexp(log_k + log_v.unsqueeze(-2), dim=-1)

@@ -19,9 +19,19 @@ class LiveTeacher:
         self.alignment = alignment
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher logits [B, L, V_real] in the teacher's dtype (losses upcast)."""
-        return self.alignment.slice(self.model(input_ids=input_ids).logits)
+        return self.alignment.slice(self.model(input_ids=input_ids, attention_mask=attention_mask).logits)
+
+    def signal(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Teacher logits for a training batch, flattened to [B*L, V_real] like the student's."""
+        logits = self.logits(batch["input_ids"], batch.get("attention_mask"))
+        return logits.reshape(-1, logits.shape[-1])
+
+    def chunked_signal(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden [B*L, H], weight [V_real, H]) for the chunked loss path."""
+        hidden, weight = self.hidden_and_weight(batch["input_ids"])
+        return hidden.reshape(-1, hidden.shape[-1]), weight
 
     @torch.no_grad()
     def hidden_and_weight(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,12 +25,13 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmdistill.config import RunConfig, dump_config
-from lmdistill.data.blocks import BlockDataset, TokenStream, collate
+from lmdistill.data.blocks import BlockDataset, TokenStream
 from lmdistill.errors import LmdistillError
 from lmdistill.eval.lm import evaluate_lm
 from lmdistill.losses import Objective, fused_linear_distill, reduce_tokens
 from lmdistill.train.checkpoint import CheckpointManager
-from lmdistill.train.schedule import BatchSchedule, accumulation_steps
+from lmdistill.train.schedule import accumulation_steps
+from lmdistill.train.sources import BatchSource, BlockSource
 
 
 class TrainingDiverged(LmdistillError):
@@ -98,6 +99,7 @@ class Trainer:
         train_stream: TokenStream,
         validation_stream: TokenStream,
         teacher: Any | None = None,
+        train_source: BatchSource | None = None,
         vocab_size: int | None = None,
         accelerator: Accelerator | None = None,
         show_progress: bool = True,
@@ -112,6 +114,7 @@ class Trainer:
         self.teacher = teacher
         self.vocab_size = vocab_size or len(tokenizer)
         self.train_data = BlockDataset(train_stream, config.data.block_size)
+        self.source: BatchSource = train_source or BlockSource(self.train_data, self.tc.batch_size, self.tc.seed)
         self.val_data = BlockDataset(validation_stream, config.data.block_size)
         self.val_bytes_per_token = validation_stream.bytes_per_target
         self.output_dir = Path(config.output_dir)
@@ -119,7 +122,6 @@ class Trainer:
 
         acc = self.accelerator
         self.micro_batch, self.accum = accumulation_steps(self.tc.batch_size, self.tc.micro_batch_size, acc.num_processes)
-        self.schedule = BatchSchedule(len(self.train_data), self.tc.batch_size, self.tc.seed)
 
         decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim < 2]
@@ -134,36 +136,36 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.output_dir, keep=config.checkpoint.keep)
         self.log = MetricsLog(self.output_dir, acc.is_main_process)
         self.step = 0
+        self.source.bind(self)
 
     # ----------------------------------------------------------------------------------------- loss
     def _micro_loss(self, batch: dict[str, torch.Tensor], normalizer: torch.Tensor) -> torch.Tensor:
         """Summed per-token loss of one micro-batch divided by the global batch's valid-token count."""
         input_ids, labels = batch["input_ids"], batch["labels"]
         flat_labels = labels.reshape(-1)
+        # Padded (unpacked) batches carry an attention mask; packed blocks need none.
+        extra = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
         if self.tc.chunked_loss:
-            out = self.model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1)
+            out = self.model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1, **extra)
             hidden = out.hidden_states[-1].reshape(-1, out.hidden_states[-1].shape[-1])
             weight = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight[: self.vocab_size]
             teacher_signal = None
             if self.objective.requires_teacher:
-                t_hidden, t_weight = self.teacher.hidden_and_weight(input_ids)
-                teacher_signal = (t_hidden.reshape(-1, t_hidden.shape[-1]), t_weight)
+                teacher_signal = self.teacher.chunked_signal(batch)
             return fused_linear_distill(
                 hidden, weight, teacher_signal, flat_labels, self.objective,
                 chunk_size=self.tc.chunk_size, normalizer=normalizer,
             )
-        logits = self.model(input_ids=input_ids).logits[..., : self.vocab_size]
+        logits = self.model(input_ids=input_ids, **extra).logits[..., : self.vocab_size]
         teacher_signal = None
         if self.objective.requires_teacher:
-            t = self.teacher.logits(input_ids)
-            teacher_signal = t.reshape(-1, t.shape[-1]) if isinstance(t, torch.Tensor) else t
+            teacher_signal = self.teacher.signal(batch)
         per_token = self.objective.per_token(logits.reshape(-1, logits.shape[-1]), teacher_signal, flat_labels)
         return reduce_tokens(per_token, flat_labels, normalizer=normalizer)
 
     def train_step(self, step: int) -> float:
         acc = self.accelerator
-        micro_idx = self.schedule.micro_batches(step, acc.process_index, acc.num_processes, self.micro_batch)
-        batches = [collate([self.train_data[int(i)] for i in idx]) for idx in micro_idx]
+        batches = self.source.micro_batches(step, acc.process_index, acc.num_processes, self.micro_batch)
         local_valid = torch.tensor(sum(int((b["labels"] != -100).sum()) for b in batches), dtype=torch.float64)
         global_valid = acc.reduce(local_valid.to(acc.device), reduction="sum").to(torch.float32).clamp_min(1.0)
         total = torch.zeros((), dtype=torch.float64)
@@ -221,7 +223,7 @@ class Trainer:
                 state={
                     "scheduler": self.scheduler.state_dict(),
                     "objective": self.objective.state_dict(),
-                    "data_position": {"next_step": self.step, "seed": self.tc.seed},
+                    "data_position": {"next_step": self.step, "seed": self.tc.seed, "source": self.source.state_dict()},
                 },
             )
         acc.wait_for_everyone()
@@ -245,6 +247,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.objective.load_state_dict(state["objective"])
         self.step = int(state["data_position"]["next_step"])
+        self.source.load_state_dict(state["data_position"].get("source", {}))
         if self.accelerator.is_main_process:
             print(f"resumed from {ckpt.path} at step {self.step}")
         return True

@@ -1,0 +1,197 @@
+"""Configuration of the generation-based regimes: tasks, sampling, black-box teachers, data regimes.
+
+Every section forbids unknown keys (a misspelt key is an error naming the allowed keys, through
+:func:`lmdistill.config.validate_config`). A regime parameter given for a regime that does not use it
+(``kid_mask_ratio`` with ``kind: on_policy``) is an error too, so a config never silently means less
+than it says.
+
+The lead's :class:`~lmdistill.config.RunConfig` carries a :class:`RegimeConfig` as its ``regime``
+section; :class:`TaskRunConfig` is the self-contained run config of ``lmdistill sft`` and of task
+runs started from this package (same sections as ``RunConfig``, plus ``task`` and ``generation``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lmdistill.config import CheckpointConfig, EvalConfig, ModelConfig, TeacherConfig, TokenizerConfig, TrainConfig
+
+RegimeKind = Literal["fixed", "sequence_kd", "on_policy", "scrg", "kid"]
+TaskName = Literal["gcide_define", "kjv_verse", "kjv_continue"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(Section):
+    """An instruction-style task built from an installed corpus (see :mod:`lmdistill.generation.tasks`)."""
+
+    name: TaskName = Field(
+        "kjv_continue",
+        description="gcide_define: 'Define: WORD' -> its first definition; kjv_verse: 'BOOK C:V' -> the verse; "
+        "kjv_continue: 'BOOK C:V first words' -> the rest of the verse",
+    )
+    prompt_words: int = Field(5, ge=1, description="kjv_continue: words of the verse given in the prompt")
+    response_words: int | None = Field(None, ge=1, description="kjv_continue: only the next N words (None: rest of the verse)")
+    max_response_words: int | None = Field(24, ge=1, description="drop examples whose reference is longer (None: keep all)")
+    max_examples: dict[Literal["train", "validation", "test"], int] = Field(
+        default_factory=dict, description="per-split cap, a seeded sample (e.g. {test: 200}); absent splits are uncapped"
+    )
+    split_fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions(self) -> TaskConfig:
+        if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
+            raise ValueError("task.split_fractions must be three non-negative numbers summing to 1")
+        if any(v < 1 for v in self.max_examples.values()):
+            raise ValueError("task.max_examples values must be at least 1")
+        return self
+
+
+class SamplingConfig(Section):
+    """How a model generates: greedy, or ancestral sampling with temperature / top-k / top-p."""
+
+    greedy: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_new_tokens: int = Field(48, ge=1)
+
+
+class BlackBoxConfig(Section):
+    """Any OpenAI-compatible HTTP endpoint as the teacher. The API key is never in the config: only
+    the NAME of the environment variable that holds it (``api_key_env``)."""
+
+    base_url: str = Field(..., description="e.g. https://api.example.com/v1 or http://127.0.0.1:8000/v1")
+    model: str = Field(..., description="the model name sent in each request")
+    endpoint: Literal["chat", "completions"] = Field("chat", description="/chat/completions or /completions")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="environment variable holding the key; null: no key")
+    concurrency: int = Field(4, ge=1, le=256)
+    timeout: float = Field(60.0, gt=0, description="seconds per request")
+    max_retries: int = Field(5, ge=0, description="retries after the first attempt (5xx, 429, 408, timeouts, resets)")
+    backoff_base: float = Field(0.5, ge=0, description="first retry waits up to this many seconds; doubles each retry")
+    backoff_max: float = Field(30.0, ge=0)
+    system_prompt: str | None = Field(None, description="chat endpoint: an optional system message")
+    extra_body: dict[str, Any] = Field(default_factory=dict, description="extra JSON fields sent with every request")
+
+    @model_validator(mode="after")
+    def _url(self) -> BlackBoxConfig:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"blackbox.base_url must start with http:// or https:// (got {self.base_url!r})")
+        return self
+
+
+_REGIME_FIELDS: dict[str, set[str]] = {
+    "fixed": set(),
+    "sequence_kd": {"store"},
+    "on_policy": {"lmbda", "sampling", "off_policy_store"},
+    "scrg": {"lmbda", "sampling", "off_policy_store", "scrg_threshold", "scrg_metric"},
+    "kid": {"kid_mask_ratio"},
+}
+_COMMON_FIELDS = {"kind", "task", "max_length"}
+
+
+class RegimeConfig(Section):
+    """Where a run's training sequences come from. Every regime trains on the task's training split
+    with loss on response tokens only; they differ in which response tokens and which prefixes:
+
+    - ``fixed``: the gold references (label-only SFT with ``cross_entropy``, token-level KD with a
+      logit objective).
+    - ``sequence_kd``: the teacher's generated responses read from ``store`` (written by
+      ``lmdistill generate``; Kim & Rush 2016, arXiv 1606.07947).
+    - ``on_policy``: GKD (arXiv 2306.13649): with probability ``lmbda`` a step's responses are sampled
+      from the current student (``sampling``), otherwise the fixed responses are used.
+    - ``scrg``: as ``on_policy``, each student sample then revised by SCRG (arXiv 2407.10068).
+    - ``kid``: KID (arXiv 2410.11371): a ``kid_mask_ratio`` share of each response's input tokens is
+      replaced by the student's own predictions; targets stay the gold continuation.
+    """
+
+    kind: RegimeKind = "fixed"
+    task: TaskConfig = TaskConfig()
+    max_length: int = Field(128, ge=4, description="tokens per training sequence (prompt + response + EOS)")
+    store: str | None = Field(None, description="sequence_kd: JSONL store of teacher responses (lmdistill generate)")
+    off_policy_store: str | None = Field(
+        None, description="on_policy/scrg: off-policy steps use these teacher responses instead of the gold ones"
+    )
+    lmbda: float = Field(0.5, ge=0, le=1, description="on_policy/scrg: probability that a step uses student samples")
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0, max_new_tokens=48)
+    scrg_threshold: float = Field(1.0, ge=0, description="scrg: a position diverges when its score exceeds this")
+    scrg_metric: Literal["kl", "tvd", "teacher_nll"] = Field(
+        "kl", description="scrg: per-position score: KL(teacher || student), total variation, or -log p_teacher(token)"
+    )
+    kid_mask_ratio: float = Field(0.3, gt=0, le=1, description="kid: share of response input tokens rewritten")
+
+    @model_validator(mode="after")
+    def _fields_fit_kind(self) -> RegimeConfig:
+        allowed = _COMMON_FIELDS | _REGIME_FIELDS[self.kind]
+        stray = sorted(set(self.model_fields_set) - allowed)
+        if stray:
+            users = {f: [k for k, v in _REGIME_FIELDS.items() if f in v] for f in stray}
+            detail = "; ".join(f"{f} applies to {', '.join(u) or 'no regime'}" for f, u in users.items())
+            raise ValueError(f"regime.kind={self.kind} does not use {', '.join(stray)} ({detail})")
+        if self.kind == "sequence_kd" and not self.store:
+            raise ValueError("regime.kind=sequence_kd needs regime.store: the JSONL file written by `lmdistill generate`")
+        for name in ("store", "off_policy_store"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).expanduser().exists():
+                raise ValueError(f"regime.{name} '{value}' does not exist (write it with `lmdistill generate`)")
+        return self
+
+
+class GenerationEvalConfig(Section):
+    """Task evaluation after training: generate for held-out prompts, score against references."""
+
+    split: Literal["validation", "test"] = "validation"
+    max_examples: int | None = Field(200, ge=1)
+    batch_size: int = Field(32, ge=1)
+    sampling: SamplingConfig = SamplingConfig(greedy=True, max_new_tokens=48)
+
+
+class TaskRunConfig(Section):
+    """A training run on a task (``lmdistill sft``, and task distillation before the lead's RunConfig
+    carries ``regime``): the run sections of :class:`~lmdistill.config.RunConfig` plus the regime
+    (which holds the task) and the generation evaluation."""
+
+    output_dir: str = "runs/task"
+    tokenizer: TokenizerConfig = TokenizerConfig(vocab_size=2048)
+    student: ModelConfig = ModelConfig(preset="gpt2-student-1.5m")
+    teacher: TeacherConfig | None = None
+    objective: Any = Field("cross_entropy", description="objective name, {name: ..., params}, or {mix: [...]}")
+    regime: RegimeConfig = RegimeConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    generation: GenerationEvalConfig = GenerationEvalConfig()
+    cache_dir: str | None = Field(None, description="tokenized-data cache; default $LMDISTILL_CACHE_DIR or .cache/lmdistill")
+
+    @model_validator(mode="after")
+    def _teacher_needed(self) -> TaskRunConfig:
+        if self.regime.kind in ("scrg",) and self.teacher is None:
+            raise ValueError("regime.kind=scrg needs a teacher section (the teacher revises the student's samples)")
+        return self
+
+
+class GenerateConfig(Section):
+    """``lmdistill generate``: a teacher answers a task's prompts; answers go to a resumable JSONL store
+    (the dataset of sequence-level KD). The teacher is a local model (``teacher``) or an
+    OpenAI-compatible endpoint (``blackbox``): give exactly one."""
+
+    task: TaskConfig = TaskConfig()
+    split: Literal["train", "validation", "test"] = "train"
+    store: str = Field(..., description="JSONL file; completed answers are appended, a rerun resumes")
+    teacher: TeacherConfig | None = None
+    blackbox: BlackBoxConfig | None = None
+    sampling: SamplingConfig = SamplingConfig(greedy=True, max_new_tokens=48)
+    batch_size: int = Field(32, ge=1, description="local teacher: prompts per generation batch")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_teacher(self) -> GenerateConfig:
+        if (self.teacher is None) == (self.blackbox is None):
+            raise ValueError("give exactly one of 'teacher' (a local model) or 'blackbox' (an HTTP endpoint)")
+        return self

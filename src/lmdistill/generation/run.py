@@ -1,0 +1,180 @@
+"""Task runs on the one trainer: ``lmdistill sft`` (prompt/response fine-tuning, loss on responses
+only), task distillation with any regime, and ``lmdistill generate`` (teacher answers for
+sequence-level KD, local or black-box).
+
+A task run builds: the tokenizer (given, the teacher's, the student's, or a BPE trained on the
+task's training split), the task's splits, token streams of the training and validation examples
+(the trainer's validation loss is then the response NLL of held-out examples), student, teacher,
+objective and the regime's batch source, and hands them to
+:class:`~lmdistill.train.trainer.Trainer`. After training, the model answers held-out prompts and is
+scored (ROUGE-L, exact match, the teacher's log-likelihood of its answers): ``generation_metrics.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PreTrainedModel
+
+from lmdistill.config import DataConfig, RunConfig
+from lmdistill.data.blocks import TokenStream, tokenize_documents
+from lmdistill.data.cache import default_cache_dir
+from lmdistill.data.documents import Document
+from lmdistill.data.prepare import trained_tokenizer
+from lmdistill.data.tokenizer import load_tokenizer
+from lmdistill.errors import ConfigError
+from lmdistill.generation.blackbox import BlackBoxTeacher, StoreReport
+from lmdistill.generation.config import GenerateConfig, TaskConfig, TaskRunConfig
+from lmdistill.generation.metrics import GenerationScores, evaluate_generation
+from lmdistill.generation.sampling import SamplingParams
+from lmdistill.generation.seqkd import fill_store_local, local_teacher_id
+from lmdistill.generation.sources import build_batch_source
+from lmdistill.generation.store import ResponseStore
+from lmdistill.generation.tasks import build_task
+from lmdistill.losses import build_objective
+from lmdistill.models.loading import build_from_preset, load_causal_lm
+from lmdistill.models.vocab import check_vocab_compatible
+from lmdistill.teachers.live import LiveTeacher
+from lmdistill.train.trainer import Trainer, TrainResult
+
+log = logging.getLogger(__name__)
+
+
+def task_streams(splits: dict[str, list[Document]], tokenizer: Any, cache_dir: Path, name: str) -> dict[str, TokenStream]:
+    """Token streams of the task's training and validation examples (loss mask on responses)."""
+    return {
+        split: tokenize_documents(splits[split], tokenizer, cache_dir / "tokens", f"task-{name}-{split}", show_progress=False)
+        for split in ("train", "validation")
+    }
+
+
+def task_tokenizer(cfg: TaskRunConfig, train_docs: list[Document], cache_dir: Path) -> Any:
+    for path in (cfg.tokenizer.path, cfg.teacher.path if cfg.teacher else None, cfg.student.path):
+        if path:
+            return load_tokenizer(path)
+    return trained_tokenizer(train_docs, cfg.tokenizer.vocab_size, cache_dir)
+
+
+def to_run_config(cfg: TaskRunConfig) -> RunConfig:
+    """The trainer's view of a task run (its data section only sizes the validation blocks)."""
+    return RunConfig(
+        output_dir=cfg.output_dir,
+        data=DataConfig(corpus="kjv", block_size=cfg.regime.max_length, cache_dir=cfg.cache_dir),
+        tokenizer=cfg.tokenizer, student=cfg.student, teacher=cfg.teacher, objective=cfg.objective,
+        train=cfg.train, eval=cfg.eval, checkpoint=cfg.checkpoint,
+    )
+
+
+@dataclass
+class TaskRun:
+    trainer: Trainer
+    tokenizer: Any
+    splits: dict[str, list[Document]]
+    teacher_model: PreTrainedModel | None
+
+
+def build_task_run(
+    cfg: TaskRunConfig,
+    *,
+    splits: dict[str, list[Document]] | None = None,
+    show_progress: bool = True,
+    accelerator: Any = None,
+) -> TaskRun:
+    """Everything a task run needs, wired into one :class:`Trainer` (nothing is trained yet)."""
+    objective = build_objective(cfg.objective)
+    if objective.requires_teacher and cfg.teacher is None:
+        raise ConfigError(f"objective '{objective.name}' needs a teacher: add teacher.path to the config")
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    splits = splits or build_task(cfg.regime.task)
+    tokenizer = task_tokenizer(cfg, splits["train"], cache_dir)
+    torch.manual_seed(cfg.train.seed)
+    positions = max(256, cfg.regime.max_length + cfg.regime.sampling.max_new_tokens + 64)
+    if cfg.student.path:
+        student = load_causal_lm(cfg.student.path, dtype=cfg.student.dtype)
+        student_tokenizer = AutoTokenizer.from_pretrained(cfg.student.path)
+    else:
+        student = build_from_preset(cfg.student.preset, tokenizer, max_positions=positions, seed=cfg.train.seed)
+        student_tokenizer = tokenizer
+    teacher, teacher_model, vocab_size = None, None, len(tokenizer)
+    if cfg.teacher is not None:
+        teacher_model = load_causal_lm(cfg.teacher.path, dtype=cfg.teacher.dtype)
+        alignment = check_vocab_compatible(
+            tokenizer, student_tokenizer,
+            teacher_rows=teacher_model.get_output_embeddings().weight.shape[0],
+            student_rows=student.get_output_embeddings().weight.shape[0],
+        )
+        vocab_size = alignment.real_vocab_size
+        teacher = LiveTeacher(teacher_model, alignment)
+    task_key = hashlib.sha256(json.dumps(cfg.regime.task.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
+    name = f"{cfg.regime.task.name}-{task_key}"
+    streams = task_streams(splits, tokenizer, cache_dir, name)
+    source = build_batch_source(cfg.regime, tokenizer=tokenizer, global_batch=cfg.train.batch_size, seed=cfg.train.seed,
+                                documents=splits["train"])
+    trainer = Trainer(
+        to_run_config(cfg), student=student, tokenizer=tokenizer, objective=objective,
+        train_stream=streams["train"], validation_stream=streams["validation"], teacher=teacher,
+        train_source=source, vocab_size=vocab_size, accelerator=accelerator, show_progress=show_progress,
+    )
+    return TaskRun(trainer=trainer, tokenizer=tokenizer, splits=splits, teacher_model=teacher_model)
+
+
+def evaluate_task_model(
+    model: torch.nn.Module, tokenizer: Any, docs: list[Document], cfg: TaskRunConfig,
+    teacher_model: torch.nn.Module | None = None, vocab_size: int | None = None,
+) -> GenerationScores:
+    gen = cfg.generation
+    docs = docs[: gen.max_examples] if gen.max_examples else docs
+    return evaluate_generation(model, tokenizer, docs, params=SamplingParams.from_config(gen.sampling),
+                               teacher=teacher_model, batch_size=gen.batch_size, vocab_size=vocab_size, seed=cfg.train.seed)
+
+
+def run_task(cfg: TaskRunConfig, *, resume: bool = False, show_progress: bool = True,
+             splits: dict[str, list[Document]] | None = None) -> dict[str, Any]:
+    """Train on the task with the configured regime and objective, save ``final/``, then score
+    generations on ``generation.split``; returns (and writes) the metrics."""
+    run = build_task_run(cfg, splits=splits, show_progress=show_progress)
+    result: TrainResult = run.trainer.train(resume=resume)
+    final = run.trainer.save_final()
+    model = run.trainer.accelerator.unwrap_model(run.trainer.model)
+    start = time.perf_counter()
+    scores = evaluate_task_model(model, run.tokenizer, run.splits[cfg.generation.split], cfg, run.teacher_model,
+                                 run.trainer.vocab_size)
+    metrics = {
+        "output_dir": str(cfg.output_dir), "final_model": str(final), "regime": cfg.regime.kind,
+        "train_seconds": result.train_seconds, "eval_seconds": time.perf_counter() - start,
+        "validation": {k: v for k, v in result.final_metrics.items() if k != "kind"},
+        "generation": {"split": cfg.generation.split, **scores.as_dict()},
+        "samples": scores.samples,
+        "source_stats": getattr(run.trainer.source, "stats", {}),
+    }
+    if run.trainer.accelerator.is_main_process:
+        Path(cfg.output_dir, "generation_metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+    return metrics
+
+
+def run_generate(cfg: GenerateConfig, *, progress: Any = None, environ: Any = None) -> StoreReport:
+    """Teacher answers for every prompt of ``cfg.split`` into ``cfg.store`` (resumes; see
+    :mod:`lmdistill.generation.seqkd`)."""
+    docs = build_task(cfg.task)[cfg.split]
+    store = ResponseStore(cfg.store)
+    prompts = [d.prompt for d in docs]
+    ids = [d.doc_id for d in docs]
+    if cfg.blackbox is not None:
+        client = BlackBoxTeacher(cfg.blackbox, sampling=cfg.sampling, seed=cfg.seed, environ=environ)
+        return client.fill_store(prompts, store, doc_ids=ids, progress=progress)
+    assert cfg.teacher is not None
+    model = load_causal_lm(cfg.teacher.path, dtype=cfg.teacher.dtype)
+    tokenizer = load_tokenizer(cfg.teacher.path)
+    return fill_store_local(model, tokenizer, prompts, store, teacher_id=local_teacher_id(cfg.teacher.path),
+                            params=SamplingParams.from_config(cfg.sampling), batch_size=cfg.batch_size, seed=cfg.seed,
+                            doc_ids=ids, progress=progress)
+
+
+__all__ = ["TaskConfig", "TaskRun", "build_task_run", "run_generate", "run_task", "task_streams", "to_run_config"]

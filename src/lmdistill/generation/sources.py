@@ -1,0 +1,210 @@
+"""The generation-based data regimes as batch sources of the one trainer.
+
+Each regime is a :class:`~lmdistill.train.sources.BatchSource`: for optimizer step ``step`` it
+returns this rank's micro-batches (``input_ids``, pre-shifted ``labels``, ``attention_mask``). The
+trainer is the same for all of them; the objective (``cross_entropy``, ``forward_kl``, ``jsd``, ...)
+is applied to whatever tokens the source puts in the batch, with the teacher's logits computed by
+the trainer on the batch's own ``input_ids``.
+
+Randomness (the on-policy coin, student samples, KID positions) comes from generators seeded by
+(seed, step, rank, micro-batch), so a run is reproducible and a resumed run reads the same batches
+as an uninterrupted one, given the same weights.
+
+=============== ===================================================================================
+regime          training sequences of a step
+=============== ===================================================================================
+fixed           prompt + gold reference (:class:`PromptResponseSource`)
+sequence_kd     prompt + the teacher's stored answer (Kim & Rush 2016, arXiv 1606.07947)
+on_policy       GKD (Agarwal et al., "On-Policy Distillation of Language Models: Learning from
+                Self-Generated Mistakes", arXiv 2306.13649, Algorithm 1): with probability lambda
+                prompt + a sample from the current student, else the fixed responses
+scrg            as on_policy, the student samples revised by SCRG (arXiv 2407.10068)
+kid             prompt + gold reference with part of its input tokens rewritten by the student's own
+                predictions, gold targets (KID, arXiv 2410.11371)
+=============== ===================================================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lmdistill.data.documents import Document
+from lmdistill.errors import ConfigError, LmdistillError
+from lmdistill.generation.batching import Example, PromptResponseSource, collate_examples, encode_examples, pad_id_of
+from lmdistill.generation.config import RegimeConfig
+from lmdistill.generation.kid import imperfect_inputs
+from lmdistill.generation.sampling import SamplingParams, generate
+from lmdistill.generation.scrg import scrg_revise
+from lmdistill.generation.seqkd import documents_from_store
+from lmdistill.generation.tasks import build_task
+
+
+def derived_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts (stable across processes, unlike ``hash``)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+class _StudentAccess:
+    """Models a source needs at batch time: the live student (unwrapped from DDP) and the teacher,
+    from the bound trainer, or set directly (``use_models``) outside a trainer."""
+
+    trainer: Any
+    student_model: torch.nn.Module | None = None
+    teacher_model: Any = None
+    vocab_size: int | None = None
+
+    def use_models(self, student: torch.nn.Module, teacher: Any = None, vocab_size: int | None = None) -> None:
+        self.student_model, self.teacher_model, self.vocab_size = student, teacher, vocab_size
+
+    def _student(self) -> torch.nn.Module:
+        if self.student_model is not None:
+            return self.student_model
+        if self.trainer is None:
+            raise LmdistillError(f"{type(self).__name__} needs the student: bind it to a trainer first")
+        return self.trainer.accelerator.unwrap_model(self.trainer.model)
+
+    def _teacher(self) -> Any:
+        teacher = self.teacher_model if self.teacher_model is not None else getattr(self.trainer, "teacher", None)
+        if teacher is None:
+            raise ConfigError(f"regime {type(self).__name__} needs a teacher: add a teacher section to the config")
+        return teacher
+
+    def _vocab(self) -> int | None:
+        if self.vocab_size is not None:
+            return self.vocab_size
+        return getattr(self.trainer, "vocab_size", None)
+
+
+class OnPolicySource(_StudentAccess, PromptResponseSource):
+    """GKD's data regime (arXiv 2306.13649): at each step, with probability ``lmbda`` (one coin per
+    step, as in the paper's Algorithm 1) the responses of the step's prompts are sampled from the
+    current student (no gradient through sampling), otherwise the fixed responses are used; the
+    objective then scores those tokens against the teacher. ``lmbda = 1`` is purely on-policy,
+    ``0`` is supervised/token-level KD. Batches carry ``on_policy`` [B] (1.0 for student samples)."""
+
+    def __init__(self, examples: Sequence[Example], *, pad_id: int, eos_id: int, global_batch: int, seed: int,
+                 max_length: int = 128, lmbda: float = 0.5, params: SamplingParams = SamplingParams(greedy=False)) -> None:
+        super().__init__(examples, pad_id=pad_id, global_batch=global_batch, seed=seed, max_length=max_length)
+        if not 0.0 <= lmbda <= 1.0:
+            raise ConfigError(f"regime.lmbda must lie in [0, 1], got {lmbda}")
+        self.eos_id = eos_id
+        self.lmbda = lmbda
+        self.params = params
+        self.stats = {"student_steps": 0, "fixed_steps": 0, "student_samples": 0}
+
+    def uses_student(self, step: int) -> bool:
+        """The step's coin (the same on every rank)."""
+        return random.Random(derived_seed(self.seed, step, "lambda")).random() < self.lmbda
+
+    def _generator(self, step: int, rank: int, micro_index: int, tag: str) -> torch.Generator:
+        return torch.Generator().manual_seed(derived_seed(self.seed, step, rank, micro_index, tag))
+
+    def sample(self, examples: list[Example], generator: torch.Generator) -> list[Example]:
+        """Replace each example's response by a student sample (EOS kept when generated)."""
+        outputs = generate(self._student(), [e.prompt for e in examples], eos_token_id=self.eos_id,
+                           pad_token_id=self.pad_id, params=self.params, generator=generator, vocab_size=self._vocab())
+        return [Example(e.prompt, tuple(o)) for e, o in zip(examples, outputs)]
+
+    def transform(self, examples: list[Example], step: int, rank: int, micro_index: int) -> dict[str, torch.Tensor]:
+        on_policy = self.uses_student(step)
+        if micro_index == 0:
+            self.stats["student_steps" if on_policy else "fixed_steps"] += 1
+        if on_policy:
+            examples = self.revise(self.sample(examples, self._generator(step, rank, micro_index, "sample")), step, rank, micro_index)
+            self.stats["student_samples"] += len(examples)
+        batch = collate_examples(examples, self.pad_id, self.max_length)
+        batch["on_policy"] = torch.full((len(examples),), float(on_policy))
+        return batch
+
+    def revise(self, examples: list[Example], step: int, rank: int, micro_index: int) -> list[Example]:
+        return examples
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stats.update(state.get("stats", {}))
+
+
+class SCRGSource(OnPolicySource):
+    """On-policy samples revised by SCRG before training (Liu et al. 2024, arXiv 2407.10068; see
+    :mod:`lmdistill.generation.scrg`): the teacher replaces the first divergent token and the student
+    re-generates the rest. Batches also carry ``scrg_position`` [B] (-1: sample kept unchanged)."""
+
+    def __init__(self, examples: Sequence[Example], *, threshold: float = 1.0, metric: str = "kl", **kwargs: Any) -> None:
+        super().__init__(examples, **kwargs)
+        self.threshold = threshold
+        self.metric = metric
+        self.stats.update(revised=0)
+        self._positions: list[int] = []
+
+    def revise(self, examples: list[Example], step: int, rank: int, micro_index: int) -> list[Example]:
+        revisions = scrg_revise(
+            self._student(), self._teacher(), [e.prompt for e in examples], [e.response for e in examples],
+            threshold=self.threshold, metric=self.metric, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+            params=self.params, generator=self._generator(step, rank, micro_index, "scrg"), vocab_size=self._vocab(),
+        )
+        self._positions = [-1 if r.position is None else r.position for r in revisions]
+        self.stats["revised"] += sum(r.position is not None for r in revisions)
+        return [Example(e.prompt, tuple(r.response)) for e, r in zip(examples, revisions)]
+
+    def transform(self, examples: list[Example], step: int, rank: int, micro_index: int) -> dict[str, torch.Tensor]:
+        self._positions = [-1] * len(examples)
+        batch = super().transform(examples, step, rank, micro_index)
+        batch["scrg_position"] = torch.tensor(self._positions, dtype=torch.long)
+        return batch
+
+
+class KIDSource(_StudentAccess, PromptResponseSource):
+    """KID's imperfect data (Zhong et al. 2024, arXiv 2410.11371; see :mod:`lmdistill.generation.kid`):
+    a ``ratio`` share of each response's input tokens is rewritten with the student's own predictions,
+    targets stay gold. Batches carry ``kid_rewritten`` [B] (rewritten tokens per row)."""
+
+    def __init__(self, examples: Sequence[Example], *, ratio: float = 0.3, **kwargs: Any) -> None:
+        super().__init__(examples, **kwargs)
+        self.ratio = ratio
+
+    def transform(self, examples: list[Example], step: int, rank: int, micro_index: int) -> dict[str, torch.Tensor]:
+        batch = collate_examples(examples, self.pad_id, self.max_length)
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, step, rank, micro_index, "kid"))
+        new_ids, chosen = imperfect_inputs(self._student(), batch, self.ratio, generator=generator, vocab_size=self._vocab())
+        batch["input_ids"] = new_ids
+        batch["kid_rewritten"] = torch.tensor([len(c) for c in chosen], dtype=torch.long)
+        return batch
+
+
+def build_batch_source(
+    regime: RegimeConfig,
+    *,
+    tokenizer: Any,
+    global_batch: int,
+    seed: int,
+    documents: Sequence[Document] | None = None,
+) -> PromptResponseSource:
+    """The batch source of ``regime`` over the task's training examples (``documents``, default: the
+    training split of ``regime.task``). The trainer binds it (``bind(trainer)``) to reach the live
+    student and the teacher."""
+    docs = list(documents) if documents is not None else build_task(regime.task)["train"]
+    if regime.kind == "sequence_kd":
+        docs = documents_from_store(docs, regime.store)  # type: ignore[arg-type]
+    common = dict(pad_id=pad_id_of(tokenizer), global_batch=global_batch, seed=seed, max_length=regime.max_length)
+    if regime.kind in ("fixed", "sequence_kd"):
+        return PromptResponseSource(encode_examples(tokenizer, docs), **common)
+    if regime.kind == "kid":
+        return KIDSource(encode_examples(tokenizer, docs), ratio=regime.kid_mask_ratio, **common)
+    if regime.off_policy_store:
+        docs = documents_from_store(docs, regime.off_policy_store)
+    examples = encode_examples(tokenizer, docs)
+    params = SamplingParams.from_config(regime.sampling)
+    on_policy = dict(eos_id=tokenizer.eos_token_id, lmbda=regime.lmbda, params=params, **common)
+    if regime.kind == "on_policy":
+        return OnPolicySource(examples, **on_policy)
+    if regime.kind == "scrg":
+        return SCRGSource(examples, threshold=regime.scrg_threshold, metric=regime.scrg_metric, **on_policy)
+    raise ConfigError(f"unknown regime.kind {regime.kind!r}")

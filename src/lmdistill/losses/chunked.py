@@ -1,0 +1,292 @@
+"""Distillation from hidden states in bounded memory: never materialise the ``[N, V]`` logits.
+
+A 128k-vocabulary student and teacher over 8k tokens is 4 GB per fp32 logits tensor, several times over with
+softmaxes and gradients. :func:`fused_linear_distill` takes the student's final hidden states and output
+layer instead, and for each chunk of rows computes the logits, the objective's per-token loss and its
+gradient w.r.t. those logits, and immediately folds that gradient into the gradients of the hidden states
+and of the output weight (``dL/dh = g W``, ``dL/dW += g^T h``). Only the chunk's ``[chunk, V]`` tensors exist at
+any time, so the extra memory is O(chunk x V), plus the gradients themselves. The gradients are computed in
+the forward pass and returned by a custom autograd function (the approach Liger-Kernel popularised for
+GPUs; this is an independent CPU/GPU-agnostic implementation).
+
+Per chunk the objective's analytic kernel (:meth:`Objective.chunk_value_and_grad`) is used when it has one;
+otherwise its :meth:`per_token` is differentiated with autograd on the chunk, which gives the same result.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Union
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from lmdistill.losses.core import (
+    IGNORE_INDEX,
+    Objective,
+    SparseTeacher,
+    Teacher,
+    Workspace,
+    iter_chunks,
+)
+
+__all__ = ["fused_linear_distill", "default_chunk_size", "ChunkTeacher"]
+
+# (hidden [N, H_t], weight [V, H_t]) or (hidden, weight, bias [V]): a teacher whose logits are computed per chunk
+ChunkTeacher = Union[Tensor, SparseTeacher, tuple]
+
+# Rows per chunk are chosen so one [chunk, V] float32 buffer holds about this many elements (32 MB):
+# large enough for efficient matrix products, small enough that the ~6 buffers of a kernel stay far below
+# the full logits.
+_TARGET_CHUNK_ELEMENTS = 1 << 23
+
+
+def default_chunk_size(vocab_size: int, rows: int) -> int:
+    """Rows per chunk for a vocabulary (about 8M logits per chunk, at least 16 rows)."""
+    return max(1, min(rows, max(16, _TARGET_CHUNK_ELEMENTS // max(1, vocab_size))))
+
+
+class _Runner:
+    """Everything one fused call needs, so the autograd function only passes tensors around."""
+
+    def __init__(self, teacher: ChunkTeacher | None, labels: Tensor, objective: Objective, chunk: int,
+                 normalizer: float, context: Any, keep_per_token: bool) -> None:
+        self.teacher = teacher
+        self.labels = labels
+        self.objective = objective
+        self.chunk = chunk
+        self.normalizer = normalizer
+        self.context = context
+        self.keep_per_token = keep_per_token
+        self.per_token: Tensor | None = None
+
+    def teacher_rows(self, start: int, stop: int, ws: Workspace | None) -> Teacher | None:
+        teacher = self.teacher
+        if teacher is None:
+            return None
+        if isinstance(teacher, SparseTeacher):
+            return teacher.rows(start, stop)
+        if isinstance(teacher, tuple):
+            t_hidden, t_weight = teacher[0], teacher[1]
+            t_bias = teacher[2] if len(teacher) > 2 else None
+            h = t_hidden[start:stop]
+            if ws is not None and t_bias is None and h.dtype == ws.dtype and t_weight.dtype == ws.dtype:
+                out = ws.buf("teacher_logits")
+                return torch.mm(h, t_weight.T, out=out)
+            return F.linear(h, t_weight, t_bias)
+        return teacher[start:stop]
+
+    def iter_teacher(self) -> Iterator[tuple[int, int, Teacher]]:
+        for start, stop in iter_chunks(self.labels.shape[0], self.chunk):
+            yield start, stop, self.teacher_rows(start, stop, None)
+
+    def run(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, need: tuple[bool, bool, bool], mm_dtype: torch.dtype):
+        need_h, need_w, need_b = need
+        n, h_size = hidden.shape
+        vocab = weight.shape[0]
+        work = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+        # the output layer runs in mm_dtype (the model's dtype, or autocast's), exactly like the plain path's
+        # lm_head; everything after the logits runs in `work`
+        w_mm = weight if weight.dtype == mm_dtype else weight.to(mm_dtype)
+        b_mm = None if bias is None else (bias if bias.dtype == mm_dtype else bias.to(mm_dtype))
+        exact = mm_dtype == work
+        ws = Workspace(min(self.chunk, n) if n else 1, vocab, work, hidden.device)
+        grad_h = torch.empty(n, h_size, dtype=hidden.dtype, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(vocab, h_size, dtype=work, device=weight.device) if need_w else None
+        grad_b = torch.zeros(vocab, dtype=work, device=weight.device) if (need_b and bias is not None) else None
+        per_token = torch.zeros(n, dtype=work, device=hidden.device) if self.keep_per_token else None
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        objective = self.objective
+        use_kernel = objective.has_chunk_kernel()
+        for start, stop in iter_chunks(n, self.chunk):
+            ws.start_chunk(stop - start)
+            h = hidden[start:stop]
+            if h.dtype != mm_dtype:
+                h = h.to(mm_dtype)
+            z = ws.buf("z")
+            if exact:
+                torch.mm(h, w_mm.T, out=z)
+                if b_mm is not None:
+                    z.add_(b_mm)
+            else:
+                z.copy_(F.linear(h, w_mm, b_mm))  # low-precision logits, then upcast
+            labels = self.labels[start:stop]
+            teacher = self.teacher_rows(start, stop, ws)
+            context = objective.slice_context(self.context, start, stop) if self.context is not None else None
+            result = objective.chunk_value_and_grad(z, teacher, labels, ws, context) if use_kernel else None
+            if result is None:
+                with torch.enable_grad():
+                    leaf = z.detach().requires_grad_(True)
+                    rows = objective.per_token(leaf, teacher, labels, context=context)
+                    (g,) = torch.autograd.grad(rows.sum(), leaf)
+                loss_rows = rows.detach()
+            else:
+                loss_rows, g = result
+            total += loss_rows.sum(dtype=torch.float64)
+            if per_token is not None:
+                per_token[start:stop] = loss_rows
+            if not exact:
+                g = g.to(mm_dtype)
+            if need_h:
+                if exact and hidden.dtype == work:
+                    torch.mm(g, w_mm, out=grad_h[start:stop])
+                else:
+                    grad_h[start:stop] = g @ w_mm
+            if need_w:
+                if exact:
+                    grad_w.addmm_(g.T, h)
+                else:
+                    grad_w += (g.T @ h).to(work)
+            if grad_b is not None:
+                grad_b += g.sum(0).to(work)
+        scale = 1.0 / self.normalizer
+        if grad_h is not None:
+            grad_h.mul_(scale)
+        if grad_w is not None:
+            grad_w = grad_w.mul_(scale).to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.mul_(scale).to(bias.dtype)
+        if per_token is not None:
+            self.per_token = per_token
+        return (total * scale).to(work), grad_h, grad_w, grad_b
+
+
+class _FusedLinearDistill(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, runner: _Runner, mm_dtype: torch.dtype) -> Tensor:
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        # the matmul dtype was resolved outside; autocast must not re-cast the out= products in here
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            loss, grad_h, grad_w, grad_b = runner.run(hidden, weight, bias, need, mm_dtype)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        if float(grad_output) != 1.0:
+            grad_h = None if grad_h is None else grad_h * grad_output.to(grad_h.dtype)
+            grad_w = None if grad_w is None else grad_w * grad_output.to(grad_w.dtype)
+            grad_b = None if grad_b is None else grad_b * grad_output.to(grad_b.dtype)
+        return grad_h, grad_w, grad_b, None, None
+
+
+def fused_linear_distill(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher: ChunkTeacher | None,
+    labels: Tensor,
+    objective: Objective,
+    *,
+    chunk_size: int | None = None,
+    normalizer: float | int | Tensor | None = None,
+    student_bias: Tensor | None = None,
+    return_per_token: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Reduced distillation loss from hidden states, with gradients, in O(chunk x V) extra memory.
+
+    Args:
+        student_hidden: ``[N, H]`` final hidden states (or ``[..., H]``, flattened).
+        student_weight: ``[V, H]`` output-layer weight (``lm_head.weight``).
+        teacher: dense teacher logits ``[N, V]``; or ``(teacher_hidden [N, H_t], teacher_weight [V, H_t])``
+            (optionally with a bias as third element), whose logits are computed chunk by chunk too; or a
+            :class:`SparseTeacher`; or ``None`` for objectives that need no teacher. The teacher is constant
+            (no gradient flows to it).
+        labels: ``[N]`` long, ``-100`` = ignored position.
+        objective: any :class:`Objective` (temperature and parameters are its own). Stateful objectives
+            (TAID) work unchanged: their state only changes in ``on_step_end``. Batch-coupled ones need
+            whole row groups per chunk (SinKD: the chunk size is rounded down to a multiple of its
+            ``group_size``; with ``group_size=None`` it cannot be chunked and a ``ValueError`` says so).
+        chunk_size: rows per chunk (default: :func:`default_chunk_size`, about 8M logits per chunk).
+        normalizer: divides the summed per-token losses (default: number of valid tokens here); pass the
+            global batch's valid-token count for exact gradient accumulation, as with :func:`reduce_tokens`.
+        student_bias: optional ``[V]`` output-layer bias.
+        return_per_token: also return the detached per-token losses ``[N]``.
+
+    Returns the scalar loss (float32, float64 for float64 inputs): the same value and the same gradients
+    w.r.t. ``student_hidden``, ``student_weight`` and ``student_bias`` as
+    ``reduce_tokens(objective.per_token(hidden @ weight.T + bias, teacher_logits, labels), labels, normalizer)``.
+    """
+    if not isinstance(objective, Objective):
+        raise TypeError(f"objective must be an Objective (see build_objective), got {type(objective).__name__}")
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    n = hidden.shape[0]
+    if student_weight.dim() != 2 or student_weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"student_weight {tuple(student_weight.shape)} must be [V, H] with H = {hidden.shape[1]} (hidden {tuple(student_hidden.shape)})"
+        )
+    vocab = student_weight.shape[0]
+    flat_labels = labels.reshape(-1)
+    if flat_labels.shape[0] != n:
+        raise ValueError(f"labels have {flat_labels.shape[0]} positions but the hidden states have {n} rows")
+    if student_bias is not None and student_bias.shape != (vocab,):
+        raise ValueError(f"student_bias {tuple(student_bias.shape)} must be [{vocab}]")
+    teacher = _check_teacher(teacher, n, vocab, objective)
+
+    chunk = default_chunk_size(vocab, n) if chunk_size is None else int(chunk_size)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if objective.batch_coupled:
+        group = objective.row_group_size
+        if group is None:
+            raise ValueError(
+                f"objective '{objective.name}' couples all rows of the batch and cannot be computed in chunks; "
+                "give it a group_size (rows coupled per block) or use the plain path"
+            )
+        chunk = max(group, chunk // group * group)
+
+    if normalizer is None:
+        normalizer = max(1, int((flat_labels != IGNORE_INDEX).sum()))
+    elif isinstance(normalizer, Tensor):
+        normalizer = float(normalizer)
+    if not normalizer > 0:
+        raise ValueError(f"normalizer must be > 0, got {normalizer}")
+
+    runner = _Runner(teacher, flat_labels, objective, chunk, float(normalizer), None, return_per_token)
+    if objective.needs_batch_context:
+        with torch.no_grad():
+            runner.context = objective.batch_context(runner.iter_teacher, flat_labels, vocab)
+    loss = _FusedLinearDistill.apply(hidden, student_weight, student_bias, runner, _matmul_dtype(hidden, student_weight))
+    if return_per_token:
+        return loss, runner.per_token
+    return loss
+
+
+def _matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype ``F.linear(hidden, weight)`` would run in here (autocast's, if active for that device)."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    if hidden.dtype == weight.dtype:
+        return hidden.dtype
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _check_teacher(teacher: ChunkTeacher | None, n: int, vocab: int, objective: Objective) -> ChunkTeacher | None:
+    if teacher is None:
+        if objective.requires_teacher:
+            raise ValueError(f"objective '{objective.name}' needs a teacher")
+        return None
+    if isinstance(teacher, SparseTeacher):
+        teacher = teacher.flatten()
+        if teacher.num_rows != n:
+            raise ValueError(f"sparse teacher has {teacher.num_rows} rows but the student has {n}")
+        return teacher
+    if isinstance(teacher, (tuple, list)):
+        if len(teacher) not in (2, 3):
+            raise ValueError("a teacher given by its output layer is (hidden, weight) or (hidden, weight, bias)")
+        t_hidden = teacher[0].reshape(-1, teacher[0].shape[-1]).detach()
+        t_weight = teacher[1].detach()
+        if t_hidden.shape[0] != n:
+            raise ValueError(f"teacher hidden states have {t_hidden.shape[0]} rows but the student has {n}")
+        if t_weight.dim() != 2 or t_weight.shape != (vocab, t_hidden.shape[1]):
+            raise ValueError(
+                f"teacher weight {tuple(t_weight.shape)} must be [V={vocab}, H_t={t_hidden.shape[1]}]; "
+                "slice padded vocabularies to the shared real tokens first"
+            )
+        t_bias = teacher[2].detach() if len(teacher) == 3 and teacher[2] is not None else None
+        return (t_hidden, t_weight) if t_bias is None else (t_hidden, t_weight, t_bias)
+    dense = teacher.reshape(-1, teacher.shape[-1]).detach()
+    if dense.shape != (n, vocab):
+        raise ValueError(f"teacher logits {tuple(teacher.shape)} must be [N={n}, V={vocab}]")
+    return dense

@@ -1,0 +1,148 @@
+"""Task runs through the one trainer: on-policy distillation resumes bit-identically; `sft`, `generate`
+and `task-distill` as commands."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from lmdistill.config import validate_config
+from lmdistill.generation.config import TaskRunConfig
+from lmdistill.generation.run import build_task_run
+from tests.generation.conftest import tiny_gpt2
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory, verse_tokenizer):
+    path = tmp_path_factory.mktemp("models") / "student"
+    tiny_gpt2(verse_tokenizer, layers=1, hidden=32, seed=3).save_pretrained(path)
+    verse_tokenizer.save_pretrained(path)
+    return path
+
+
+def task_cfg(tmp_path, student_dir, teacher_dir=None, **overrides) -> TaskRunConfig:
+    raw = {
+        "output_dir": str(tmp_path / "run"),
+        "cache_dir": str(tmp_path / "cache"),
+        "student": {"path": str(student_dir)},
+        "objective": "cross_entropy",
+        "regime": {"kind": "fixed", "max_length": 48,
+                   "task": {"name": "kjv_continue", "prompt_words": 4, "response_words": 6,
+                            "max_examples": {"train": 400, "validation": 40, "test": 40}}},
+        "train": {"steps": 4, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "log_every": 1},
+        "eval": {"every": 1000, "max_batches": 1, "batch_size": 4},
+        "checkpoint": {"every": 2, "keep": 2},
+        "generation": {"max_examples": 8, "batch_size": 8, "sampling": {"greedy": True, "max_new_tokens": 10}},
+    }
+    if teacher_dir is not None:
+        raw["teacher"] = {"path": str(teacher_dir)}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return validate_config(raw, "test", TaskRunConfig)
+
+
+def weights(trainer):
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_on_policy_distillation_resumes_bit_identically(tmp_path, student_dir, saved_teacher, continue_task, monkeypatch):
+    regime = {"kind": "on_policy", "lmbda": 1.0, "max_length": 48,
+              "sampling": {"greedy": False, "temperature": 1.0, "max_new_tokens": 10},
+              "task": {"name": "kjv_continue", "prompt_words": 4, "response_words": 6}}
+    full_cfg = task_cfg(tmp_path / "a", student_dir, saved_teacher, objective={"name": "jsd", "beta": 0.5}, regime=regime)
+    full = build_task_run(full_cfg, splits=continue_task, show_progress=False).trainer
+    full.train()
+    expected = weights(full)
+    assert full.source.stats["student_steps"] == 4
+
+    cfg = task_cfg(tmp_path / "b", student_dir, saved_teacher, objective={"name": "jsd", "beta": 0.5}, regime=regime)
+    killed = build_task_run(cfg, splits=continue_task, show_progress=False).trainer
+    original = killed.train_step
+
+    def dies_in_step_4(step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return original(step)
+
+    monkeypatch.setattr(killed, "train_step", dies_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    resumed = build_task_run(cfg, splits=continue_task, show_progress=False).trainer
+    resumed.train(resume=True)
+    got = weights(resumed)
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_kid_and_scrg_runs_train_the_student(tmp_path, student_dir, saved_teacher, continue_task):
+    for kind, extra in (("kid", {"kid_mask_ratio": 0.3}), ("scrg", {"lmbda": 1.0, "scrg_threshold": 0.5})):
+        regime = {"kind": kind, "max_length": 48, "task": {"name": "kjv_continue", "prompt_words": 4, "response_words": 6},
+                  **extra}
+        if kind == "scrg":
+            regime["sampling"] = {"max_new_tokens": 10}
+        cfg = task_cfg(tmp_path / kind, student_dir, saved_teacher, objective="forward_kl", regime=regime,
+                       train={"steps": 3})
+        run = build_task_run(cfg, splits=continue_task, show_progress=False)
+        before = weights(run.trainer)
+        result = run.trainer.train()
+        after = weights(run.trainer)
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history if r["kind"] == "train")
+
+
+def app_with_commands() -> typer.Typer:
+    from lmdistill.cli import generation as gen
+
+    app = typer.Typer()
+    app.command("sft")(gen.sft)
+    app.command("generate")(gen.generate)
+    app.command("task-distill")(gen.task_distill)
+    return app
+
+
+def test_sft_generate_and_sequence_kd_commands(tmp_path, student_dir, saved_teacher):
+    runner = CliRunner()
+    app = app_with_commands()
+    task = {"name": "kjv_continue", "prompt_words": 4, "response_words": 6,
+            "max_examples": {"train": 24, "validation": 40, "test": 40}}
+    # 1. sft: label-only fine-tuning on the task, then generation metrics
+    sft_cfg = task_cfg(tmp_path / "sft", student_dir).model_dump(mode="json")
+    sft_cfg["regime"]["task"] = task
+    sft_path = tmp_path / "sft.yaml"
+    sft_path.write_text(yaml.safe_dump(sft_cfg))
+    result = runner.invoke(app, ["sft", str(sft_path), "--set", "train.steps=2"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "sft" / "run" / "generation_metrics.json").read_text())
+    assert 0.0 <= metrics["generation"]["rouge_l"] <= 1.0 and metrics["generation"]["n"] == 8
+    assert (tmp_path / "sft" / "run" / "final" / "model.safetensors").exists()
+
+    # 2. generate: the teacher answers the training prompts into a store
+    store = tmp_path / "teacher.jsonl"
+    gen_path = tmp_path / "gen.yaml"
+    gen_path.write_text(yaml.safe_dump({"task": task, "store": str(store), "teacher": {"path": str(saved_teacher)},
+                                        "sampling": {"greedy": True, "max_new_tokens": 10}}))
+    result = runner.invoke(app, ["generate", str(gen_path)])
+    assert result.exit_code == 0, result.output
+    assert len(store.read_text().splitlines()) == 24
+    result = runner.invoke(app, ["generate", str(gen_path)])
+    assert json.loads(result.output[result.output.index("{"):])["requested"] == 0
+
+    # 3. sequence-level KD on the stored answers
+    kd_cfg = task_cfg(tmp_path / "kd", student_dir).model_dump(mode="json")
+    kd_cfg["regime"] = {"kind": "sequence_kd", "store": str(store), "max_length": 48, "task": task}
+    kd_path = tmp_path / "kd.yaml"
+    kd_path.write_text(yaml.safe_dump(kd_cfg))
+    result = runner.invoke(app, ["task-distill", str(kd_path), "--set", "train.steps=2"])
+    assert result.exit_code == 0, result.output
+    # sft refuses other regimes
+    result = runner.invoke(app, ["sft", str(kd_path)])
+    assert result.exit_code != 0 and "regime.kind must be 'fixed'" in str(result.exception)
