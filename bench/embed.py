@@ -1,6 +1,6 @@
 """Embedding and matching distillation on the GCIDE retrieval task, in one run.
 
-Rows: BM25 (bm25s), all-MiniLM-L6-v2 zero-shot (the teacher), a 3-layer student trained with in-batch
+Rows: BM25 (bm25s), all-MiniLM-L6-v2 zero-shot (the teacher), a 2-layer student trained with in-batch
 InfoNCE (the plain baseline) and with Margin-MSE from the teacher, a decoder LM of ours zero-shot and
 after flipped KD (LoRA encoder + MCL), and the M3 self-distilled model's three heads and their
 combination. Columns: Recall@1/10, MRR@10, nDCG@10 on held-out queries, encode throughput (texts/s, on
@@ -52,13 +52,13 @@ def find_lm(explicit: str | None, work: Path) -> tuple[str | None, str]:
 
         raw = recipe("demo_teacher")
         raw.update(output_dir=str(work / "standin-lm"))
-        raw["student"] = {"preset": "gpt2-student-3m"}
-        raw["train"] = {**raw.get("train", {}), "steps": 150, "warmup_steps": 20}
+        raw["student"] = {"preset": "gpt2-student-1.5m"}
+        raw["train"] = {**raw.get("train", {}), "steps": 200, "warmup_steps": 20}
         raw["eval"] = {"every": 1000, "max_batches": 2}
         raw["checkpoint"] = {"every": 1000, "keep": 1}
-        log("no trained LM found: pretraining a 3.4M GPT-2 stand-in on KJV for 150 steps")
+        log("no trained LM found: pretraining a 1.5M GPT-2 stand-in on KJV for 200 steps")
         run_training(validate_config(raw, "bench stand-in LM"))
-        return str(work / "standin-lm" / "final"), "stand-in: gpt2-student-3m, 150 KJV steps"
+        return str(work / "standin-lm" / "final"), "stand-in: gpt2-student-1.5m, 200 KJV steps"
     except Exception as exc:  # noqa: BLE001 - the bench still prints the other rows
         log(f"could not build a stand-in LM ({type(exc).__name__}: {exc}); skipping flipped KD")
         return None, "unavailable"

@@ -53,7 +53,15 @@ def student_dir(tmp: Path, tokenizer) -> Path:
     return tmp / "student"
 
 
+def fresh_accelerate_state() -> None:
+    """Both systems run in this one process; each builds its own Accelerator."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def time_lmdistill(tmp: Path, teacher: Path, student: Path, objective, steps: int, warmup: int) -> float:
+    fresh_accelerate_state()
     raw = {
         "output_dir": str(tmp / f"lmd-{abs(hash(str(objective)))}"),
         "data": {"corpus": "kjv", "block_size": BLOCK},
@@ -97,6 +105,7 @@ def time_trl(tmp: Path, teacher: Path, student: Path, beta: float, steps: int, w
                 self.start = time.perf_counter()
 
     timer = Timer()
+    fresh_accelerate_state()
     args = GKDConfig(
         output_dir=str(tmp / f"trl-{beta}"), per_device_train_batch_size=BATCH, max_steps=steps + warmup,
         learning_rate=1e-3, lmbda=0.0, beta=beta, temperature=1.0, seq_kd=False, logging_steps=10_000,

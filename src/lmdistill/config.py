@@ -76,10 +76,18 @@ class ModelConfig(Section):
 
 
 class TeacherConfig(Section):
-    path: str = Field(..., description="local directory (save_pretrained) or hub id of the teacher")
+    path: str | None = Field(None, description="local directory (save_pretrained) or hub id of a live teacher")
+    cache: str | None = Field(None, description="an offline teacher cache (lmdistill cache-teacher): no teacher model is loaded")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     _path_exists = field_validator("path")(lambda v: require_existing(v, "teacher path"))
+    _cache_exists = field_validator("cache")(lambda v: require_existing(v, "teacher cache"))
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherConfig:
+        if (self.path is None) == (self.cache is None):
+            raise ValueError("give exactly one of 'path' (a live teacher) or 'cache' (an offline teacher cache)")
+        return self
 
 
 class TrainConfig(Section):

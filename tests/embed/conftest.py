@@ -5,41 +5,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.embed.helpers import build_tiny_lm
+
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-TOKENIZER_TEXTS = [
-    "In the beginning God created the heaven and the earth.",
-    "A small domesticated carnivorous mammal with soft fur, a short snout, and retractable claws.",
-    "The act of abdicating; the renunciation of a high office, dignity, or trust, by its holder.",
-    "One who deceives; one who leads into error; a cheat; an impostor.",
-    "A river is a natural flowing watercourse, usually freshwater, flowing towards an ocean.",
-] * 20
-
-
-def build_tiny_lm(directory: Path, family: str) -> Path:
-    """A random-init causal LM (GPT-2 or Llama style) with a freshly trained byte-level BPE tokenizer."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    from lmdistill.data.tokenizer import train_bpe_tokenizer
-
-    tok = train_bpe_tokenizer(TOKENIZER_TEXTS, vocab_size=320)
-    special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    if family == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2, **special))
-    else:
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, **special,
-            )
-        )
-    model.save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="session", params=["gpt2", "llama"])
@@ -57,3 +27,8 @@ def minilm_path() -> str:
     from lmdistill.embed.config import resolve_model_path
 
     return resolve_model_path("minilm")
+
+
+@pytest.fixture(scope="session")
+def gcide_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("gcide-task-cache")

@@ -17,8 +17,10 @@ app = typer.Typer()
 app.command("embed-distill")(embed_distill)
 app.command("embed-eval")(embed_eval)
 
+from tests.embed.helpers import SMALL_TASK
+
 SMALL = {
-    "task": {"train_size": 48, "eval_queries": 20, "eval_corpus": 80},
+    "task": SMALL_TASK,
     "train": {"steps": 3, "batch_size": 8, "log_every": 1},
     "eval": {"batch_size": 32, "throughput_texts": 16},
     "student": {"num_layers": 1, "max_seq_length": 32},
@@ -27,9 +29,9 @@ SMALL = {
 }
 
 
-def write_config(tmp_path: Path, method: str, **extra) -> Path:
+def write_config(tmp_path: Path, method: str, cache: Path, **extra) -> Path:
     data = {"method": method, "output_dir": str(tmp_path / "runs" / method), **SMALL, **extra}
-    data["task"] = {**SMALL["task"], "cache_dir": str(tmp_path / "cache")}
+    data["task"] = {**SMALL["task"], "cache_dir": str(cache)}
     path = tmp_path / f"{method}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -44,7 +46,7 @@ def test_unknown_key_surfaces_as_config_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_each_method_runs_and_embed_eval_prints_the_table(tmp_path, tiny_gpt2):
+def test_each_method_runs_and_embed_eval_prints_the_table(tmp_path, tiny_gpt2, gcide_cache):
     runner = CliRunner()
     run_dirs = []
     for method, extra in (
@@ -53,7 +55,7 @@ def test_each_method_runs_and_embed_eval_prints_the_table(tmp_path, tiny_gpt2):
         ("m3", {"m3": {"colbert_dim": 8}}),
         ("flipped_kd", {"lm": {"path": str(tiny_gpt2), "lora_r": 4, "max_seq_length": 32}}),
     ):
-        config = write_config(tmp_path, method, **extra)
+        config = write_config(tmp_path, method, gcide_cache, **extra)
         result = runner.invoke(app, ["embed-distill", str(config), "--set", "train.steps=2"])
         assert result.exit_code == 0, result.output + repr(result.exception)
         run_dir = tmp_path / "runs" / method

@@ -99,9 +99,12 @@ def test_bad_inputs_are_reported():
 
 
 @pytest.mark.slow
-def test_real_gcide_task(tmp_path):
-    task = load_gcide_task(train_size=300, eval_queries=50, eval_corpus=200, cache_dir=tmp_path)
-    assert len(task.train) == 300 and len(task.queries) == 50 and len(task.corpus) == 200
+def test_real_gcide_task(gcide_cache):
+    from tests.embed.helpers import SMALL_TASK
+
+    task = load_gcide_task(**SMALL_TASK, cache_dir=gcide_cache)
+    assert len(task.train) == SMALL_TASK["train_size"] and len(task.queries) == SMALL_TASK["eval_queries"]
+    assert len(task.corpus) == SMALL_TASK["eval_corpus"]
     for qid, rel in task.qrels.items():
         assert rel and rel <= set(task.corpus)
         assert split_of(qid.removeprefix("q:")) == "test"
@@ -109,4 +112,4 @@ def test_real_gcide_task(tmp_path):
     # Headwords shared by several entries make some queries have more than one relevant document.
     assert max(len(r) for r in task.qrels.values()) >= 1
     # The cached copy is identical.
-    assert load_gcide_task(train_size=300, eval_queries=50, eval_corpus=200, cache_dir=tmp_path).to_json() == task.to_json()
+    assert load_gcide_task(**SMALL_TASK, cache_dir=gcide_cache).to_json() == task.to_json()

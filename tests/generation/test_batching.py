@@ -36,10 +36,13 @@ def test_same_targets_as_the_packed_token_stream(tmp_path, verse_tokenizer, cont
     examples = encode_examples(verse_tokenizer, docs)
     ids = np.asarray(stream.ids)
     mask = np.asarray(stream.loss_mask)
+    bos = verse_tokenizer.eos_token_id  # lmdistill tokenizers: EOS doubles as BOS
     for k, ex in enumerate(examples):
-        start = int(stream.doc_starts[k])
-        end = start + len(ex.prompt) + len(ex.response)
-        assert ids[start:end].tolist() == list(ex.prompt + ex.response)
+        assert ex.prompt[0] == bos
+        start = int(stream.doc_starts[k])  # the document's first token; the previous EOS precedes it
+        end = start + len(ex.prompt) - 1 + len(ex.response)
+        preceding = [bos] if k == 0 else [int(ids[start - 1])]
+        assert preceding + ids[start:end].tolist() == list(ex.prompt + ex.response)
         batch = collate_examples([ex], PAD, max_length=200)
         targets = [t for t in batch["labels"][0].tolist() if t != -100]
         stream_targets = ids[start:end][mask[start:end] == 1].tolist()

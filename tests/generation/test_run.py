@@ -1,5 +1,5 @@
 """Task runs through the one trainer: on-policy distillation resumes bit-identically; `sft`, `generate`
-and `task-distill` as commands."""
+and `distill` (with a regime) as commands."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from lmdistill.config import validate_config
-from lmdistill.generation.config import TaskRunConfig
+from lmdistill.generation.run_config import TaskRunConfig
 from lmdistill.generation.run import build_task_run
 from tests.generation.conftest import tiny_gpt2
 
@@ -100,12 +100,8 @@ def test_kid_and_scrg_runs_train_the_student(tmp_path, student_dir, saved_teache
 
 
 def app_with_commands() -> typer.Typer:
-    from lmdistill.cli import generation as gen
+    from lmdistill.cli import app
 
-    app = typer.Typer()
-    app.command("sft")(gen.sft)
-    app.command("generate")(gen.generate)
-    app.command("task-distill")(gen.task_distill)
     return app
 
 
@@ -141,8 +137,25 @@ def test_sft_generate_and_sequence_kd_commands(tmp_path, student_dir, saved_teac
     kd_cfg["regime"] = {"kind": "sequence_kd", "store": str(store), "max_length": 48, "task": task}
     kd_path = tmp_path / "kd.yaml"
     kd_path.write_text(yaml.safe_dump(kd_cfg))
-    result = runner.invoke(app, ["task-distill", str(kd_path), "--set", "train.steps=2"])
+    result = runner.invoke(app, ["distill", str(kd_path), "--set", "train.steps=2"])
     assert result.exit_code == 0, result.output
     # sft refuses other regimes
     result = runner.invoke(app, ["sft", str(kd_path)])
     assert result.exit_code != 0 and "regime.kind must be 'fixed'" in str(result.exception)
+
+
+def test_generate_with_a_blackbox_teacher(tmp_path, trained_tiny, verse_tokenizer):
+    from lmdistill.generation.run import run_generate
+    from lmdistill.generation.run_config import GenerateConfig
+    from lmdistill.generation.server import ModelServer
+
+    task = {"name": "kjv_continue", "prompt_words": 4, "response_words": 6, "max_examples": {"train": 12}}
+    with ModelServer(trained_tiny, verse_tokenizer, api_key="sk-local-test") as server:
+        cfg = validate_config({"task": task, "store": str(tmp_path / "bb.jsonl"),
+                               "blackbox": {"base_url": server.base_url, "model": "tiny", "api_key_env": "BB_KEY",
+                                            "concurrency": 4},
+                               "sampling": {"greedy": True, "max_new_tokens": 8}}, "test", GenerateConfig)
+        report = run_generate(cfg, environ={"BB_KEY": "sk-local-test"})
+        assert report.requested == 12 and len(server.requests) == 12
+        assert run_generate(cfg, environ={"BB_KEY": "sk-local-test"}).already_stored == 12
+        assert len(server.requests) == 12

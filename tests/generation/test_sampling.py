@@ -111,3 +111,24 @@ def test_sequence_logprobs_match_float64_reference(trained_tiny, verse_tokenizer
             assert total == pytest.approx(expected, abs=1e-4)
     finally:
         trained_tiny.to(torch.float32)
+
+
+def test_response_nll_matches_an_unpadded_float64_reference(trained_tiny, verse_tokenizer, continue_task):
+    from lmdistill.generation.batching import encode_examples
+    from lmdistill.generation.metrics import response_nll
+
+    docs = continue_task["validation"][:7]
+    got = response_nll(trained_tiny, verse_tokenizer, docs, batch_size=3)
+    total, count = 0.0, 0
+    reference = trained_tiny.to(torch.float64)
+    try:
+        for ex in encode_examples(verse_tokenizer, docs):
+            seq = torch.tensor([list(ex.prompt + ex.response)])
+            with torch.no_grad():
+                logp = torch.log_softmax(reference(input_ids=seq).logits[0], -1)
+            for j, tok in enumerate(ex.response):  # response tokens and the closing EOS
+                total -= logp[len(ex.prompt) - 1 + j, tok].item()
+                count += 1
+    finally:
+        trained_tiny.to(torch.float32)
+    assert got == pytest.approx(total / count, rel=1e-5)

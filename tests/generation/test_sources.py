@@ -9,7 +9,8 @@ import torch
 from lmdistill.config import validate_config
 from lmdistill.errors import ConfigError, DataError
 from lmdistill.generation.batching import encode_examples, encode_prompts
-from lmdistill.generation.config import RegimeConfig, SamplingConfig, TaskRunConfig
+from lmdistill.generation.config import RegimeConfig, SamplingConfig
+from lmdistill.generation.run_config import TaskRunConfig
 from lmdistill.generation.kid import n_rewritten
 from lmdistill.generation.sampling import SamplingParams
 from lmdistill.generation.seqkd import documents_from_store, fill_store_local
@@ -158,3 +159,8 @@ def test_on_policy_source_without_student_is_a_clear_error(verse_tokenizer, cont
     assert isinstance(src, OnPolicySource)
     with pytest.raises(Exception, match="bind it to a trainer"):
         src.micro_batches(0, 0, 1, 4)
+
+
+def test_regime_config_round_trips_through_a_dump():
+    for regime in (RegimeConfig(kind="kid", kid_mask_ratio=0.2), RegimeConfig(kind="scrg", lmbda=1.0, scrg_metric="tvd")):
+        assert RegimeConfig.model_validate(regime.model_dump(mode="json")) == regime

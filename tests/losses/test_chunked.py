@@ -250,3 +250,13 @@ def test_never_materialises_the_full_logits(spec):
     with _LargestTensor() as plain_mode:
         plain(objective, hidden, weight, None, teacher[0] @ teacher[1].T, labels).backward()
     assert plain_mode.largest >= n * v  # the measurement does see full logits when they exist
+
+
+def test_teacher_hidden_in_bf16_with_fp32_output_layer():
+    """An autocast teacher forward gives bf16 hidden states; its fp32 output layer still applies."""
+    hidden, weight, b, (t_hidden, t_weight), labels = setup(seed=10, dtype=torch.float32)
+    objective = build_objective("forward_kl")
+    t_hidden = t_hidden.bfloat16()
+    want = plain(objective, hidden, weight, b, t_hidden.float() @ t_weight.T, labels)
+    got = fused_linear_distill(hidden, weight, (t_hidden, t_weight), labels, objective, chunk_size=8, student_bias=b)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

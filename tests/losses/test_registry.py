@@ -110,3 +110,23 @@ def test_reduced_call_uses_the_one_reduction():
     objective = TAID()
     assert objective(z, zt, labels).item() == pytest.approx(reduce_tokens(objective.per_token(z, zt, labels), labels).item())
     assert objective(z, zt, labels, normalizer=100).item() == pytest.approx(objective.per_token(z, zt, labels).sum().item() / 100)
+
+
+def test_global_normaliser_makes_micro_batches_add_up_exactly():
+    """reduce_tokens with the global valid-token count: micro-batch losses and gradients sum to the batch's."""
+    z, zt, labels = make_inputs((24, 9), seed=2, ignore_every=5)
+    objective = build_objective({"mix": [{"name": "jsd", "weight": 0.6}, {"name": "ce", "weight": 0.4}]})
+    full_z = z.clone().requires_grad_(True)
+    full = reduce_tokens(objective.per_token(full_z, zt, labels), labels)
+    full.backward()
+    parts_z = z.clone().requires_grad_(True)
+    normalizer = int((labels != -100).sum())
+    total = sum(
+        reduce_tokens(objective.per_token(parts_z[s], zt[s], labels[s]), labels[s], normalizer)
+        for s in (slice(0, 7), slice(7, 24))
+    )
+    total.backward()
+    torch.testing.assert_close(total, full)
+    torch.testing.assert_close(parts_z.grad, full_z.grad)
+    mask = labels != -100
+    assert reduce_tokens(objective.per_token(z, zt, labels), mask).item() == pytest.approx(full.item())

@@ -43,3 +43,10 @@ def test_unknown_objective_lists_allowed():
     with pytest.raises(ConfigError) as err:
         build_objective("forwrd_kl")
     assert "forward_kl" in str(err.value)
+
+
+def test_teacher_needs_exactly_one_source(tmp_path):
+    with pytest.raises(ConfigError, match="exactly one of 'path'"):
+        load_config(None, ["teacher={dtype: float32}"])
+    with pytest.raises(ConfigError, match="exactly one of 'path'"):
+        load_config(None, [f"teacher={{path: {tmp_path}, cache: {tmp_path}}}"])

@@ -68,8 +68,26 @@ def distill(
     set: Optional[list[str]] = SetOption,
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in output_dir"),
 ) -> None:
-    """Distil a teacher into a student with any objective or mixture of objectives."""
+    """Distil a teacher into a student with any objective or mixture of objectives.
+
+    With a `regime:` section (fixed, sequence_kd, on_policy, scrg, kid) the run trains on a
+    prompt/response task with that data regime and then scores the student's generations."""
+    if config.is_file() and "regime" in (_read_yaml(config) or {}):
+        from lmdistill.cli.generation import task_distill
+
+        task_distill(config, set, resume)
+        return
     _train_command(config, set, resume, need_teacher=True)
+
+
+def _read_yaml(path: Path) -> dict | None:
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return None  # load_config reports it with the file name
+    return loaded if isinstance(loaded, dict) else None
 
 
 @app.command("eval")
@@ -108,19 +126,19 @@ def demo(
     run_demo(output, overrides=set or [])
 
 
-def _register_optional() -> None:
-    """Commands of packages that may be absent in a partial install register only when importable."""
-    try:
-        from lmdistill.cli import embed as embed_cli
-    except ModuleNotFoundError as exc:
-        if exc.name != "lmdistill.cli.embed":
-            raise
-        return
+def _register_package_commands() -> None:
+    """Commands defined next to their packages (their modules import heavy libraries lazily)."""
+    from lmdistill.cli import embed as embed_cli
+    from lmdistill.cli import generation as generation_cli
+
+    app.command("sft")(generation_cli.sft)
+    app.command("generate")(generation_cli.generate)
+    app.command("serve")(generation_cli.serve)
     app.command("embed-distill")(embed_cli.embed_distill)
     app.command("embed-eval")(embed_cli.embed_eval)
 
 
-_register_optional()
+_register_package_commands()
 
 
 def main() -> None:

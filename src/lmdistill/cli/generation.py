@@ -1,10 +1,9 @@
-"""`lmdistill sft`, `lmdistill task-distill`, `lmdistill generate`, `lmdistill serve`: thin wrappers
+"""`lmdistill sft`, `lmdistill distill`, `lmdistill generate`, `lmdistill serve`: thin wrappers
 over :mod:`lmdistill.generation.run` and :mod:`lmdistill.generation.server`.
 
 Plain functions with typer parameter declarations; `lmdistill.cli` registers them as commands:
 
     app.command("sft")(generation_cli.sft)
-    app.command("task-distill")(generation_cli.task_distill)
     app.command("generate")(generation_cli.generate)
     app.command("serve")(generation_cli.serve)
 """
@@ -27,7 +26,7 @@ SetOption = typer.Option(None, "--set", help="override a config key: --set train
 
 def _load_task_run(config: Path, overrides: Optional[list[str]]):
     from lmdistill.config import load_config
-    from lmdistill.generation.config import TaskRunConfig
+    from lmdistill.generation.run_config import TaskRunConfig
 
     return load_config(config, list(overrides or []), model=TaskRunConfig)
 
@@ -72,7 +71,7 @@ def generate(
     """A teacher (local model or OpenAI-compatible endpoint) answers a task's prompts into a resumable
     JSONL store: the dataset of sequence-level KD. Rerun to resume after an interruption."""
     from lmdistill.config import load_config
-    from lmdistill.generation.config import GenerateConfig
+    from lmdistill.generation.run_config import GenerateConfig
     from lmdistill.generation.run import run_generate
 
     cfg = load_config(config, list(set or []), model=GenerateConfig)

@@ -32,8 +32,8 @@ class TaskConfig(Section):
         description="def2word: a definition retrieves its headword entry; paraphrase: a definition retrieves "
         "the other definitions of the same headword",
     )
-    train_size: int = Field(2000, gt=0, description="training (query, positive) pairs from the train split")
-    eval_queries: int = Field(400, gt=0, description="queries from the test split")
+    train_size: int = Field(1500, gt=0, description="training (query, positive) pairs from the train split")
+    eval_queries: int = Field(300, gt=0, description="queries from the test split")
     eval_corpus: int = Field(1500, gt=0, description="documents in the evaluation corpus (test split)")
     max_definitions: int = Field(4, gt=0, description="definitions kept per entry document")
     max_chars: int = Field(400, gt=20, description="documents and queries are cut to this many characters")
@@ -56,6 +56,9 @@ class MiningConfig(Section):
     )
     top_k: int = Field(20, gt=0, description="hard negatives are drawn from the teacher's top-k non-relevant documents")
     skip_top: int = Field(0, ge=0, description="skip the teacher's first N non-relevant hits (likely false negatives)")
+    random_fraction: float = Field(
+        0.0, ge=0, le=1, description="chance that a query's negative is a random document of another headword instead of a mined one"
+    )
 
 
 class LMConfig(Section):
@@ -70,7 +73,7 @@ class LMConfig(Section):
         None, description="LoRA-wrapped module whose A-projection is the representation; default: the last one reading the hidden state"
     )
     pooling: Literal["mean", "last"] = "mean"
-    max_seq_length: int = Field(96, gt=4)
+    max_seq_length: int = Field(48, gt=4)
 
 
 class MCLConfig(Section):
@@ -91,7 +94,7 @@ class M3Config(Section):
 
 
 class TrainConfig(Section):
-    steps: int = Field(150, gt=0)
+    steps: int = Field(50, gt=0)
     batch_size: int = Field(32, gt=1)
     lr: float = Field(2e-4, gt=0)
     warmup_steps: int = Field(10, ge=0)
@@ -113,7 +116,7 @@ class EmbedConfig(Section):
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: torch's own choice")
     task: TaskConfig = TaskConfig()
     teacher: EncoderConfig = EncoderConfig()
-    student: EncoderConfig = EncoderConfig(num_layers=3, max_seq_length=64)
+    student: EncoderConfig = EncoderConfig(num_layers=2, max_seq_length=48)
     lm: LMConfig = LMConfig()
     mining: MiningConfig = MiningConfig()
     mcl: MCLConfig = MCLConfig()

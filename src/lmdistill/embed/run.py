@@ -140,11 +140,15 @@ def run_distill(
     if cfg.method in ("infonce", "margin_mse"):
         student = load_encoder(cfg.student)
         if cfg.method == "infonce":
-            result = train_infonce(student, task, cfg.train, signal=signal, seed=cfg.seed, log=log)
+            result = train_infonce(
+                student, task, cfg.train, signal=signal, random_fraction=cfg.mining.random_fraction, seed=cfg.seed, log=log
+            )
             name = "InfoNCE student"
         else:
             assert signal is not None
-            result = train_margin_mse(student, task, cfg.train, signal=signal, seed=cfg.seed, log=log)
+            result = train_margin_mse(
+                student, task, cfg.train, signal=signal, random_fraction=cfg.mining.random_fraction, seed=cfg.seed, log=log
+            )
             name = "Margin-MSE student"
         student.save(out_dir / "model")
         encode = _encode_fn(student, bs)
@@ -180,6 +184,7 @@ def run_distill(
             neg_threshold=cfg.mcl.neg_threshold,
             mcl_weight=cfg.mcl.mcl_weight,
             dist_weight=cfg.mcl.dist_weight,
+            random_fraction=cfg.mining.random_fraction,
             seed=cfg.seed,
             log=log,
         )
@@ -206,6 +211,7 @@ def run_distill(
             score_weights=cfg.m3.score_weights,
             loss_weights=cfg.m3.loss_weights,
             self_distill=cfg.m3.self_distill,
+            random_fraction=cfg.mining.random_fraction,
             seed=cfg.seed,
             log=log,
         )

@@ -73,12 +73,30 @@ def _step(loss: torch.Tensor, params: list[nn.Parameter], opt, sched, cfg: Train
     sched.step()
 
 
-def _batch_docs(batch: list[int], signal: TrainingSignal | None, rng: random.Random) -> list[int]:
-    """Rows of the training corpus for the batch: positives, then one sampled hard negative per query."""
+def sample_negative(signal: TrainingSignal, pair: int, group: str, rng: random.Random, random_fraction: float) -> int:
+    """One negative row for a training pair: a mined hard negative, or (with ``random_fraction``) a random
+    document of another headword."""
+    if signal.negatives[pair] and rng.random() >= random_fraction:
+        return rng.choice(signal.negatives[pair])
+    while True:
+        row = rng.randrange(len(signal.doc_ids))
+        if signal.doc_groups[row] != group:
+            return row
+
+
+def _batch_docs(
+    task: RetrievalTask, batch: list[int], signal: TrainingSignal | None, rng: random.Random, random_fraction: float = 0.0
+) -> list[int]:
+    """Rows of the training corpus for the batch: positives, then one sampled negative per query
+    (none when no negatives were mined and no random ones are asked for)."""
     if signal is None:
         return []
     rows = [signal.positive_index[i] for i in batch]
-    negs = [rng.choice(signal.negatives[i]) for i in batch if signal.negatives[i]]
+    negs = [
+        sample_negative(signal, i, task.train[i].group, rng, random_fraction)
+        for i in batch
+        if signal.negatives[i] or random_fraction > 0
+    ]
     return rows + negs
 
 
@@ -99,21 +117,28 @@ def _log_progress(log: Log | None, name: str, step: int, cfg: TrainConfig, losse
         log(f"[{name}] step {step + 1}/{cfg.steps} loss {sum(recent) / len(recent):.4f} ({time.perf_counter() - start:.0f}s)")
 
 
-def _batch_texts(task: RetrievalTask, signal: TrainingSignal | None, batch: list[int], rng: random.Random):
+def _batch_texts(task: RetrievalTask, signal: TrainingSignal | None, batch: list[int], rng: random.Random, random_fraction: float = 0.0):
     queries = [task.train[i].query for i in batch]
     if signal is None:
         docs = [task.train[i].positive for i in batch]
         groups = [task.train[i].group for i in batch]
         rows: list[int] = []
     else:
-        rows = _batch_docs(batch, signal, rng)
+        rows = _batch_docs(task, batch, signal, rng, random_fraction)
         docs = [task.train_corpus[signal.doc_ids[r]] for r in rows]
         groups = [signal.doc_groups[r] for r in rows]
     return queries, docs, groups, rows
 
 
 def train_infonce(
-    student: nn.Module, task: RetrievalTask, cfg: TrainConfig, *, signal: TrainingSignal | None = None, seed: int = 0, log: Log | None = None
+    student: nn.Module,
+    task: RetrievalTask,
+    cfg: TrainConfig,
+    *,
+    signal: TrainingSignal | None = None,
+    random_fraction: float = 0.0,
+    seed: int = 0,
+    log: Log | None = None,
 ) -> TrainResult:
     """In-batch contrastive baseline (plus one mined hard negative per query when ``signal`` has them)."""
     params = [p for p in student.parameters() if p.requires_grad]
@@ -123,7 +148,7 @@ def train_infonce(
     student.train()
     start = time.perf_counter()
     for step, batch in enumerate(batch_indices(len(task.train), cfg.batch_size, cfg.steps, seed)):
-        queries, docs, groups, _ = _batch_texts(task, signal, batch, rng)
+        queries, docs, groups, _ = _batch_texts(task, signal, batch, rng, random_fraction)
         q = student.embed(queries)
         d = student.embed(docs)
         target = list(range(len(batch)))
@@ -139,7 +164,14 @@ def train_infonce(
 
 
 def train_margin_mse(
-    student: nn.Module, task: RetrievalTask, cfg: TrainConfig, *, signal: TrainingSignal, seed: int = 0, log: Log | None = None
+    student: nn.Module,
+    task: RetrievalTask,
+    cfg: TrainConfig,
+    *,
+    signal: TrainingSignal,
+    random_fraction: float = 0.0,
+    seed: int = 0,
+    log: Log | None = None,
 ) -> TrainResult:
     """Margin-MSE (arXiv 2010.02666) on (query, positive, teacher-mined hard negative) triples."""
     if signal.teacher_query is None:
@@ -150,11 +182,11 @@ def train_margin_mse(
     result = TrainResult()
     student.train()
     start = time.perf_counter()
-    usable = [i for i in range(len(task.train)) if signal.negatives[i]]
+    usable = [i for i in range(len(task.train)) if signal.negatives[i] or random_fraction > 0]
     for step, picks in enumerate(batch_indices(len(usable), cfg.batch_size, cfg.steps, seed)):
         batch = [usable[i] for i in picks]
         pos_rows = [signal.positive_index[i] for i in batch]
-        neg_rows = [rng.choice(signal.negatives[i]) for i in batch]
+        neg_rows = [sample_negative(signal, i, task.train[i].group, rng, random_fraction) for i in batch]
         q = student.embed([task.train[i].query for i in batch])
         pos = student.embed([task.train_corpus[signal.doc_ids[r]] for r in pos_rows])
         neg = student.embed([task.train_corpus[signal.doc_ids[r]] for r in neg_rows])
@@ -181,6 +213,7 @@ def train_flipped(
     neg_threshold: float,
     mcl_weight: float = 1.0,
     dist_weight: float = 1.0,
+    random_fraction: float = 0.0,
     seed: int = 0,
     log: Log | None = None,
 ) -> TrainResult:
@@ -198,7 +231,7 @@ def train_flipped(
     lm_encoder.train()
     start = time.perf_counter()
     for step, batch in enumerate(batch_indices(len(task.train), cfg.batch_size, cfg.steps, seed)):
-        rows = _batch_docs(batch, signal, rng)
+        rows = _batch_docs(task, batch, signal, rng, random_fraction)
         q = lm_encoder.embed([task.train[i].query for i in batch])
         d = lm_encoder.embed([task.train_corpus[signal.doc_ids[r]] for r in rows])
         student_sim = q @ d.T
@@ -236,6 +269,7 @@ def train_m3(
     score_weights: tuple[float, float, float],
     loss_weights: tuple[float, float, float],
     self_distill: bool = True,
+    random_fraction: float = 0.0,
     seed: int = 0,
     log: Log | None = None,
 ) -> TrainResult:
@@ -247,7 +281,7 @@ def train_m3(
     model.train()
     start = time.perf_counter()
     for step, batch in enumerate(batch_indices(len(task.train), cfg.batch_size, cfg.steps, seed)):
-        queries, docs, groups, _ = _batch_texts(task, signal, batch, rng)
+        queries, docs, groups, _ = _batch_texts(task, signal, batch, rng, random_fraction)
         q = model(queries)
         d = model(docs)
         target = list(range(len(batch)))

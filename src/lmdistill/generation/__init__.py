@@ -13,7 +13,7 @@ from typing import Any
 
 _EXPORTS = {
     "RegimeConfig": "config", "TaskConfig": "config", "SamplingConfig": "config", "BlackBoxConfig": "config",
-    "TaskRunConfig": "config", "GenerateConfig": "config", "GenerationEvalConfig": "config",
+    "TaskRunConfig": "run_config", "GenerateConfig": "run_config", "GenerationEvalConfig": "run_config",
     "build_task": "tasks", "task_documents": "tasks",
     "Example": "batching", "PromptResponseSource": "batching", "collate_examples": "batching", "encode_examples": "batching",
     "SamplingParams": "sampling", "generate": "sampling", "sequence_logprobs": "sampling",
@@ -24,7 +24,7 @@ _EXPORTS = {
     "scrg_revise": "scrg", "imperfect_inputs": "kid",
     "fill_store_local": "seqkd", "documents_from_store": "seqkd",
     "OnPolicySource": "sources", "SCRGSource": "sources", "KIDSource": "sources", "build_batch_source": "sources",
-    "build_task_run": "run", "run_task": "run", "run_generate": "run", "task_streams": "run",
+    "build_task_run": "run", "run_task": "run", "run_generate": "run", "task_streams": "run", "regime_data": "run",
 }
 
 __all__ = sorted(_EXPORTS)

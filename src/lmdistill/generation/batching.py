@@ -1,9 +1,11 @@
 """Padded prompt/response batches: the unit every generation regime trains on.
 
-A training example is ``prompt tokens + response tokens + EOS`` (prompt and response tokenized
-separately, without special tokens: exactly the layout of
-:func:`lmdistill.data.blocks.tokenize_documents`, so a model sees the same token boundary at
-training and at generation time). A batch is right-padded:
+A training example is ``BOS + prompt tokens + response tokens + EOS``: prompt and response are
+tokenized separately, without special tokens, and the sequence starts with the tokenizer's BOS (for
+lmdistill's tokenizers the EOS token, which doubles as BOS). That is exactly how a document sits in
+the packed stream of :func:`lmdistill.data.blocks.tokenize_documents` (every document follows an
+EOS), so a model pretrained on packed text, fine-tuned on these batches and asked to generate sees
+one layout and the same prompt/response token boundary throughout. A batch is right-padded:
 
 - ``input_ids`` [B, L]: the sequence without its last token, padded with the pad id;
 - ``labels`` [B, L]: pre-shifted targets (``logits[:, t]`` predicts ``labels[:, t]``), equal to the
@@ -50,16 +52,23 @@ def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
 
+def bos_id_of(tokenizer: Any) -> int:
+    """The id that starts every sequence: the tokenizer's BOS, else its EOS."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
 def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """``[BOS] + tokens`` of each prompt: what generation starts from and training sequences begin with."""
     ids = encode_texts(tokenizer, prompts)
+    bos = bos_id_of(tokenizer)
     for prompt, tokens in zip(prompts, ids):
         if not tokens:
             raise DataError(f"prompt {prompt!r} has no tokens")
-    return ids
+    return [[bos] + tokens for tokens in ids]
 
 
 def encode_examples(tokenizer: Any, docs: Sequence[Document]) -> list[Example]:
-    """Tokenize prompt/response documents; the response gets the tokenizer's EOS appended."""
+    """Tokenize prompt/response documents: ``[BOS] + prompt``, and the response with the EOS appended."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token", hint="load it with lmdistill.data.load_tokenizer")

@@ -185,7 +185,10 @@ class BlackBoxTeacher:
                 return Completion(completion.text, completion.finish_reason, attempts=attempt + 1)
             except urllib.error.HTTPError as exc:
                 status = exc.code
-                body = exc.read(300).decode("utf-8", "replace") if exc.fp is not None else ""
+                try:
+                    body = exc.read(300).decode("utf-8", "replace") if exc.fp is not None else ""
+                except OSError:
+                    body = ""
                 last = f"HTTP {status} from {self.url}: {body.strip()[:200]}"
                 if not (status >= 500 or status in RETRY_STATUS):
                     raise BlackBoxError(last, status=status) from None

@@ -3,11 +3,12 @@
 Every section forbids unknown keys (a misspelt key is an error naming the allowed keys, through
 :func:`lmdistill.config.validate_config`). A regime parameter given for a regime that does not use it
 (``kid_mask_ratio`` with ``kind: on_policy``) is an error too, so a config never silently means less
-than it says.
+than it says (a parameter at its default value is accepted, so a dumped config reloads).
 
-The lead's :class:`~lmdistill.config.RunConfig` carries a :class:`RegimeConfig` as its ``regime``
-section; :class:`TaskRunConfig` is the self-contained run config of ``lmdistill sft`` and of task
-runs started from this package (same sections as ``RunConfig``, plus ``task`` and ``generation``).
+This module depends on pydantic only, so :mod:`lmdistill.config` can import :class:`RegimeConfig`
+for its ``regime`` section without an import cycle. The run configs of this package's commands
+(:class:`~lmdistill.generation.run_config.TaskRunConfig`, ``GenerateConfig``) live in
+:mod:`lmdistill.generation.run_config`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lmdistill.config import CheckpointConfig, EvalConfig, ModelConfig, TeacherConfig, TokenizerConfig, TrainConfig
 
 RegimeKind = Literal["fixed", "sequence_kd", "on_policy", "scrg", "kid"]
 TaskName = Literal["gcide_define", "kjv_verse", "kjv_continue"]
@@ -129,7 +129,11 @@ class RegimeConfig(Section):
     @model_validator(mode="after")
     def _fields_fit_kind(self) -> RegimeConfig:
         allowed = _COMMON_FIELDS | _REGIME_FIELDS[self.kind]
-        stray = sorted(set(self.model_fields_set) - allowed)
+        # a field of another regime may appear with its default value (a dumped config lists every field)
+        defaults = RegimeConfig.model_fields
+        stray = sorted(
+            f for f in set(self.model_fields_set) - allowed if getattr(self, f) != defaults[f].get_default(call_default_factory=True)
+        )
         if stray:
             users = {f: [k for k, v in _REGIME_FIELDS.items() if f in v] for f in stray}
             detail = "; ".join(f"{f} applies to {', '.join(u) or 'no regime'}" for f, u in users.items())
@@ -140,58 +144,4 @@ class RegimeConfig(Section):
             value = getattr(self, name)
             if value is not None and not Path(value).expanduser().exists():
                 raise ValueError(f"regime.{name} '{value}' does not exist (write it with `lmdistill generate`)")
-        return self
-
-
-class GenerationEvalConfig(Section):
-    """Task evaluation after training: generate for held-out prompts, score against references."""
-
-    split: Literal["validation", "test"] = "validation"
-    max_examples: int | None = Field(200, ge=1)
-    batch_size: int = Field(32, ge=1)
-    sampling: SamplingConfig = SamplingConfig(greedy=True, max_new_tokens=48)
-
-
-class TaskRunConfig(Section):
-    """A training run on a task (``lmdistill sft``, and task distillation before the lead's RunConfig
-    carries ``regime``): the run sections of :class:`~lmdistill.config.RunConfig` plus the regime
-    (which holds the task) and the generation evaluation."""
-
-    output_dir: str = "runs/task"
-    tokenizer: TokenizerConfig = TokenizerConfig(vocab_size=2048)
-    student: ModelConfig = ModelConfig(preset="gpt2-student-1.5m")
-    teacher: TeacherConfig | None = None
-    objective: Any = Field("cross_entropy", description="objective name, {name: ..., params}, or {mix: [...]}")
-    regime: RegimeConfig = RegimeConfig()
-    train: TrainConfig = TrainConfig()
-    eval: EvalConfig = EvalConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    generation: GenerationEvalConfig = GenerationEvalConfig()
-    cache_dir: str | None = Field(None, description="tokenized-data cache; default $LMDISTILL_CACHE_DIR or .cache/lmdistill")
-
-    @model_validator(mode="after")
-    def _teacher_needed(self) -> TaskRunConfig:
-        if self.regime.kind in ("scrg",) and self.teacher is None:
-            raise ValueError("regime.kind=scrg needs a teacher section (the teacher revises the student's samples)")
-        return self
-
-
-class GenerateConfig(Section):
-    """``lmdistill generate``: a teacher answers a task's prompts; answers go to a resumable JSONL store
-    (the dataset of sequence-level KD). The teacher is a local model (``teacher``) or an
-    OpenAI-compatible endpoint (``blackbox``): give exactly one."""
-
-    task: TaskConfig = TaskConfig()
-    split: Literal["train", "validation", "test"] = "train"
-    store: str = Field(..., description="JSONL file; completed answers are appended, a rerun resumes")
-    teacher: TeacherConfig | None = None
-    blackbox: BlackBoxConfig | None = None
-    sampling: SamplingConfig = SamplingConfig(greedy=True, max_new_tokens=48)
-    batch_size: int = Field(32, ge=1, description="local teacher: prompts per generation batch")
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _one_teacher(self) -> GenerateConfig:
-        if (self.teacher is None) == (self.blackbox is None):
-            raise ValueError("give exactly one of 'teacher' (a local model) or 'blackbox' (an HTTP endpoint)")
         return self

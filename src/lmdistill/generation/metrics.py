@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from lmdistill.data.documents import Document
-from lmdistill.generation.batching import encode_prompts, encode_texts, pad_id_of
+from lmdistill.generation.batching import collate_examples, encode_examples, encode_prompts, encode_texts, pad_id_of
 from lmdistill.generation.sampling import SamplingParams, generate, sequence_logprobs, strip_eos
 from lmdistill.generation.tasks import reference_of
 
@@ -144,6 +145,39 @@ def evaluate_generation(
     return scores
 
 
+@torch.no_grad()
+def response_nll(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    docs: Sequence[Document],
+    *,
+    batch_size: int = 32,
+    vocab_size: int | None = None,
+    max_length: int = 256,
+) -> float:
+    """Mean negative log-likelihood (nats/token) of the reference responses and their closing EOS given
+    the prompts, computed on padded prompt/response batches (the layout the task regimes train on; the
+    trainer's packed-block validation puts examples at arbitrary positions instead)."""
+    examples = encode_examples(tokenizer, docs)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = collate_examples(examples[start : start + batch_size], pad_id_of(tokenizer), max_length)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            if vocab_size is not None:
+                logits = logits[..., :vocab_size]
+            valid = batch["labels"] != -100
+            logp = F.log_softmax(logits[valid].double(), dim=-1)
+            total -= logp.gather(-1, batch["labels"][valid].unsqueeze(-1)).sum().item()
+            count += int(valid.sum())
+    finally:
+        if was_training:
+            model.train()
+    return total / max(1, count)
+
+
 __all__ = [
     "GenerationScores",
     "encode_texts",
@@ -151,6 +185,7 @@ __all__ = [
     "exact_match",
     "lcs_length",
     "normalize_answer",
+    "response_nll",
     "rouge_l",
     "rouge_tokens",
     "score_texts",

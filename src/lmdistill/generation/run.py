@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from lmdistill.config import DataConfig, RunConfig
 from lmdistill.data.blocks import TokenStream, tokenize_documents
@@ -31,17 +31,17 @@ from lmdistill.data.prepare import trained_tokenizer
 from lmdistill.data.tokenizer import load_tokenizer
 from lmdistill.errors import ConfigError
 from lmdistill.generation.blackbox import BlackBoxTeacher, StoreReport
-from lmdistill.generation.config import GenerateConfig, TaskConfig, TaskRunConfig
-from lmdistill.generation.metrics import GenerationScores, evaluate_generation
+from lmdistill.generation.config import RegimeConfig, TaskConfig
+from lmdistill.generation.run_config import GenerateConfig, TaskRunConfig
+from lmdistill.generation.metrics import GenerationScores, evaluate_generation, response_nll
 from lmdistill.generation.sampling import SamplingParams
 from lmdistill.generation.seqkd import fill_store_local, local_teacher_id
 from lmdistill.generation.sources import build_batch_source
 from lmdistill.generation.store import ResponseStore
 from lmdistill.generation.tasks import build_task
 from lmdistill.losses import build_objective
-from lmdistill.models.loading import build_from_preset, load_causal_lm
-from lmdistill.models.vocab import check_vocab_compatible
-from lmdistill.teachers.live import LiveTeacher
+from lmdistill.models.loading import load_causal_lm
+from lmdistill.train.run import build_models
 from lmdistill.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,33 @@ def task_streams(splits: dict[str, list[Document]], tokenizer: Any, cache_dir: P
         split: tokenize_documents(splits[split], tokenizer, cache_dir / "tokens", f"task-{name}-{split}", show_progress=False)
         for split in ("train", "validation")
     }
+
+
+def stream_name(task: TaskConfig) -> str:
+    """A readable cache name for a task's streams (the cache key itself is the content hash)."""
+    key = hashlib.sha256(json.dumps(task.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
+    return f"{task.name}-{key}"
+
+
+@dataclass
+class RegimeData:
+    """What a run with a ``regime`` section needs instead of the plain-corpus data: the regime's batch
+    source, token streams of the task's train/validation examples, and the task's splits."""
+
+    source: Any
+    streams: dict[str, TokenStream]
+    splits: dict[str, list[Document]]
+
+
+def regime_data(regime: RegimeConfig, tokenizer: Any, *, global_batch: int, seed: int,
+                cache_dir: Path | None = None) -> RegimeData:
+    """One call for ``lmdistill.train.run.build_trainer``: pass ``train_source=d.source``,
+    ``train_stream=d.streams['train']``, ``validation_stream=d.streams['validation']`` to the Trainer."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    splits = build_task(regime.task)
+    streams = task_streams(splits, tokenizer, cache_dir, stream_name(regime.task))
+    source = build_batch_source(regime, tokenizer=tokenizer, global_batch=global_batch, seed=seed, documents=splits["train"])
+    return RegimeData(source=source, streams=streams, splits=splits)
 
 
 def task_tokenizer(cfg: TaskRunConfig, train_docs: list[Document], cache_dir: Path) -> Any:
@@ -96,25 +123,9 @@ def build_task_run(
     tokenizer = task_tokenizer(cfg, splits["train"], cache_dir)
     torch.manual_seed(cfg.train.seed)
     positions = max(256, cfg.regime.max_length + cfg.regime.sampling.max_new_tokens + 64)
-    if cfg.student.path:
-        student = load_causal_lm(cfg.student.path, dtype=cfg.student.dtype)
-        student_tokenizer = AutoTokenizer.from_pretrained(cfg.student.path)
-    else:
-        student = build_from_preset(cfg.student.preset, tokenizer, max_positions=positions, seed=cfg.train.seed)
-        student_tokenizer = tokenizer
-    teacher, teacher_model, vocab_size = None, None, len(tokenizer)
-    if cfg.teacher is not None:
-        teacher_model = load_causal_lm(cfg.teacher.path, dtype=cfg.teacher.dtype)
-        alignment = check_vocab_compatible(
-            tokenizer, student_tokenizer,
-            teacher_rows=teacher_model.get_output_embeddings().weight.shape[0],
-            student_rows=student.get_output_embeddings().weight.shape[0],
-        )
-        vocab_size = alignment.real_vocab_size
-        teacher = LiveTeacher(teacher_model, alignment)
-    task_key = hashlib.sha256(json.dumps(cfg.regime.task.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
-    name = f"{cfg.regime.task.name}-{task_key}"
-    streams = task_streams(splits, tokenizer, cache_dir, name)
+    models = build_models(cfg.student, cfg.teacher, tokenizer, max_positions=positions, seed=cfg.train.seed)
+    student, teacher, teacher_model, vocab_size = models.student, models.teacher, models.teacher_model, models.vocab_size
+    streams = task_streams(splits, tokenizer, cache_dir, stream_name(cfg.regime.task))
     source = build_batch_source(cfg.regime, tokenizer=tokenizer, global_batch=cfg.train.batch_size, seed=cfg.train.seed,
                                 documents=splits["train"])
     trainer = Trainer(
@@ -144,13 +155,16 @@ def run_task(cfg: TaskRunConfig, *, resume: bool = False, show_progress: bool = 
     final = run.trainer.save_final()
     model = run.trainer.accelerator.unwrap_model(run.trainer.model)
     start = time.perf_counter()
-    scores = evaluate_task_model(model, run.tokenizer, run.splits[cfg.generation.split], cfg, run.teacher_model,
-                                 run.trainer.vocab_size)
+    eval_docs = run.splits[cfg.generation.split]
+    scores = evaluate_task_model(model, run.tokenizer, eval_docs, cfg, run.teacher_model, run.trainer.vocab_size)
+    nll = response_nll(model, run.tokenizer, eval_docs[: cfg.generation.max_examples] if cfg.generation.max_examples else eval_docs,
+                       batch_size=cfg.generation.batch_size, vocab_size=run.trainer.vocab_size,
+                       max_length=cfg.regime.max_length)
     metrics = {
         "output_dir": str(cfg.output_dir), "final_model": str(final), "regime": cfg.regime.kind,
         "train_seconds": result.train_seconds, "eval_seconds": time.perf_counter() - start,
         "validation": {k: v for k, v in result.final_metrics.items() if k != "kind"},
-        "generation": {"split": cfg.generation.split, **scores.as_dict()},
+        "generation": {"split": cfg.generation.split, "response_nll": nll, **scores.as_dict()},
         "samples": scores.samples,
         "source_stats": getattr(run.trainer.source, "stats", {}),
     }
@@ -177,4 +191,4 @@ def run_generate(cfg: GenerateConfig, *, progress: Any = None, environ: Any = No
                             doc_ids=ids, progress=progress)
 
 
-__all__ = ["TaskConfig", "TaskRun", "build_task_run", "run_generate", "run_task", "task_streams", "to_run_config"]
+__all__ = ["RegimeData", "TaskConfig", "TaskRun", "build_task_run", "regime_data", "run_generate", "run_task", "task_streams", "to_run_config"]

@@ -74,9 +74,11 @@ class ATKD(Objective):
     are taught only the diversity-oriented non-target part; hard tokens both parts, without the ``u``
     weight:
 
-        loss = lam * mean_easy(DKD) + (1 - lam) * mean_hard(TKD + DKD),      lam = easy_weight (0.2)
+        loss = lam * mean_easy(DKD) + (1 - lam) * mean_hard(TKD + DKD)
 
-    the reference code's default weight. Ties at the threshold count as hard.
+    with ``lam = easy_weight`` (default 0.2, the reference code's default; the split and the weighting follow
+    the reference code, whose group means are taken over each group's valid tokens). Ties at the threshold
+    count as hard. Teacher and student are both taken at ``temperature``.
 
     Per-token form (what :meth:`per_token` returns): an easy token contributes
     ``lam * n_valid / n_easy * DKD`` and a hard token ``(1 - lam) * n_valid / n_hard * (TKD + DKD)``, so the mean

@@ -35,15 +35,17 @@ __all__ = ["fused_linear_distill", "default_chunk_size", "ChunkTeacher"]
 # (hidden [N, H_t], weight [V, H_t]) or (hidden, weight, bias [V]): a teacher whose logits are computed per chunk
 ChunkTeacher = Union[Tensor, SparseTeacher, tuple]
 
-# Rows per chunk are chosen so one [chunk, V] float32 buffer holds about this many elements (32 MB):
-# large enough for efficient matrix products, small enough that the ~6 buffers of a kernel stay far below
-# the full logits.
-_TARGET_CHUNK_ELEMENTS = 1 << 23
+# The chunk's matrix products read the whole output layer once per chunk, so their arithmetic intensity
+# is about 2 x rows flops per weight element read: 256 rows keep them compute-bound (as fast as one big
+# product), while a [256, V] float32 buffer stays small next to the full logits (256 MB at V = 256k).
+# Beyond 256k entries the rows shrink so a buffer stays under ~256 MB.
+_DEFAULT_ROWS = 256
+_MAX_CHUNK_ELEMENTS = 1 << 26
 
 
 def default_chunk_size(vocab_size: int, rows: int) -> int:
-    """Rows per chunk for a vocabulary (about 8M logits per chunk, at least 16 rows)."""
-    return max(1, min(rows, max(16, _TARGET_CHUNK_ELEMENTS // max(1, vocab_size))))
+    """Rows per chunk: 256, fewer for vocabularies above 256k (at least 32)."""
+    return max(1, min(rows, _DEFAULT_ROWS, max(32, _MAX_CHUNK_ELEMENTS // max(1, vocab_size))))
 
 
 class _Runner:
@@ -197,7 +199,7 @@ def fused_linear_distill(
             (TAID) work unchanged: their state only changes in ``on_step_end``. Batch-coupled ones need
             whole row groups per chunk (SinKD: the chunk size is rounded down to a multiple of its
             ``group_size``; with ``group_size=None`` it cannot be chunked and a ``ValueError`` says so).
-        chunk_size: rows per chunk (default: :func:`default_chunk_size`, about 8M logits per chunk).
+        chunk_size: rows per chunk (default: :func:`default_chunk_size`, 256 rows up to V = 256k).
         normalizer: divides the summed per-token losses (default: number of valid tokens here); pass the
             global batch's valid-token count for exact gradient accumulation, as with :func:`reduce_tokens`.
         student_bias: optional ``[V]`` output-layer bias.
@@ -285,6 +287,12 @@ def _check_teacher(teacher: ChunkTeacher | None, n: int, vocab: int, objective: 
                 "slice padded vocabularies to the shared real tokens first"
             )
         t_bias = teacher[2].detach() if len(teacher) == 3 and teacher[2] is not None else None
+        common = torch.promote_types(t_hidden.dtype, t_weight.dtype)
+        if t_bias is not None:
+            common = torch.promote_types(common, t_bias.dtype)
+        # e.g. bf16 hidden states from an autocast forward with an fp32 output layer: upcast once, exactly
+        t_hidden, t_weight = t_hidden.to(common), t_weight.to(common)
+        t_bias = None if t_bias is None else t_bias.to(common)
         return (t_hidden, t_weight) if t_bias is None else (t_hidden, t_weight, t_bias)
     dense = teacher.reshape(-1, teacher.shape[-1]).detach()
     if dense.shape != (n, vocab):

@@ -300,6 +300,16 @@ def teacher_rows(teacher: Teacher, start: int, stop: int) -> Teacher:
     return teacher[start:stop]
 
 
+_LOG2E = 1.4426950408889634
+
+
+def fast_exp(x: Tensor, out: Tensor) -> Tensor:
+    """``exp(x)`` into ``out`` as ``exp2(x * log2(e))``: on CPU PyTorch's exp2 kernel is ~3x faster than its
+    exp (the extra multiply costs far less), at a relative error of a few float32 ulps times |x|."""
+    torch.mul(x, _LOG2E, out=out)
+    return torch.exp2(out, out=out)
+
+
 class Workspace:
     """Reusable ``[chunk, V]`` buffers for the chunked path.
 
@@ -350,13 +360,34 @@ class Workspace:
             if isinstance(teacher, SparseTeacher):
                 check_sparse_temperature(teacher, temperature)
                 teacher.to_dense_log_probs(self.vocab_size, self.dtype, out=hit)
-            else:
+            elif teacher.dtype == self.dtype:
                 if temperature != 1.0:
                     torch.div(teacher, temperature, out=hit)
+                    torch.log_softmax(hit, -1, out=hit)
                 else:
-                    hit.copy_(teacher)
+                    torch.log_softmax(teacher, -1, out=hit)
+            else:
+                hit.copy_(teacher)  # exact upcast first: never divide or normalise in bf16
+                if temperature != 1.0:
+                    hit.div_(temperature)
                 torch.log_softmax(hit, -1, out=hit)
             self._cache[key] = hit
+        return hit
+
+    def student_q(self, temperature: float) -> Tensor:
+        """``exp`` of the cached student log-probabilities (call :meth:`student_logp` first)."""
+        return self._exp_of(("student", temperature), "q")
+
+    def teacher_p(self, temperature: float) -> Tensor:
+        """``exp`` of the cached teacher log-probabilities (call :meth:`teacher_logp` first)."""
+        return self._exp_of(("teacher", temperature), "p")
+
+    def _exp_of(self, key: tuple, name: str) -> Tensor:
+        exp_key = (name,) + key
+        hit = self._cache.get(exp_key)
+        if hit is None:
+            hit = fast_exp(self._cache[key], self.buf(f"{name}@{key[1]}"))
+            self._cache[exp_key] = hit
         return hit
 
 
@@ -485,13 +516,13 @@ class Divergence(Objective):
 
 def finish_chunk(loss: Tensor, grad: Tensor, labels: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Apply the loss scale and zero ignored rows of a kernel's (loss, grad) in place."""
-    valid = labels != IGNORE_INDEX
+    ignored = labels == IGNORE_INDEX
     if scale != 1.0:
         loss.mul_(scale)
         grad.mul_(scale)
-    if not bool(valid.all()):
-        loss.masked_fill_(~valid, 0.0)
-        grad.masked_fill_(~valid.unsqueeze(-1), 0.0)
+    if bool(ignored.any()):
+        loss[ignored] = 0.0
+        grad[ignored] = 0.0
     return loss, grad
 
 

@@ -27,6 +27,7 @@ from lmdistill.losses.core import (
     Teacher,
     Workspace,
     compute_dtype,
+    fast_exp,
     finish_chunk,
     flatten_inputs,
     kl_from_log_probs,
@@ -59,10 +60,35 @@ def _finite_products(t: Tensor) -> Tensor:
     return t.nan_to_num_(nan=0.0, posinf=_INF, neginf=-_INF)
 
 
-def _rowdot(a: Tensor, b: Tensor, tmp: Tensor) -> Tensor:
-    """Row-wise sum of a * b, with 0 * inf = 0 (uses ``tmp`` as scratch)."""
+def _rowdot(a: Tensor, b: Tensor, tmp: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Row-wise sum of a * b with 0 * inf = 0, using ``tmp`` as scratch.
+
+    Returns the sums and the boolean mask of rows that contained such a 0 * inf product (``None`` when
+    none did: the common case costs no extra pass). Those rows involve a zero probability against a
+    -inf log-probability (e.g. masked vocabulary padding) and are recomputed with the NaNs zeroed.
+    """
     torch.mul(a, b, out=tmp)
-    return _finite_products(tmp).sum(-1)
+    out = tmp.sum(-1)
+    bad = torch.isnan(out)
+    if not bool(bad.any()):
+        return out, None
+    out[bad] = _finite_products(tmp[bad]).sum(-1)
+    return out, bad
+
+
+def _fix_rows(t: Tensor, *masks: Tensor | None) -> Tensor:
+    """Zero the NaNs (0 * inf) of the rows flagged by :func:`_rowdot`."""
+    bad = None
+    for mask in masks:
+        if mask is not None:
+            bad = mask if bad is None else bad | mask
+    if bad is not None:
+        t[bad] = _finite_products(t[bad])
+    return t
+
+
+def _scale(t: Tensor, factor: float) -> Tensor:
+    return t if factor == 1.0 else t.mul_(factor)
 
 
 def _check_fraction(name: str, value: float, *, allow_one: bool = True) -> float:
@@ -91,14 +117,12 @@ class ForwardKL(Divergence):
         T = self.temperature
         s = ws.student_logp(z, T)
         tl = ws.teacher_logp(teacher, T)
-        p = ws.buf("p")
-        torch.exp(tl, out=p)
+        p = ws.teacher_p(T)
         tmp = ws.buf("tmp")
         torch.sub(tl, s, out=tmp)
-        loss = _rowdot(tmp, p, tmp)
-        grad = ws.buf("grad")
-        torch.exp(s, out=grad)
-        grad.sub_(p).div_(T)
+        loss, _ = _rowdot(tmp, p, tmp)
+        grad = fast_exp(s, tmp)  # the scratch is free again: reuse it for the gradient
+        _scale(grad.sub_(p), 1.0 / T)
         return finish_chunk(loss, grad, labels, self.loss_scale)
 
 
@@ -119,14 +143,13 @@ class ReverseKL(Divergence):
         T = self.temperature
         s = ws.student_logp(z, T)
         tl = ws.teacher_logp(teacher, T)
-        q = ws.buf("q")
-        torch.exp(s, out=q)
+        q = ws.student_q(T)
         d = ws.buf("d")
         torch.sub(s, tl, out=d)
-        loss = _rowdot(d, q, ws.buf("tmp"))
-        grad = ws.buf("grad")
-        torch.sub(d, loss.unsqueeze(-1), out=grad)
-        _finite_products(grad.mul_(q)).div_(T)
+        tmp = ws.buf("tmp")
+        loss, bad = _rowdot(d, q, tmp)
+        grad = torch.sub(d, loss.unsqueeze(-1), out=tmp)
+        _scale(_fix_rows(grad.mul_(q), bad), 1.0 / T)
         return finish_chunk(loss, grad, labels, self.loss_scale)
 
 
@@ -173,18 +196,16 @@ class GeneralizedJSD(Divergence):
         torch.add(s, math.log1p(-beta), out=grad)
         torch.logaddexp(tmp, grad, out=m)
         # KL(p || m)
-        p = ws.buf("p")
-        torch.exp(tl, out=p)
+        p = ws.teacher_p(T)
         torch.sub(tl, m, out=tmp)
-        kl_p = _rowdot(tmp, p, tmp)
+        kl_p, _ = _rowdot(tmp, p, tmp)
         # KL(q || m), keeping log(q/m) for the gradient
-        q = ws.buf("q")
-        torch.exp(s, out=q)
+        q = ws.student_q(T)
         log_qm = m.sub_(s).neg_()  # m is not needed any more: reuse it for s - m
-        kl_q = _rowdot(log_qm, q, tmp)
+        kl_q, bad = _rowdot(log_qm, q, tmp)
         loss = beta * kl_p + (1 - beta) * kl_q
         torch.sub(log_qm, kl_q.unsqueeze(-1), out=grad)
-        _finite_products(grad.mul_(q)).mul_((1 - beta) / T)
+        _scale(_fix_rows(grad.mul_(q), bad), (1 - beta) / T)
         return finish_chunk(loss, grad, labels, self.loss_scale)
 
     def config(self) -> dict:
@@ -208,15 +229,13 @@ class TotalVariation(Divergence):
         T = self.temperature
         s = ws.student_logp(z, T)
         tl = ws.teacher_logp(teacher, T)
-        q, diff, grad = ws.buf("q"), ws.buf("d"), ws.buf("grad")
-        torch.exp(s, out=q)
-        torch.exp(tl, out=diff)
-        torch.sub(q, diff, out=diff)
+        q, p, diff, grad = ws.student_q(T), ws.teacher_p(T), ws.buf("d"), ws.buf("tmp")
+        torch.sub(q, p, out=diff)
         loss = 0.5 * torch.linalg.vector_norm(diff, ord=1, dim=-1)
         sign = torch.sign(diff, out=diff)
-        mean_sign = _rowdot(q, sign, grad)
+        mean_sign, _ = _rowdot(q, sign, grad)
         torch.sub(sign, mean_sign.unsqueeze(-1), out=grad)
-        grad.mul_(q).mul_(0.5 / T)
+        _scale(grad.mul_(q), 0.5 / T)
         return finish_chunk(loss, grad, labels, self.loss_scale)
 
 
@@ -247,16 +266,14 @@ class SkewKL(Divergence):
         torch.add(tl, math.log(alpha), out=tmp)
         torch.add(s, math.log1p(-alpha), out=grad)
         torch.logaddexp(tmp, grad, out=m)
-        p = ws.buf("p")
-        torch.exp(tl, out=p)
+        p = ws.teacher_p(T)
         log_r = m.sub_(tl).neg_()  # log(p/m), reusing m
-        loss = _rowdot(log_r, p, tmp)
-        ratio = _finite_products(log_r.exp_())  # r = p/m (0 where p = 0)
-        q = ws.buf("q")
-        torch.exp(s, out=q)
-        mean_r = _rowdot(q, ratio, tmp)
+        loss, bad = _rowdot(log_r, p, tmp)
+        ratio = _fix_rows(fast_exp(log_r, log_r), bad)  # r = p/m (0 where p = 0)
+        q = ws.student_q(T)
+        mean_r, _ = _rowdot(q, ratio, tmp)
         torch.sub(mean_r.unsqueeze(-1), ratio, out=grad)
-        grad.mul_(q).mul_((1 - alpha) / T)
+        _scale(grad.mul_(q), (1 - alpha) / T)
         return finish_chunk(loss, grad, labels, self.loss_scale)
 
     def config(self) -> dict:
@@ -289,17 +306,15 @@ class SkewReverseKL(Divergence):
         torch.add(tl, math.log1p(-alpha), out=tmp)
         torch.add(s, math.log(alpha), out=grad)
         torch.logaddexp(tmp, grad, out=m)
-        q = ws.buf("q")
-        torch.exp(s, out=q)
+        q = ws.student_q(T)
         d = m.sub_(s).neg_()  # log(q/m)
-        loss = _rowdot(d, q, tmp)
-        ratio = ws.buf("p")
-        _finite_products(torch.exp(d, out=ratio))  # q/m
-        mean_qr = _rowdot(q, ratio, tmp)
+        loss, bad = _rowdot(d, q, tmp)
+        ratio = _fix_rows(fast_exp(d, ws.buf("ratio")), bad)  # q/m
+        mean_qr, _ = _rowdot(q, ratio, tmp)
         # grad = q * (d - alpha * q/m - L + alpha * sum q^2/m)
         torch.add(d, ratio, alpha=-alpha, out=grad)
         grad.add_((alpha * mean_qr - loss).unsqueeze(-1))
-        _finite_products(grad.mul_(q)).div_(T)
+        _scale(_fix_rows(grad.mul_(q), bad), 1.0 / T)
         return finish_chunk(loss, grad, labels, self.loss_scale)
 
     def config(self) -> dict:
@@ -331,8 +346,7 @@ class CrossEntropy(Objective):
         valid = labels != IGNORE_INDEX
         safe = torch.where(valid, labels, 0).unsqueeze(-1)
         loss = -s.gather(-1, safe).squeeze(-1)
-        grad = ws.buf("grad")
-        torch.exp(s, out=grad)
+        grad = fast_exp(s, ws.buf("tmp"))
         grad.scatter_add_(-1, safe, torch.full_like(loss, -1.0).unsqueeze(-1))
         return finish_chunk(loss, grad, labels, 1.0)
 

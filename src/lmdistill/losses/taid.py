@@ -13,6 +13,7 @@ from lmdistill.losses.core import (
     Objective,
     Teacher,
     compute_dtype,
+    fast_exp,
     finish_chunk,
     flatten_inputs,
     kl_from_log_probs,
@@ -121,18 +122,21 @@ class TAID(Objective):
             torch.mul(s, 1.0 - t, out=target)
             target.add_(tl, alpha=t)
             torch.log_softmax(target, -1, out=target)
-        p = ws.buf("p")
-        torch.exp(target, out=p)
+        p = fast_exp(target, ws.buf("p_target"))
         tmp = ws.buf("tmp")
         if self.form == "kl":
             torch.sub(target, s, out=tmp)
         else:
             torch.neg(s, out=tmp)
         torch.mul(tmp, p, out=tmp)
-        loss = tmp.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(-1)
-        grad = ws.buf("grad")
-        torch.exp(s, out=grad)
-        grad.sub_(p).div_(T)
+        loss = tmp.sum(-1)
+        bad = torch.isnan(loss)
+        if bool(bad.any()):  # 0 * inf where the target has zero probability
+            loss[bad] = tmp[bad].nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(-1)
+        grad = fast_exp(s, tmp)
+        grad.sub_(p)
+        if T != 1.0:
+            grad.div_(T)
         return finish_chunk(loss, grad, labels, 1.0)
 
     # --- the schedule ---------------------------------------------------------------------------------

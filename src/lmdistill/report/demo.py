@@ -98,8 +98,9 @@ def run_demo(output: Path, overrides: list[str] | None = None) -> dict[str, Any]
             "steps": run["config"].train.steps, "train_s": run["result"].train_seconds,
             "tokens_per_s": run["result"].tokens_per_second,
         })
-    gap = rows[1]["bits_per_byte"] - rows[0]["bits_per_byte"]
-    closed = (rows[1]["bits_per_byte"] - rows[2]["bits_per_byte"]) / gap if gap > 0 else float("nan")
+    bpb = {row["model"]: row["bits_per_byte"] for row in rows}
+    gap = bpb["label-only student"] - bpb["teacher"]
+    closed = (bpb["label-only student"] - bpb["distilled student"]) / gap if gap > 0 else float("nan")
     table = markdown_table(rows, [
         ("model", "model", ""), ("params_m", "params (M)", ".2f"), ("steps", "steps", ""),
         ("perplexity", "val perplexity", ".2f"), ("bits_per_byte", "val bits/byte", ".4f"),

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from lmdistill.config import RunConfig
+from lmdistill.config import ModelConfig, RunConfig, TeacherConfig
+from lmdistill.data.blocks import TokenStream
 from lmdistill.data.prepare import PreparedData, default_cache_dir, prepare_data
 from lmdistill.data.tokenizer import load_tokenizer
 from lmdistill.errors import ConfigError
@@ -56,11 +59,70 @@ def init_from_teacher_layers(student: PreTrainedModel, teacher: PreTrainedModel)
 def _tokenizer_for(config: RunConfig):
     if config.tokenizer.path:
         return load_tokenizer(config.tokenizer.path)
-    if config.teacher is not None:
+    if config.teacher is not None and config.teacher.path is not None:
         return load_tokenizer(config.teacher.path)
+    if config.teacher is not None and config.teacher.cache is not None:
+        from lmdistill.teachers.cache import cache_tokenizer
+
+        return cache_tokenizer(config.teacher.cache)
     if config.student.path:
         return load_tokenizer(config.student.path)
     return None  # trained on the corpus by prepare_data
+
+
+@dataclass
+class Models:
+    student: PreTrainedModel
+    teacher: Any | None  # a teacher source (live model or offline cache), None for label-only runs
+    teacher_model: PreTrainedModel | None  # the live teacher's model, when there is one
+    vocab_size: int  # real tokens shared by teacher and student: logits are sliced to this
+
+
+def build_models(
+    student_cfg: ModelConfig,
+    teacher_cfg: TeacherConfig | None,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_positions: int,
+    seed: int,
+    cache_stream: TokenStream | None = None,
+    block_size: int | None = None,
+) -> Models:
+    """Student (loaded or from a preset), teacher source, and their checked vocabulary alignment."""
+    teacher_model = None
+    if teacher_cfg is not None and teacher_cfg.path is not None:
+        teacher_model = load_causal_lm(teacher_cfg.path, dtype=teacher_cfg.dtype)
+    if student_cfg.path:
+        student = load_causal_lm(student_cfg.path, dtype=student_cfg.dtype)
+        student_tokenizer = AutoTokenizer.from_pretrained(student_cfg.path)
+    else:
+        student = build_from_preset(student_cfg.preset, tokenizer, max_positions=max_positions, seed=seed)
+        student_tokenizer = tokenizer
+    student_rows = student.get_output_embeddings().weight.shape[0]
+    teacher = None
+    vocab_size = len(tokenizer)
+    if teacher_model is not None:
+        alignment = check_vocab_compatible(
+            tokenizer, student_tokenizer,
+            teacher_rows=teacher_model.get_output_embeddings().weight.shape[0], student_rows=student_rows,
+        )
+        vocab_size = alignment.real_vocab_size
+        teacher = LiveTeacher(teacher_model, alignment)
+        if student_cfg.init == "teacher_layers":
+            used = init_from_teacher_layers(student, teacher_model)
+            log.info("student initialised from teacher layers %s", used)
+    elif student_cfg.init == "teacher_layers":
+        raise ConfigError("student.init=teacher_layers needs a live teacher (teacher.path)")
+    if teacher_cfg is not None and teacher_cfg.cache is not None:
+        from lmdistill.teachers.cache import open_teacher_cache
+
+        vocab_size = check_vocab_compatible(
+            tokenizer, student_tokenizer, teacher_rows=len(tokenizer), student_rows=student_rows
+        ).real_vocab_size
+        # The cache checks its manifest (tokenizer, data, block size) against this run and refuses a mismatch.
+        teacher = open_teacher_cache(teacher_cfg.cache, stream=cache_stream, tokenizer=tokenizer, block_size=block_size)
+    log.info("student: %.2fM parameters", count_parameters(student) / 1e6)
+    return Models(student=student, teacher=teacher, teacher_model=teacher_model, vocab_size=vocab_size)
 
 
 def build_trainer(config: RunConfig, *, show_progress: bool = True, accelerator=None) -> tuple[Trainer, PreparedData]:
@@ -77,31 +139,12 @@ def build_trainer(config: RunConfig, *, show_progress: bool = True, accelerator=
         cache_dir=Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir(),
     )
     tokenizer = data.tokenizer
-    teacher_model = None
-    if config.teacher is not None:
-        teacher_model = load_causal_lm(config.teacher.path, dtype=config.teacher.dtype)
-    if config.student.path:
-        student = load_causal_lm(config.student.path, dtype=config.student.dtype)
-        student_tokenizer = AutoTokenizer.from_pretrained(config.student.path)
-    else:
-        student = build_from_preset(config.student.preset, tokenizer, max_positions=max(config.data.block_size, 128), seed=config.train.seed)
-        student_tokenizer = tokenizer
-    teacher = None
-    vocab_size = len(tokenizer)
-    if teacher_model is not None:
-        alignment = check_vocab_compatible(
-            tokenizer, student_tokenizer,
-            teacher_rows=teacher_model.get_output_embeddings().weight.shape[0],
-            student_rows=student.get_output_embeddings().weight.shape[0],
-        )
-        vocab_size = alignment.real_vocab_size
-        teacher = LiveTeacher(teacher_model, alignment)
-        if config.student.init == "teacher_layers":
-            used = init_from_teacher_layers(student, teacher_model)
-            log.info("student initialised from teacher layers %s", used)
-    elif config.student.init == "teacher_layers":
-        raise ConfigError("student.init=teacher_layers needs a teacher section")
-    log.info("student: %.2fM parameters", count_parameters(student) / 1e6)
+    teacher_stream = data.streams["train"] if config.teacher is not None and config.teacher.cache else None
+    models = build_models(
+        config.student, config.teacher, tokenizer, max_positions=max(config.data.block_size, 128),
+        seed=config.train.seed, cache_stream=teacher_stream, block_size=config.data.block_size,
+    )
+    student, teacher, vocab_size = models.student, models.teacher, models.vocab_size
     trainer = Trainer(
         config,
         student=student,

@@ -204,7 +204,7 @@ class Trainer:
             bytes_per_token=self.val_bytes_per_token,
             batch_size=self.config.eval.batch_size,
             max_batches=self.config.eval.max_batches,
-            teacher=self.teacher,
+            teacher=self.teacher if hasattr(self.teacher, "logits") else None,  # agreement needs a live teacher
             vocab_size=self.vocab_size,
             rank=acc.process_index,
             world_size=acc.num_processes,

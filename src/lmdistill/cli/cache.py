@@ -1,0 +1,37 @@
+"""`lmdistill cache-teacher`: a thin wrapper over :func:`lmdistill.teachers.cache_run.build_teacher_cache`.
+
+A plain function with typer parameter declarations; `lmdistill.cli` registers it:
+
+    app.command("cache-teacher")(cache_cli.cache_teacher)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SetOption = typer.Option(None, "--set", help="override a config key: --set cache.k=64 (repeatable)")
+
+
+def cache_teacher(
+    config: Path = typer.Argument(..., help="YAML cache-teacher config (see configs/cache/kjv_k32.yaml)"),
+    set: Optional[list[str]] = SetOption,
+) -> None:
+    """Run a teacher once over a tokenized dataset and store its top-k log-probs, token ids and residual
+    mass per token (sharded, checksummed, resumable). Train from it with `teacher: {cache: DIR}`.
+    Several processes: `torchrun --nproc_per_node=N -m lmdistill.cli cache-teacher CONFIG`."""
+    from lmdistill.config import load_config
+    from lmdistill.teachers.cache_run import CacheTeacherConfig, build_teacher_cache
+
+    cfg = load_config(config, list(set or []), model=CacheTeacherConfig)
+    summary = build_teacher_cache(cfg)
+    if summary["rank"] == 0:
+        typer.echo(json.dumps(summary, indent=2))
