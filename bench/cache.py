@@ -1,5 +1,30 @@
 #!/usr/bin/env python
-"""PLACEHOLDER: being written."""
+"""Offline teacher cache and MiniPLM difference sampling on the real KJV Bible, measured in one run.
+
+Part ``cache`` (default):
+
+1. writes a k=128 float16 cache of the teacher over the whole KJV training split (write throughput),
+   derives the k=32 and k=8 caches from it without running the teacher (``shrink_teacher_cache``);
+2. bytes per token of each cache, on disk, against dense float16 logits (2 * V bytes), also at V = 32k;
+3. read throughput of ``TeacherCache.signal`` (random batches of 16 blocks, memory-mapped) against what
+   the training loop consumes (tokens per second of a cache-distillation step);
+4. students (the demo's 1.5M GPT-2 student, forward KL, the demo recipe) distilled from each cache and
+   from the live teacher, plus the label-only twin: validation perplexity on the whole validation split;
+5. step time, label-only vs cache vs live teacher, measured interleaved (one step of each in turn, so
+   a changing machine load hits all alike), median over the measured rounds.
+
+Part ``miniplm``: a small reference model (the student preset, pretrained briefly on the training
+split), difference sampling of the training split with the teacher (keep the top 50%), then students
+pretrained with the same token budget on the refined corpus, on the full training split and on a
+random 50% (control); validation perplexity on the full corpus's validation split.
+
+The teacher is the demo teacher when ``lmdistill demo`` has cached it, else a bench teacher (the demo
+teacher recipe, fewer steps) pretrained once and reused. Usage::
+
+    python bench/cache.py                  # part cache (about 15 minutes on 2 idle cores)
+    python bench/cache.py --part miniplm   # part miniplm
+    python bench/cache.py --part all --threads 1
+"""
 
 from __future__ import annotations
 
@@ -7,9 +32,12 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
@@ -18,6 +46,17 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 BENCH_TEACHER_STEPS = 400
+BLOCK = 128
+BATCH = 16
+
+
+def load_note() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min) on {os.cpu_count()} CPUs"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def find_teacher(cache_root: Path) -> tuple[Path, str]:
@@ -39,15 +78,317 @@ def find_teacher(cache_root: Path) -> tuple[Path, str]:
     if not (final / "model.safetensors").exists():
         raw["output_dir"] = str(run_dir)
         config = validate_config(raw, "bench teacher")
-        print(f"pretraining a bench teacher ({config.student.preset}, {BENCH_TEACHER_STEPS} steps) -> {final}", flush=True)
+        log(f"pretraining a bench teacher ({config.student.preset}, {BENCH_TEACHER_STEPS} steps) -> {final}")
         run_training(config, resume=(run_dir / "checkpoints" / "latest").exists(), show_progress=False)
-    return final, f"bench teacher {final} ({BENCH_TEACHER_STEPS} pretraining steps of the demo teacher recipe)"
+    return final, f"bench teacher {final} (demo teacher recipe, {BENCH_TEACHER_STEPS} pretraining steps)"
+
+
+def student_config(output: Path, teacher_dir: Path, teacher: dict | None, steps: int, chunked: bool = False,
+                   corpus: str = "kjv"):
+    """The demo student recipe (forward KL, 1.5M GPT-2, seed 0) with a teacher section, or label-only."""
+    from lmdistill.config import validate_config
+    from lmdistill.report.demo import recipe
+
+    raw = recipe("demo_distill" if teacher is not None else "demo_label_only")
+    raw["output_dir"] = str(output)
+    raw["data"]["corpus"] = corpus
+    if teacher is not None:
+        raw["teacher"] = teacher
+    else:
+        raw["tokenizer"] = {"path": str(teacher_dir)}
+    raw["train"].update(steps=steps, chunked_loss=chunked, log_every=max(1, steps // 10))
+    raw["eval"] = {"every": 10**9, "max_batches": None, "batch_size": 16}  # one evaluation, on the whole split
+    raw["checkpoint"] = {"every": 10**9, "keep": 1}
+    return validate_config(raw, f"bench {output.name}")
+
+
+def markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    head = "| " + " | ".join(title for _, title, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    lines = [head, rule]
+    for row in rows:
+        cells = []
+        for key, _, fmt in columns:
+            value = row.get(key)
+            cells.append("-" if value is None else (format(value, fmt) if fmt else str(value)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- part cache
+def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, corpus: str) -> str:
+    import numpy as np
+    import torch
+
+    from lmdistill.data.prepare import prepare_data
+    from lmdistill.data.tokenizer import load_tokenizer
+    from lmdistill.models.loading import load_causal_lm
+    from lmdistill.teachers.cache import TeacherCache, ShardLayout, index_dtype, shrink_teacher_cache, write_teacher_cache
+    from lmdistill.train.run import build_trainer, run_training
+
+    tokenizer = load_tokenizer(teacher_dir)
+    data = prepare_data(corpus, block_size=BLOCK, tokenizer=tokenizer)
+    train = data.streams["train"]
+    vocab = len(tokenizer)
+    caches = {k: out / f"cache-k{k}" for k in (8, 32, 128)}
+    for path in caches.values():
+        shutil.rmtree(path, ignore_errors=True)
+
+    log(f"writing the k=128 cache of {len(data.blocks('train'))} blocks x {BLOCK}; {load_note()}")
+    teacher = load_causal_lm(teacher_dir)
+    report = write_teacher_cache(caches[128], model=teacher, tokenizer=tokenizer, stream=train, block_size=BLOCK, k=128,
+                                 model_name=str(teacher_dir), corpus=corpus, show_progress=False)
+    write_tps = report.tokens_per_second
+    # the teacher forward alone on the same batches, for the share of the write spent outside the model
+    ids = torch.from_numpy(np.asarray(train.ids[: 20 * BATCH * BLOCK], dtype=np.int64).reshape(20, BATCH, BLOCK))
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for batch in ids:
+            teacher(input_ids=batch)
+        forward_tps = ids.numel() / (time.perf_counter() - t0)
+    shrink_seconds = {}
+    for k in (32, 8):
+        t0 = time.perf_counter()
+        shrink_teacher_cache(caches[128], caches[k], k)
+        shrink_seconds[k] = time.perf_counter() - t0
+    log(f"caches written (write {write_tps:,.0f} tokens/s, teacher forward alone {forward_tps:,.0f} tokens/s); {load_note()}")
+
+    # ---- students: live teacher, each cache, label-only (same recipe, seed and steps)
+    variants: list[tuple[str, dict | None]] = [("live teacher", {"path": str(teacher_dir)})]
+    variants += [(f"cache k={k}", {"cache": str(caches[k])}) for k in (128, 32, 8)]
+    variants += [("label-only", None)]
+    quality: dict[str, dict[str, Any]] = {}
+    for name, section in variants:
+        cfg = student_config(out / "students" / name.replace(" ", "_").replace("=", ""), teacher_dir, section, steps,
+                             corpus=corpus)
+        log(f"student: {name}, {steps} steps; {load_note()}")
+        result = run_training(cfg, show_progress=False)
+        quality[name] = {**result.final_metrics, "train_seconds": result.train_seconds,
+                         "train_tokens_per_second": result.tokens_per_second}
+
+    # ---- step time, interleaved
+    timed: list[tuple[str, dict | None, bool]] = [
+        ("label-only", None, False), ("cache k=8", {"cache": str(caches[8])}, False),
+        ("cache k=32", {"cache": str(caches[32])}, False), ("cache k=128", {"cache": str(caches[128])}, False),
+        ("live teacher", {"path": str(teacher_dir)}, False),
+        ("label-only, chunked loss", None, True), ("cache k=32, chunked loss", {"cache": str(caches[32])}, True),
+    ]
+    trainers = []
+    for name, section, chunked in timed:
+        cfg = student_config(out / "timing" / name.replace(" ", "_").replace(",", "").replace("=", ""), teacher_dir,
+                             section, steps=10**6, chunked=chunked, corpus=corpus)
+        trainers.append((name, build_trainer(cfg, show_progress=False)[0]))
+    log(f"timing {len(trainers)} step kinds interleaved, {timing_rounds} rounds after 3 warm-up; {load_note()}")
+    times: dict[str, list[float]] = {name: [] for name, _ in trainers}
+    for r in range(3 + timing_rounds):
+        for name, trainer in trainers:
+            t0 = time.perf_counter()
+            trainer.train_step(r)
+            if r >= 3:
+                times[name].append(time.perf_counter() - t0)
+    step_s = {name: statistics.median(v) for name, v in times.items()}
+    del trainers
+
+    # ---- read throughput (memory-mapped, random batches of 16 blocks)
+    reads = {}
+    gen = np.random.default_rng(0)
+    for k, path in caches.items():
+        cache = TeacherCache(path)
+        batches = [gen.integers(0, cache.n_blocks, BATCH) for _ in range(60)]
+        for b in batches[:5]:
+            cache.signal({"input_ids": torch.zeros(BATCH, BLOCK, dtype=torch.long), "block_index": torch.from_numpy(b)})
+        t0 = time.perf_counter()
+        for b in batches:
+            cache.signal({"input_ids": torch.zeros(BATCH, BLOCK, dtype=torch.long), "block_index": torch.from_numpy(b)})
+        reads[k] = len(batches) * BATCH * BLOCK / (time.perf_counter() - t0)
+
+    # ---- tables
+    tokens_per_step = BATCH * BLOCK
+    storage_rows = []
+    for k in (8, 32, 128):
+        cache = TeacherCache(caches[k], verify="first_use")
+        on_disk = cache.manifest["total_bytes"] / (cache.n_blocks * BLOCK)
+        consume = tokens_per_step / step_s[f"cache k={k}"]
+        storage_rows.append({
+            "cache": f"k={k}, float16, {cache.manifest['index_dtype']} ids",
+            "bpt": cache.bytes_per_token, "disk": on_disk, "dense": 2 * vocab, "ratio": 2 * vocab / cache.bytes_per_token,
+            "bpt32k": ShardLayout.bytes_per_token(k, "float16", index_dtype(32768).name),
+            "ratio32k": 2 * 32768 / ShardLayout.bytes_per_token(k, "float16", index_dtype(32768).name),
+            "size_mb": cache.manifest["total_bytes"] / 1e6,
+            "write": f"{write_tps:,.0f}" if k == 128 else f"shrunk from k=128 in {shrink_seconds[k]:.1f}s",
+            "read": reads[k], "consume": consume, "headroom": reads[k] / consume,
+        })
+    live_ppl = quality["live teacher"]["perplexity"]
+    label_s = step_s["label-only"]
+    quality_rows = []
+    for name, _ in variants:
+        q = quality[name]
+        quality_rows.append({
+            "student": name, "ppl": q["perplexity"], "rel": (q["perplexity"] - live_ppl) / live_ppl * 100,
+            "bpb": q["bits_per_byte"], "step": step_s[name], "ratio": step_s[name] / label_s,
+            "train_s": q["train_seconds"],
+        })
+    timing_rows = [{"kind": name, "step": s, "ratio": s / (step_s["label-only, chunked loss"] if "chunked" in name else label_s)}
+                   for name, s in step_s.items()]
+    t1 = markdown(storage_rows, [
+        ("cache", "cache", ""), ("bpt", "bytes/token", "d"), ("disk", "on disk /token", ".1f"),
+        ("dense", f"dense fp16 /token (V={vocab})", "d"), ("ratio", "smaller by", ".0f"),
+        ("bpt32k", "bytes/token at V=32k", "d"), ("ratio32k", "smaller by at 32k", ".0f"), ("size_mb", "MB", ".0f"),
+        ("write", "write tokens/s", ""), ("read", "read tokens/s", ",.0f"),
+        ("consume", "training consumes tokens/s", ",.0f"), ("headroom", "read / consumption", ".0f"),
+    ])
+    t2 = markdown(quality_rows, [
+        ("student", "student (1.5M, forward KL)", ""), ("ppl", "val perplexity", ".3f"), ("rel", "vs live (%)", "+.2f"),
+        ("bpb", "val bits/byte", ".4f"), ("step", "step s (median)", ".3f"), ("ratio", "step / label-only", ".2f"),
+        ("train_s", "train s", ".0f"),
+    ])
+    t3 = markdown(timing_rows, [("kind", "step kind", ""), ("step", "median s/step", ".3f"),
+                                ("ratio", "vs label-only (same loss path)", ".2f")])
+    n_tokens = len(data.blocks("train")) * BLOCK
+    return (
+        f"### Teacher cache: storage and throughput ({corpus} training split, {n_tokens:,} tokens, block {BLOCK})\n\n{t1}\n\n"
+        f"Teacher forward alone: {forward_tps:,.0f} tokens/s (the write includes it).\n\n"
+        f"### Students distilled for {steps} steps (batch {BATCH} x {BLOCK}); whole validation split "
+        f"({quality['live teacher']['tokens']:,} tokens)\n\n{t2}\n\n"
+        f"### Step time, interleaved ({timing_rounds} rounds)\n\n{t3}\n"
+    )
+
+
+# --------------------------------------------------------------------------------------- part miniplm
+def part_miniplm(teacher_dir: Path, out: Path, steps: int, reference_steps: int, window: int, stride: int,
+                 corpus: str) -> str:
+    import numpy as np
+
+    from lmdistill.config import validate_config
+    from lmdistill.data.blocks import tokenize_documents
+    from lmdistill.data.cache import default_cache_dir
+    from lmdistill.data.prepare import prepare_data
+    from lmdistill.data.tokenizer import load_tokenizer
+    from lmdistill.losses import build_objective
+    from lmdistill.models.loading import build_from_preset
+    from lmdistill.report.demo import recipe
+    from lmdistill.selection.run import MiniPLMConfig, load_refined_documents, run_miniplm_selection
+    from lmdistill.train.run import run_training
+    from lmdistill.train.trainer import Trainer
+
+    tokenizer = load_tokenizer(teacher_dir)
+    data = prepare_data(corpus, block_size=BLOCK, tokenizer=tokenizer)
+
+    # the reference model: the student preset pretrained briefly on the training split (cached)
+    raw = recipe("demo_label_only")
+    raw["data"]["corpus"] = corpus
+    raw["tokenizer"] = {"path": str(teacher_dir)}
+    raw["train"].update(steps=reference_steps, warmup_steps=min(30, reference_steps // 5))
+    raw["eval"] = {"every": 10**9, "max_batches": 20, "batch_size": 16}
+    raw["checkpoint"] = {"every": 10**9, "keep": 1}
+    key = hashlib.sha1(json.dumps({**raw, "teacher": str(teacher_dir)}, sort_keys=True).encode()).hexdigest()[:10]
+    ref_dir = Path(default_cache_dir()) / "bench" / f"miniplm-reference-{key}"
+    if not (ref_dir / "final" / "model.safetensors").exists():
+        raw["output_dir"] = str(ref_dir)
+        log(f"pretraining the reference model ({reference_steps} steps); {load_note()}")
+        run_training(validate_config(raw, "bench reference"), show_progress=False)
+
+    log(f"difference sampling of the training split (window {window}, stride {stride}); {load_note()}")
+    selection = MiniPLMConfig.model_validate({
+        "output_dir": str(out / "miniplm"), "data": {"corpus": corpus},
+        "teacher": {"path": str(teacher_dir)}, "reference": {"path": str(ref_dir / "final")},
+        "selection": {"fraction": 0.5, "window": window, "stride": stride, "batch_size": 16},
+    })
+    t0 = time.perf_counter()
+    summary = run_miniplm_selection(selection, show_progress=False)
+    select_seconds = time.perf_counter() - t0
+    refined = load_refined_documents(out / "miniplm" / "refined.jsonl")
+    train_docs = data.documents["train"]
+    rng = np.random.default_rng(0)
+    random_half = [train_docs[i] for i in sorted(rng.choice(len(train_docs), len(refined), replace=False))]
+
+    cache_dir = Path(default_cache_dir()) / "tokens"
+    streams = {
+        "full training split": data.streams["train"],
+        "MiniPLM refined (top 50%)": tokenize_documents(refined, tokenizer, cache_dir, "kjv-miniplm-train"),
+        "random 50% (control)": tokenize_documents(random_half, tokenizer, cache_dir, "kjv-random-half-train"),
+    }
+    rows = []
+    for name, stream in streams.items():
+        raw = recipe("demo_label_only")
+        raw["output_dir"] = str(out / "miniplm-students" / name.split(" ")[0])
+        raw["tokenizer"] = {"path": str(teacher_dir)}
+        raw["train"].update(steps=steps)
+        raw["eval"] = {"every": 10**9, "max_batches": None, "batch_size": 16}
+        raw["checkpoint"] = {"every": 10**9, "keep": 1}
+        cfg = validate_config(raw, "bench miniplm student")
+        student = build_from_preset(cfg.student.preset, tokenizer, max_positions=BLOCK, seed=cfg.train.seed)
+        log(f"pretraining a student on: {name}; {load_note()}")
+        trainer = Trainer(cfg, student=student, tokenizer=tokenizer, objective=build_objective("cross_entropy"),
+                          train_stream=stream, validation_stream=data.streams["validation"], show_progress=False)
+        result = trainer.train()
+        n_train = (stream.n_tokens - 1) // BLOCK * BLOCK
+        rows.append({"data": name, "docs": stream.n_documents, "tokens": n_train,
+                     "epochs": steps * BATCH * BLOCK / n_train, "ppl": result.final_metrics["perplexity"],
+                     "bpb": result.final_metrics["bits_per_byte"]})
+    base = rows[0]["ppl"]
+    for row in rows:
+        row["rel"] = (row["ppl"] - base) / base * 100
+    table = markdown(rows, [("data", "pretraining data", ""), ("docs", "documents", "d"), ("tokens", "tokens", ",d"),
+                            ("epochs", "epochs in budget", ".2f"), ("ppl", "val perplexity (full val split)", ".3f"),
+                            ("rel", "vs full (%)", "+.2f"), ("bpb", "val bits/byte", ".4f")])
+    return (
+        f"### MiniPLM difference sampling ({corpus}; teacher vs reference {reference_steps}-step student preset)\n\n"
+        f"Scored {summary['documents']} training documents in {select_seconds:.0f}s (teacher {summary['teacher_seconds']:.0f}s, "
+        f"reference {summary['reference_seconds']:.0f}s); kept {summary['kept']} "
+        f"({summary['teacher_tokens_kept']:,} of {summary['teacher_tokens_total']:,} tokens); teacher "
+        f"{summary['teacher_nats_per_token']:.3f} vs reference {summary['reference_nats_per_token']:.3f} nats/token on the split.\n"
+        f"Students: label-only pretraining, {steps} steps x {BATCH} x {BLOCK} tokens each (the same budget).\n\n{table}\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=["cache", "miniplm", "all"], default="cache")
+    parser.add_argument("--steps", type=int, default=300, help="student steps (demo recipe: 300)")
+    parser.add_argument("--timing-rounds", type=int, default=20)
+    parser.add_argument("--reference-steps", type=int, default=100)
+    parser.add_argument("--window", type=int, default=128)
+    parser.add_argument("--stride", type=int, default=96)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--output", type=Path, default=ROOT / "runs" / "bench" / "cache")
+    parser.add_argument("--keep", action="store_true", help="keep the caches and student runs")
+    parser.add_argument("--teacher-only", action="store_true", help="only make sure the teacher exists")
+    parser.add_argument("--teacher", type=Path, default=None, help="use this teacher directory instead")
+    parser.add_argument("--corpus", default="kjv", help="corpus (default kjv; a small file for a smoke run)")
+    args = parser.parse_args()
+
+    import torch
+
+    from lmdistill.data.cache import default_cache_dir
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    if args.teacher is not None:
+        teacher_dir, teacher_note = args.teacher, f"teacher {args.teacher} (given)"
+    else:
+        teacher_dir, teacher_note = find_teacher(Path(default_cache_dir()))
+    if args.teacher_only:
+        print(teacher_note)
+        return
+    args.output.mkdir(parents=True, exist_ok=True)
+    header = (f"Corpus: {args.corpus}. Teacher: {teacher_note}\nTorch threads: {torch.get_num_threads()}; at start: {load_note()}\n")
+    log(header)
+    sections = []
+    try:
+        if args.part in ("cache", "all"):
+            sections.append(part_cache(teacher_dir, args.output, args.steps, args.timing_rounds, args.corpus))
+        if args.part in ("miniplm", "all"):
+            sections.append(part_miniplm(teacher_dir, args.output, args.steps, args.reference_steps, args.window,
+                                         args.stride, args.corpus))
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.output, ignore_errors=True)
+    footer = f"Total {time.perf_counter() - start:.0f}s; at the end: {load_note()}"
+    text = header + "\n" + "\n".join(sections) + "\n" + footer
+    print("\n" + text)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--teacher-only", action="store_true")
-    args = parser.parse_args()
-    from lmdistill.data.cache import default_cache_dir
-
-    print(find_teacher(Path(default_cache_dir())))
+    main()

@@ -180,6 +180,23 @@ def test_resume_after_sigkill_skips_finished_shards_and_equals_an_uninterrupted_
     assert again.shards_written == [] and again.complete
 
 
+def test_resume_keeps_finished_shards_when_only_names_change(tmp_path, k8_cache, teacher_model, few_data,
+                                                              small_tokenizer):
+    """The teacher's path and the corpus name are recorded but do not decide the bytes: a resumed build
+    with the teacher moved elsewhere keeps the shards already done (the weights hash still guards them)."""
+    out = tmp_path / "moved"
+
+    def crash_after_first(shard):
+        raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _write(out, teacher_model, few_data, small_tokenizer, on_shard_written=crash_after_first)
+    report = write_teacher_cache(out, model=teacher_model, tokenizer=small_tokenizer, stream=few_data.streams["train"],
+                                 block_size=BLOCK, k=8, blocks_per_shard=64, model_name="/elsewhere/teacher", corpus="x")
+    assert report.shards_skipped == [0] and 0 not in report.shards_written
+    assert _shard_hashes(out) == _shard_hashes(k8_cache)
+
+
 def test_corrupt_truncated_and_missing_shards_are_named(tmp_path, k8_cache, few_data, small_tokenizer):
     corrupt = tmp_path / "corrupt"
     shutil.copytree(k8_cache, corrupt)

@@ -49,7 +49,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -100,6 +99,7 @@ _PLAN_KEYS = {
     "dtype": "value dtype",
     "index_dtype": "token id dtype",
     "blocks_per_shard": "blocks per shard",
+    "derived_from.k": "k of the cache it was derived from",
 }
 
 
@@ -257,6 +257,12 @@ def plan_differences(expected: dict[str, Any], found: dict[str, Any]) -> list[st
     return out
 
 
+def plan_content_sha256(plan: dict[str, Any]) -> str:
+    """Hash of the plan entries that decide the stored bytes (not the teacher's path or the corpus name,
+    so a moved teacher directory does not invalidate finished shards)."""
+    return hashlib.sha256(_json_bytes({key: _get(plan, key) for key in _PLAN_KEYS})).hexdigest()
+
+
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8")
 
@@ -326,7 +332,7 @@ class _CacheDirectory:
     def __init__(self, output: Path, plan: dict[str, Any]) -> None:
         self.output = Path(output)
         self.plan = plan
-        self.plan_sha256 = hashlib.sha256(_json_bytes(plan)).hexdigest()
+        self.plan_sha256 = plan_content_sha256(plan)
 
     def layout(self, shard: int) -> ShardLayout:
         first = shard * self.plan["blocks_per_shard"]
