@@ -122,7 +122,9 @@ def main() -> int:
         rows += run_distill(cfg_for(name), task=task, signal=signal if name == "margin_mse" else None, log=log)
         timings[name] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
     lm_path, lm_how = find_lm(args.lm)
+    timings["find/pretrain LM"] = time.perf_counter() - t0
     if lm_path is not None:
         t0 = time.perf_counter()
         cfg = cfg_for("flipped_kd", [f"lm.path={lm_path}"])

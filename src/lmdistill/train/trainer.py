@@ -299,6 +299,10 @@ class Trainer:
                               "tokens_per_second": tps, **self._objective_fields()}
                     history.append(record)
                     self.log.write(record)
+                    if acc.is_main_process and self.show_progress and not progress.console.is_terminal:
+                        # Logs and CI have no live bar: a plain line per logging step instead.
+                        eta = (self.tc.steps - self.step) * elapsed / max(1, self.step - start_step)
+                        print(f"step {self.step}/{self.tc.steps}  loss {loss:.4f}  {tps:,.0f} tok/s  eta {eta:.0f}s", flush=True)
                 if self.step % self.config.eval.every == 0 and self.step != self.tc.steps:
                     metrics = {"kind": "eval", "step": self.step, **self.evaluate()}
                     history.append(metrics)
