@@ -131,3 +131,14 @@ def test_objective_needing_teacher_without_teacher_is_refused(tmp_path, kjv_smal
     cfg = run_config(tmp_path, kjv_small_txt, cache_dir, student_dir, objective="reverse_kl")
     with pytest.raises(LmdistillError, match="teacher"):
         build_trainer(cfg, show_progress=False)
+
+
+def test_tiny_pretraining_lowers_validation_loss(tmp_path, kjv_small_txt, cache_dir, small_tokenizer):
+    init = save_tiny_model(tmp_path / "init", small_tokenizer, layers=1, hidden=32, seed=8)
+    cfg = run_config(tmp_path, kjv_small_txt, cache_dir, init,
+                     train={"steps": 30, "batch_size": 8, "lr": 1e-2, "warmup_steps": 3}, checkpoint={"every": 1000})
+    trainer, _ = build_trainer(cfg, show_progress=False)
+    before = trainer.evaluate()
+    after = trainer.train().final_metrics
+    assert after["loss"] < before["loss"] - 0.5
+    assert after["bits_per_byte"] < before["bits_per_byte"]
