@@ -6,10 +6,13 @@ Part ``cache`` (default):
 1. writes a k=128 float16 cache of the teacher over the whole KJV training split (write throughput),
    derives the k=32 and k=8 caches from it without running the teacher (``shrink_teacher_cache``);
 2. bytes per token of each cache, on disk, against dense float16 logits (2 * V bytes), also at V = 32k;
+   and what a top-k cache keeps of the teacher on the validation split (targets outside the top-k,
+   residual mass, perplexity of the teacher as the losses complete it: top-k + uniform tail);
 3. read throughput of ``TeacherCache.signal`` (random batches of 16 blocks, memory-mapped) against what
    the training loop consumes (tokens per second of a cache-distillation step);
-4. students (the demo's 1.5M GPT-2 student, forward KL, the demo recipe) distilled from each cache and
-   from the live teacher, plus the label-only twin: validation perplexity on the whole validation split;
+4. students (the demo's 1.5M GPT-2 student and recipe; objective forward KL, or with ``--objective mix``
+   0.5 forward KL + 0.5 cross-entropy) distilled from each cache and from the live teacher, plus the
+   label-only twin: validation perplexity on the whole validation split;
 5. step time, label-only vs cache vs live teacher, measured interleaved (one step of each in turn, so
    a changing machine load hits all alike), median over the measured rounds.
 
@@ -23,7 +26,7 @@ teacher recipe, fewer steps) pretrained once and reused. Usage::
 
     python bench/cache.py                  # part cache (about 15 minutes on 2 idle cores)
     python bench/cache.py --part miniplm   # part miniplm
-    python bench/cache.py --part all --threads 1
+    python bench/cache.py --part all --threads 1 --objective mix
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -83,9 +87,16 @@ def find_teacher(cache_root: Path) -> tuple[Path, str]:
     return final, f"bench teacher {final} (demo teacher recipe, {BENCH_TEACHER_STEPS} pretraining steps)"
 
 
+OBJECTIVES = {
+    "forward_kl": "forward_kl",
+    "mix": {"mix": [{"name": "forward_kl", "weight": 0.5}, {"name": "cross_entropy", "weight": 0.5}]},
+}
+
+
 def student_config(output: Path, teacher_dir: Path, teacher: dict | None, steps: int, chunked: bool = False,
-                   corpus: str = "kjv"):
-    """The demo student recipe (forward KL, 1.5M GPT-2, seed 0) with a teacher section, or label-only."""
+                   corpus: str = "kjv", objective: str = "forward_kl"):
+    """The demo student recipe (1.5M GPT-2, seed 0; objective forward KL or 0.5 forward KL + 0.5 CE) with a
+    teacher section, or its label-only twin."""
     from lmdistill.config import validate_config
     from lmdistill.report.demo import recipe
 
@@ -94,12 +105,17 @@ def student_config(output: Path, teacher_dir: Path, teacher: dict | None, steps:
     raw["data"]["corpus"] = corpus
     if teacher is not None:
         raw["teacher"] = teacher
+        raw["objective"] = OBJECTIVES[objective]
     else:
         raw["tokenizer"] = {"path": str(teacher_dir)}
     raw["train"].update(steps=steps, chunked_loss=chunked, log_every=max(1, steps // 10))
     raw["eval"] = {"every": 10**9, "max_batches": None, "batch_size": 16}  # one evaluation, on the whole split
     raw["checkpoint"] = {"every": 10**9, "keep": 1}
     return validate_config(raw, f"bench {output.name}")
+
+
+def objective_label(objective: str) -> str:
+    return "forward KL" if objective == "forward_kl" else "0.5 forward KL + 0.5 cross-entropy"
 
 
 def markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
@@ -116,7 +132,38 @@ def markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) ->
 
 
 # ----------------------------------------------------------------------------------------- part cache
-def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, corpus: str) -> str:
+def completion_diagnostics(teacher, data, ks: list[int]) -> list[dict[str, Any]]:
+    """How much of the teacher a top-k cache keeps, on the validation split: share of targets outside the
+    top-k, mean residual mass, and the perplexity of the teacher as the losses complete it (top-k plus the
+    residual spread uniformly over the other tokens; see SparseTeacher) against the full teacher's."""
+    import torch
+
+    from lmdistill.data.blocks import collate
+    from lmdistill.losses import SparseTeacher
+
+    val = data.blocks("validation")
+    vocab = len(data.tokenizer)
+    sums = {k: [0.0, 0.0, 0.0] for k in ks + [vocab]}
+    n = 0
+    with torch.no_grad():
+        for b in range(0, len(val), BATCH):
+            batch = collate([val[i] for i in range(b, min(b + BATCH, len(val)))])
+            labels = batch["labels"].reshape(-1)
+            keep = labels != -100
+            logits = teacher(input_ids=batch["input_ids"]).logits.reshape(-1, vocab)[keep]
+            labels = labels[keep]
+            n += labels.numel()
+            for k, acc in sums.items():
+                sparse = SparseTeacher.from_logits(logits, k)
+                acc[0] += -float(sparse.to_dense_log_probs(vocab).gather(-1, labels[:, None]).sum())
+                acc[1] += float((~(sparse.indices == labels[:, None]).any(-1)).sum())
+                acc[2] += float(sparse.residual.sum())
+    full = math.exp(sums[vocab][0] / n)
+    return [{"k": k, "outside": acc[1] / n, "residual": acc[2] / n, "ppl": math.exp(acc[0] / n),
+             "rel": (math.exp(acc[0] / n) - full) / full * 100} for k, acc in sums.items()]
+
+
+def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, corpus: str, objective: str) -> str:
     import numpy as np
     import torch
 
@@ -146,6 +193,7 @@ def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, cor
         for batch in ids:
             teacher(input_ids=batch)
         forward_tps = ids.numel() / (time.perf_counter() - t0)
+    diagnostics = completion_diagnostics(teacher, data, [8, 32, 128])
     shrink_seconds = {}
     for k in (32, 8):
         t0 = time.perf_counter()
@@ -160,7 +208,7 @@ def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, cor
     quality: dict[str, dict[str, Any]] = {}
     for name, section in variants:
         cfg = student_config(out / "students" / name.replace(" ", "_").replace("=", ""), teacher_dir, section, steps,
-                             corpus=corpus)
+                             corpus=corpus, objective=objective)
         log(f"student: {name}, {steps} steps; {load_note()}")
         result = run_training(cfg, show_progress=False)
         quality[name] = {**result.final_metrics, "train_seconds": result.train_seconds,
@@ -176,7 +224,7 @@ def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, cor
     trainers = []
     for name, section, chunked in timed:
         cfg = student_config(out / "timing" / name.replace(" ", "_").replace(",", "").replace("=", ""), teacher_dir,
-                             section, steps=10**6, chunked=chunked, corpus=corpus)
+                             section, steps=10**6, chunked=chunked, corpus=corpus, objective=objective)
         trainers.append((name, build_trainer(cfg, show_progress=False)[0]))
     log(f"timing {len(trainers)} step kinds interleaved, {timing_rounds} rounds after 3 warm-up; {load_note()}")
     times: dict[str, list[float]] = {name: [] for name, _ in trainers}
@@ -238,18 +286,22 @@ def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, cor
         ("consume", "training consumes tokens/s", ",.0f"), ("headroom", "read / consumption", ".0f"),
     ])
     t2 = markdown(quality_rows, [
-        ("student", "student (1.5M, forward KL)", ""), ("ppl", "val perplexity", ".3f"), ("rel", "vs live (%)", "+.2f"),
+        ("student", "student (1.5M)", ""), ("ppl", "val perplexity", ".3f"), ("rel", "vs live (%)", "+.2f"),
         ("bpb", "val bits/byte", ".4f"), ("step", "step s (median)", ".3f"), ("ratio", "step / label-only", ".2f"),
         ("train_s", "train s", ".0f"),
     ])
+    t4 = markdown(diagnostics, [("k", "k", "d"), ("outside", "val targets outside top-k", ".3f"),
+                                ("residual", "mean residual mass", ".3f"), ("ppl", "completed teacher val ppl", ".2f"),
+                                ("rel", "vs full teacher (%)", "+.1f")])
     t3 = markdown(timing_rows, [("kind", "step kind", ""), ("step", "median s/step", ".3f"),
                                 ("ratio", "vs label-only (same loss path)", ".2f")])
     n_tokens = len(data.blocks("train")) * BLOCK
     return (
         f"### Teacher cache: storage and throughput ({corpus} training split, {n_tokens:,} tokens, block {BLOCK})\n\n{t1}\n\n"
         f"Teacher forward alone: {forward_tps:,.0f} tokens/s (the write includes it).\n\n"
-        f"### Students distilled for {steps} steps (batch {BATCH} x {BLOCK}); whole validation split "
-        f"({quality['live teacher']['tokens']:,} tokens)\n\n{t2}\n\n"
+        f"### What a top-k cache keeps of this teacher (validation split; k = {vocab} is the full teacher)\n\n{t4}\n\n"
+        f"### Students ({objective_label(objective)}) trained {steps} steps (batch {BATCH} x {BLOCK}); whole validation "
+        f"split ({quality['live teacher']['tokens']:,} tokens)\n\n{t2}\n\n"
         f"### Step time, interleaved ({timing_rounds} rounds)\n\n{t3}\n"
     )
 
@@ -346,6 +398,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", choices=["cache", "miniplm", "all"], default="cache")
     parser.add_argument("--steps", type=int, default=300, help="student steps (demo recipe: 300)")
+    parser.add_argument("--objective", choices=sorted(OBJECTIVES), default="forward_kl",
+                        help="distillation objective of the students (label-only twin: cross-entropy)")
     parser.add_argument("--timing-rounds", type=int, default=20)
     parser.add_argument("--reference-steps", type=int, default=100)
     parser.add_argument("--window", type=int, default=128)
@@ -378,7 +432,8 @@ def main() -> None:
     sections = []
     try:
         if args.part in ("cache", "all"):
-            sections.append(part_cache(teacher_dir, args.output, args.steps, args.timing_rounds, args.corpus))
+            sections.append(part_cache(teacher_dir, args.output, args.steps, args.timing_rounds, args.corpus,
+                                       args.objective))
         if args.part in ("miniplm", "all"):
             sections.append(part_miniplm(teacher_dir, args.output, args.steps, args.reference_steps, args.window,
                                          args.stride, args.corpus))

@@ -22,7 +22,8 @@ def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def test_help_lists_commands():
     out = _cli("--help")
     assert out.returncode == 0
-    for command in ("pretrain", "distill", "eval", "demo", "presets"):
+    for command in ("pretrain", "distill", "eval", "demo", "presets", "sft", "generate", "serve", "cache-teacher",
+                    "select", "embed-distill", "embed-eval"):
         assert command in out.stdout
 
 

@@ -128,8 +128,15 @@ def demo(
 
 def _register_package_commands() -> None:
     """Commands defined next to their packages (their modules import heavy libraries lazily)."""
+    from lmdistill.cli import cache as cache_cli
     from lmdistill.cli import embed as embed_cli
     from lmdistill.cli import generation as generation_cli
+    from lmdistill.cli import selection as selection_cli
+
+    app.command("cache-teacher")(cache_cli.cache_teacher)
+    select_app = typer.Typer(help="Data-level distillation: choose the training data with a teacher.", no_args_is_help=True)
+    select_app.command("miniplm")(selection_cli.select_miniplm)
+    app.add_typer(select_app, name="select")
 
     app.command("sft")(generation_cli.sft)
     app.command("generate")(generation_cli.generate)
