@@ -14,6 +14,9 @@ from lmdistill.losses.core import (
     Objective,
     Teacher,
     compute_dtype,
+    fast_exp,
+    finish_chunk,
+    finite_products,
     flatten_inputs,
     kl_from_log_probs,
     student_log_probs,
@@ -149,6 +152,52 @@ class ATKD(Objective):
         loss = torch.where(hard, hard_scale * (tkd + dkd), torch.where(easy, easy_scale * dkd, zero))
         return loss.reshape(lead)
 
+    def chunk_value_and_grad(self, z, teacher, labels, ws, context=None):
+        """Analytic loss and gradient for one chunk (the split comes from ``context``).
+
+        With q_hat, p_hat the non-gold distributions (0 on the gold entry): d TKD / dz = (q_y - p_y)(e_y - q_hat) / T
+        and d DKD / dz = (q_hat - p_hat) / T. log(1 - q_y) and log(1 - p_y) come from a
+        masked log-sum-exp on rows where the gold probability exceeds 1/2, so they stay exact as it nears 1.
+        """
+        if context is None:
+            context = self.batch_context(lambda: [(0, z.shape[0], teacher)], labels, z.shape[-1])
+        T = self.temperature
+        s = ws.student_logp(z, T)
+        tl = ws.teacher_logp(teacher, T)
+        valid = labels != IGNORE_INDEX
+        gold = torch.where(valid, labels, 0).unsqueeze(-1)
+        s_y, tl_y = s.gather(-1, gold).squeeze(-1), tl.gather(-1, gold).squeeze(-1)
+        log_rest_s = _log_one_minus(s, s_y, gold)
+        log_rest_t = _log_one_minus(tl, tl_y, gold)
+        q_y, p_y = s_y.exp(), tl_y.exp()
+        # TKD: binary KL([p_y, 1 - p_y] || [q_y, 1 - q_y]), 0 * log(0/x) = 0
+        rest_p = log_rest_t.exp()
+        tkd = torch.where(p_y > 0, p_y * (tl_y - s_y), 0.0) + torch.where(rest_p > 0, rest_p * (log_rest_t - log_rest_s), 0.0)
+        # DKD: sum_{j != y} p_hat_j (log p_hat_j - log q_hat_j) = sum_{j != y} p_hat_j (tl_j - s_j) - log_rest_t + log_rest_s
+        p_hat = fast_exp(torch.sub(tl, log_rest_t.unsqueeze(-1), out=ws.buf("p_hat")), ws.buf("p_hat"))
+        p_hat.scatter_(-1, gold, 0.0)
+        diff = torch.sub(tl, s, out=ws.buf("tmp"))
+        torch.mul(diff, p_hat, out=diff)
+        dkd = finite_products(diff).sum(-1) - log_rest_t + log_rest_s
+        # weights: hard tokens (1 - lam) * n / n_hard * (TKD + DKD), easy tokens lam * n / n_easy * DKD
+        hard = context.hard.to(valid.device)
+        easy = valid & ~hard
+        lam = self.easy_weight
+        hard_scale = (1.0 - lam) * context.n_valid / context.n_hard if context.n_hard else 0.0
+        easy_scale = lam * context.n_valid / context.n_easy if context.n_easy else 0.0
+        w_tkd = hard.to(s.dtype) * hard_scale
+        w_dkd = w_tkd + easy.to(s.dtype) * easy_scale
+        loss = w_tkd * tkd + w_dkd * dkd
+        # gradient: q_hat * (w_dkd - w_tkd (q_y - p_y)) - w_dkd p_hat off the gold entry; w_tkd (q_y - p_y) on it
+        q_hat = fast_exp(torch.sub(s, log_rest_s.unsqueeze(-1), out=ws.buf("tmp")), ws.buf("tmp"))
+        gap = q_y - p_y
+        grad = q_hat.mul_((w_dkd - w_tkd * gap).unsqueeze(-1))
+        grad.addcmul_(p_hat, w_dkd.unsqueeze(-1), value=-1.0)
+        grad.scatter_(-1, gold, (w_tkd * gap).unsqueeze(-1))
+        if T != 1.0:
+            grad.div_(T)
+        return finish_chunk(loss, grad, labels, 1.0)
+
     def slice_context(self, context: ATKDSplit, start: int, stop: int) -> ATKDSplit:
         return context.rows(start, stop)
 
@@ -159,3 +208,14 @@ class ATKD(Objective):
             "easy_weight": self.easy_weight,
             "temperature": self.temperature,
         }
+
+
+def _log_one_minus(logp: Tensor, gold_logp: Tensor, gold: Tensor) -> Tensor:
+    """log(1 - exp(gold_logp)) per row: log1p where the gold probability is below 1/2, else the exact
+    log-sum-exp of the other entries (no cancellation when the gold probability nears 1)."""
+    out = torch.log1p(-gold_logp.exp())
+    near_one = gold_logp > -math.log(2.0)
+    if bool(near_one.any()):
+        rows = logp[near_one].scatter(-1, gold[near_one], float("-inf"))
+        out[near_one] = torch.logsumexp(rows, dim=-1)
+    return out

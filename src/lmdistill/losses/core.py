@@ -300,6 +300,12 @@ def teacher_rows(teacher: Teacher, start: int, stop: int) -> Teacher:
     return teacher[start:stop]
 
 
+def finite_products(t: Tensor) -> Tensor:
+    """In place: the NaNs of 0 * inf products (zero probability against a -inf log-probability) become 0;
+    real infinities stay."""
+    return t.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+
+
 _LOG2E = 1.4426950408889634
 
 
@@ -410,9 +416,10 @@ class Objective:
     """
 
     name: ClassVar[str] = "objective"
-    requires_teacher: ClassVar[bool] = True
-    batch_coupled: ClassVar[bool] = False
-    needs_batch_context: ClassVar[bool] = False
+    # class defaults; a Mixture sets them per instance from its parts
+    requires_teacher: bool = True
+    batch_coupled: bool = False
+    needs_batch_context: bool = False
     row_group_size: int | None = None
 
     def per_token(

@@ -29,6 +29,7 @@ from lmdistill.losses.core import (
     compute_dtype,
     fast_exp,
     finish_chunk,
+    finite_products,
     flatten_inputs,
     kl_from_log_probs,
     log_mix,
@@ -52,14 +53,6 @@ __all__ = [
     "cross_entropy",
 ]
 
-_INF = float("inf")
-
-
-def _finite_products(t: Tensor) -> Tensor:
-    """Replace the NaNs of 0 * inf products (zero-probability entries) by 0, keeping real infinities."""
-    return t.nan_to_num_(nan=0.0, posinf=_INF, neginf=-_INF)
-
-
 def _rowdot(a: Tensor, b: Tensor, tmp: Tensor) -> tuple[Tensor, Tensor | None]:
     """Row-wise sum of a * b with 0 * inf = 0, using ``tmp`` as scratch.
 
@@ -72,7 +65,7 @@ def _rowdot(a: Tensor, b: Tensor, tmp: Tensor) -> tuple[Tensor, Tensor | None]:
     bad = torch.isnan(out)
     if not bool(bad.any()):
         return out, None
-    out[bad] = _finite_products(tmp[bad]).sum(-1)
+    out[bad] = finite_products(tmp[bad]).sum(-1)
     return out, bad
 
 
@@ -83,7 +76,7 @@ def _fix_rows(t: Tensor, *masks: Tensor | None) -> Tensor:
         if mask is not None:
             bad = mask if bad is None else bad | mask
     if bad is not None:
-        t[bad] = _finite_products(t[bad])
+        t[bad] = finite_products(t[bad])
     return t
 
 
