@@ -60,17 +60,20 @@ def fresh_accelerate_state() -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def time_lmdistill(tmp: Path, teacher: Path, student: Path, objective, steps: int, warmup: int) -> float:
+def time_lmdistill(tmp: Path, teacher: Path, student: Path, objective, steps: int, warmup: int,
+                   chunked: bool = False, teacher_dtype: str | None = None) -> float:
     fresh_accelerate_state()
     raw = {
         "output_dir": str(tmp / f"lmd-{abs(hash(str(objective)))}"),
         "data": {"corpus": "kjv", "block_size": BLOCK},
         "student": {"path": str(student)},
         "objective": objective,
-        "train": {"steps": steps + warmup, "batch_size": BATCH, "lr": 1e-3, "warmup_steps": 0},
+        "train": {"steps": steps + warmup, "batch_size": BATCH, "lr": 1e-3, "warmup_steps": 0, "chunked_loss": chunked},
     }
     if objective != "cross_entropy":
         raw["teacher"] = {"path": str(teacher)}
+        if teacher_dtype:
+            raw["teacher"]["dtype"] = teacher_dtype
     else:
         raw["tokenizer"] = {"path": str(teacher)}
     trainer, _ = build_trainer(validate_config(raw, "bench"), show_progress=False)
@@ -146,15 +149,17 @@ def main() -> None:
         student = student_dir(tmp, tokenizer)
         label_only = time_lmdistill(tmp, teacher, student, "cross_entropy", args.steps, args.warmup)
         rows = []
+        variants = (("plain", False, None), ("chunked", True, None), ("chunked, bf16 teacher", True, "bfloat16"))
         for name, objective, beta in (("forward KL", "forward_kl", 0.0), ("JSD beta=0.5", {"name": "jsd", "beta": 0.5}, 0.5)):
-            ours = time_lmdistill(tmp, teacher, student, objective, args.steps, args.warmup)
             trl = time_trl(tmp, teacher, student, beta, args.steps, args.warmup)
-            rows.append({"objective": name, "lmdistill": ours, "trl": trl, "ratio": ours / trl,
-                         "kd_overhead": label_only / ours})
+            for variant, chunked, teacher_dtype in variants:
+                ours = time_lmdistill(tmp, teacher, student, objective, args.steps, args.warmup, chunked, teacher_dtype)
+                rows.append({"objective": name, "variant": variant, "lmdistill": ours, "trl": trl, "ratio": ours / trl,
+                             "kd_overhead": label_only / ours})
         print(f"\nteacher {teacher}; {args.steps} timed steps of {BATCH}x{BLOCK} tokens after {args.warmup} warm-up steps; "
               f"torch threads {torch.get_num_threads()}")
         print(f"label-only step of the same student: {label_only:,.0f} tokens/s\n")
-        print(markdown_table(rows, [("objective", "objective", ""), ("lmdistill", "lmdistill tokens/s", ",.0f"),
+        print(markdown_table(rows, [("objective", "objective", ""), ("variant", "lmdistill path", ""), ("lmdistill", "lmdistill tokens/s", ",.0f"),
                                     ("trl", "TRL GKDTrainer tokens/s", ",.0f"), ("ratio", "lmdistill / TRL", ".2f"),
                                     ("kd_overhead", "KD step time / label-only", ".2f")]))
 

@@ -102,8 +102,12 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
-    chunked_loss: bool = Field(False, description="compute the loss chunk by chunk from hidden states (large vocabularies)")
-    chunk_size: int = Field(1024, gt=0)
+    chunked_loss: bool | Literal["auto"] = Field(
+        "auto",
+        description="compute the loss chunk by chunk from hidden states, never materialising [tokens, vocab] logits; "
+        "auto = whenever the models and objective allow it",
+    )
+    chunk_size: int | None = Field(None, gt=0, description="rows per loss chunk; default 256 (fewer for vocabularies > 256k)")
     log_every: int = Field(10, gt=0)
 
 

@@ -54,15 +54,15 @@ def test_resume_is_bit_identical(tmp_path, kjv_small_txt, cache_dir, student_dir
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, kjv_small_txt, cache_dir, student_dir):
     cfg = run_config(tmp_path, kjv_small_txt, cache_dir, student_dir)
     trainer, _ = build_trainer(cfg, show_progress=False)
-    per_token = trainer.objective.per_token
+    micro_loss = trainer._micro_loss
     calls = {"n": 0}
 
-    def poisoned(logits, teacher, labels):
+    def poisoned(batch, normalizer):
         calls["n"] += 1
-        out = per_token(logits, teacher, labels)
+        out = micro_loss(batch, normalizer)
         return out * float("nan") if calls["n"] == 3 else out  # one micro-batch per step: step 3
 
-    trainer.objective.per_token = poisoned
+    trainer._micro_loss = poisoned
     with pytest.raises(TrainingDiverged, match="step 3"):
         trainer.train()
     latest = trainer.checkpoints.latest()

@@ -28,15 +28,21 @@ class LiveTeacher:
         logits = self.logits(batch["input_ids"], batch.get("attention_mask"))
         return logits.reshape(-1, logits.shape[-1])
 
-    def chunked_signal(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden [B*L, H], weight [V_real, H]) for the chunked loss path."""
-        hidden, weight = self.hidden_and_weight(batch["input_ids"])
-        return hidden.reshape(-1, hidden.shape[-1]), weight
+    def chunked_signal(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """(hidden [B*L, H], weight [V_real, H][, bias [V_real]]) for the chunked loss path."""
+        hidden, weight, bias = self.hidden_and_weight(batch["input_ids"], batch.get("attention_mask"))
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        return (flat, weight) if bias is None else (flat, weight, bias)
 
     @torch.no_grad()
-    def hidden_and_weight(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final hidden states [B, L, H] and output weight [V_real, H]: the chunked loss path builds
-        teacher logits chunk by chunk from these instead of materialising [B, L, V]."""
-        hidden = self.model.base_model(input_ids=input_ids).last_hidden_state
-        weight = self.model.get_output_embeddings().weight[: self.alignment.real_vocab_size]
-        return hidden, weight
+    def hidden_and_weight(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Final hidden states [B, L, H], output weight [V_real, H] and bias [V_real] (or None): the chunked
+        loss path builds teacher logits chunk by chunk from these instead of materialising [B, L, V]."""
+        extra = {} if attention_mask is None else {"attention_mask": attention_mask}
+        hidden = self.model.base_model(input_ids=input_ids, **extra).last_hidden_state
+        head = self.model.get_output_embeddings()
+        real = self.alignment.real_vocab_size
+        bias = getattr(head, "bias", None)
+        return hidden, head.weight[:real], None if bias is None else bias[:real]

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -32,6 +33,9 @@ from lmdistill.losses import Objective, fused_linear_distill, reduce_tokens
 from lmdistill.train.checkpoint import CheckpointManager
 from lmdistill.train.schedule import accumulation_steps
 from lmdistill.train.sources import BatchSource, BlockSource
+
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingDiverged(LmdistillError):
@@ -103,6 +107,7 @@ class Trainer:
         vocab_size: int | None = None,
         accelerator: Accelerator | None = None,
         show_progress: bool = True,
+        evaluator: Callable[["Trainer"], dict[str, float]] | None = None,
     ) -> None:
         self.config = config
         self.tc = config.train
@@ -119,6 +124,11 @@ class Trainer:
         self.val_bytes_per_token = validation_stream.bytes_per_target
         self.output_dir = Path(config.output_dir)
         self.show_progress = show_progress
+        # Runs whose validation data are not packed blocks (padded prompt/response tasks) bring their own
+        # evaluation; it receives the trainer and returns metrics named like evaluate_lm's.
+        self.evaluator = evaluator
+        # chunked loss: True/False from the config, or decided on the first batch ("auto")
+        self.use_chunked: bool | None = None if self.tc.chunked_loss == "auto" else bool(self.tc.chunked_loss)
 
         acc = self.accelerator
         self.micro_batch, self.accum = accumulation_steps(self.tc.batch_size, self.tc.micro_batch_size, acc.num_processes)
@@ -145,16 +155,19 @@ class Trainer:
         flat_labels = labels.reshape(-1)
         # Padded (unpacked) batches carry an attention mask; packed blocks need none.
         extra = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
-        if self.tc.chunked_loss:
+        if self.use_chunked is None:
+            self.use_chunked = self._choose_chunked(input_ids, extra)
+        if self.use_chunked:
             out = self.model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1, **extra)
             hidden = out.hidden_states[-1].reshape(-1, out.hidden_states[-1].shape[-1])
-            weight = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight[: self.vocab_size]
+            head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
+            bias = None if getattr(head, "bias", None) is None else head.bias[: self.vocab_size]
             teacher_signal = None
             if self.objective.requires_teacher:
                 teacher_signal = self.teacher.chunked_signal(batch)
             return fused_linear_distill(
-                hidden, weight, teacher_signal, flat_labels, self.objective,
-                chunk_size=self.tc.chunk_size, normalizer=normalizer,
+                hidden, head.weight[: self.vocab_size], teacher_signal, flat_labels, self.objective,
+                chunk_size=self.tc.chunk_size, normalizer=normalizer, student_bias=bias,
             )
         logits = self.model(input_ids=input_ids, **extra).logits[..., : self.vocab_size]
         teacher_signal = None
@@ -162,6 +175,49 @@ class Trainer:
             teacher_signal = self.teacher.signal(batch)
         per_token = self.objective.per_token(logits.reshape(-1, logits.shape[-1]), teacher_signal, flat_labels)
         return reduce_tokens(per_token, flat_labels, normalizer=normalizer)
+
+    @torch.no_grad()
+    def _choose_chunked(self, input_ids: torch.Tensor, extra: dict[str, torch.Tensor]) -> bool:
+        """``chunked_loss: auto``: use the chunked path when it computes exactly what the plain path does.
+
+        It never materialises the [tokens, vocab] logits and is faster on CPU as well, but it assumes
+        logits = final hidden state @ output weight (+ bias). Models that post-process logits (soft-capping,
+        scaling) fail the one-off comparison below and keep the plain path; so do objectives that couple all
+        rows of a batch (SinKD without a group size).
+        """
+        why = None
+        if self.objective.batch_coupled and self.objective.row_group_size is None:
+            why = f"objective '{self.objective.name}' couples all rows of the batch"
+        elif self.objective.requires_teacher and not hasattr(self.teacher, "chunked_signal"):
+            why = "the teacher gives no hidden states"
+        else:
+            probe = {k: v[:1, :16] for k, v in {"input_ids": input_ids, **extra}.items()}
+            models = [("student", self.accelerator.unwrap_model(self.model))]
+            if hasattr(self.teacher, "model"):
+                models.append(("teacher", self.teacher.model))
+            for role, model in models:
+                # eval mode and a forked RNG: the probe must not consume dropout randomness (exact resume)
+                was_training = model.training
+                with torch.random.fork_rng(devices=[]):
+                    model.eval()
+                    out = model(**probe, output_hidden_states=True)
+                    model.train(was_training)
+                head = model.get_output_embeddings()
+                if head is None:
+                    why = f"the {role} has no output embedding layer"
+                    break
+                rebuilt = torch.nn.functional.linear(out.hidden_states[-1], head.weight, getattr(head, "bias", None))
+                if rebuilt.shape != out.logits.shape or not torch.allclose(
+                    rebuilt.float(), out.logits.float(), rtol=1e-3, atol=1e-3
+                ):
+                    why = f"the {role}'s logits are not its final hidden state times its output layer"
+                    break
+        if why:
+            logger.info("loss on the plain path (full logits): %s", why)
+            return False
+        logger.info("loss on the chunked path: logits built %d rows at a time, never for the whole batch",
+                    self.tc.chunk_size or 256)
+        return True
 
     def train_step(self, step: int) -> float:
         acc = self.accelerator
@@ -197,6 +253,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- eval, saving
     def evaluate(self) -> dict[str, float]:
+        if self.evaluator is not None:
+            return self.evaluator(self)
         acc = self.accelerator
         return evaluate_lm(
             acc.unwrap_model(self.model),
