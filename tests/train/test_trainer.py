@@ -142,3 +142,20 @@ def test_tiny_pretraining_lowers_validation_loss(tmp_path, kjv_small_txt, cache_
     after = trainer.train().final_metrics
     assert after["loss"] < before["loss"] - 0.5
     assert after["bits_per_byte"] < before["bits_per_byte"]
+
+
+def test_tgeo_fusion_network_learns_in_the_trainer(tmp_path, kjv_small_txt, cache_dir, student_dir, tiny_teacher):
+    """TGeo-KD's fusion network gets its (outer-problem) gradient from the trainer, so it moves; the
+    student still trains on the fused loss."""
+    cfg = run_config(tmp_path, kjv_small_txt, cache_dir, student_dir, teacher=tiny_teacher,
+                     objective={"name": "tgeo"}, train={"steps": 3, "lr": 1e-2, "warmup_steps": 0})
+    trainer, _ = build_trainer(cfg, show_progress=False)
+    before = [p.detach().clone() for p in trainer.objective.parameters()]
+    student_before = _weights(trainer)
+    for step in range(3):
+        trainer.train_step(step)
+    after = list(trainer.objective.parameters())
+    assert all(p.grad is None for p in after)  # zeroed after the step: the optimizer did use them
+    assert any(not torch.equal(a, b) for a, b in zip(after, before)), "fusion network never updated"
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(v, student_before[k]) for k, v in _weights(trainer).items())

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmdistill.config import RunConfig, dump_config
-from lmdistill.data.blocks import BlockDataset, TokenStream
+from lmdistill.data.blocks import BlockDataset, TokenStream, collate
 from lmdistill.errors import LmdistillError
 from lmdistill.eval.lm import evaluate_lm
 from lmdistill.losses import Objective, fused_linear_distill, reduce_tokens
@@ -243,6 +243,8 @@ class Trainer:
                 f"loss became {global_loss} at step {step + 1}; stopped. The last good checkpoint is kept in "
                 f"{self.checkpoints.root} (lower train.lr, enable train.grad_clip, or check the data)."
             )
+        if hasattr(self.objective, "meta_loss"):
+            self._meta_backward(batches[0], step)
         if self.tc.grad_clip is not None:
             acc.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
         self.optimizer.step()
@@ -250,6 +252,43 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.objective.on_step_end(global_loss, step + 1, self.tc.steps)
         return global_loss
+
+    def _meta_backward(self, batch: dict[str, torch.Tensor], step: int) -> None:
+        """Outer problem of objectives with a learned fusion (TGeo-KD, ``meta_loss``): gradients for the
+        objective's own parameters from a one-step lookahead on a held-out batch.
+
+        The held-out batch is drawn from the training blocks by a generator seeded with (seed, step), so it
+        is reproducible on resume and differs from the step's own batch. Each rank computes the
+        hypergradient on its own data; Accelerate's ``reduce`` averages it across ranks so the fusion
+        parameters stay identical everywhere (they live outside the DDP-wrapped student).
+        """
+        acc = self.accelerator
+        model = acc.unwrap_model(self.model)
+        head = model.get_output_embeddings()
+        generator = torch.Generator().manual_seed(self.tc.seed * 1_000_003 + step * 7919 + acc.process_index)
+        picks = torch.randint(len(self.train_data), (batch["input_ids"].shape[0],), generator=generator)
+        held_out = collate([self.train_data[int(i)] for i in picks])
+        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        extra = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
+        was_training = model.training
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model.eval()
+            hidden = model(input_ids=batch["input_ids"], output_hidden_states=True, logits_to_keep=1, **extra).hidden_states[-1]
+            val_hidden = model(input_ids=held_out["input_ids"].to(acc.device), output_hidden_states=True,
+                               logits_to_keep=1).hidden_states[-1]
+            model.train(was_training)
+            teacher_signal = self.teacher.signal(batch)
+        bias = getattr(head, "bias", None)
+        meta = self.objective.meta_loss(
+            hidden, head.weight[: self.vocab_size], teacher_signal, batch["labels"], val_hidden,
+            held_out["labels"].to(acc.device), lr=self.scheduler.get_last_lr()[0],
+            output_bias=None if bias is None else bias[: self.vocab_size],
+        )
+        meta.backward()
+        if acc.num_processes > 1:
+            for p in self.objective.parameters():
+                if p.grad is not None:
+                    p.grad = acc.reduce(p.grad, reduction="mean")
 
     # ------------------------------------------------------------------------------- eval, saving
     def evaluate(self) -> dict[str, float]:
