@@ -11,12 +11,19 @@ cross-entropy for label-only SFT and sequence-level KD, forward KL otherwise):
     token-level KD      fixed gold responses, forward_kl to the teacher
     sequence-level KD   the teacher's greedy answers (generated once, stored), cross_entropy
     on-policy GKD       lambda = 0.5 student samples, forward_kl
-    SCRG                as GKD, samples revised by the teacher (KL threshold 1.0), forward_kl
-    KID                 30% of response inputs rewritten by the student's predictions, forward_kl
+    SCRG                as GKD, each sample's most divergent disagreeing token (KL) replaced by the
+                        teacher's, the rest re-generated (the paper's rule), forward_kl
+    KID                 alpha = 0.2 of response tokens masked, predicted by the student, rewritten
+                        (the paper's default), forward_kl
+    extra rows          SCRG with the first-above-threshold rule (KL > 1.0, the previous default), and
+                        KID with the paper's loss (reverse KL + cross-entropy)
 
 Scores on held-out test prompts (greedy): ROUGE-L, exact match, the teacher's log-likelihood of the
-student's answers (nats/token), and the reference responses' NLL under the model (padded batches). Wall time: the training loop (includes on-policy generation, SCRG
-revision, KID prediction); sequence-level KD's one-off teacher generation is listed separately.
+student's answers (nats/token), and the reference responses' NLL under the model (padded batches); the
+trainer's final validation loss (response-only NLL of 128 validation examples, task_evaluator). Wall
+time: the training loop (includes on-policy generation, SCRG revision, KID prediction); sequence-level
+KD's one-off teacher generation is listed separately. The 1-minute load average before and after is
+printed (other jobs share the cores, so wall times are indicative only).
 
     .venv/bin/python bench/generation.py                 # full run (~10-15 min on 2 shared cores)
     .venv/bin/python bench/generation.py --quick         # pipeline smoke test (~1-2 min)
@@ -104,6 +111,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "cache"
     t_start = time.perf_counter()
+    load_before = os.getloadavg()
 
     # ---- task and tokenizer ------------------------------------------------------------------
     chapters = list(read_kjv())
@@ -174,20 +182,29 @@ def main() -> int:
         ("sequence-level KD", "cross_entropy", {"kind": "sequence_kd", "store": str(store_path)}),
         ("on-policy GKD (lambda 0.5)", "forward_kl",
          {"kind": "on_policy", "lmbda": 0.5, "sampling": {"temperature": 1.0, "max_new_tokens": args.max_new_tokens}}),
-        ("SCRG (lambda 0.5, KL > 1.0)", "forward_kl",
-         {"kind": "scrg", "lmbda": 0.5, "scrg_threshold": 1.0, "sampling": {"temperature": 1.0, "max_new_tokens": args.max_new_tokens}}),
-        ("KID (ratio 0.3)", "forward_kl", {"kind": "kid", "kid_mask_ratio": 0.3}),
+        ("SCRG (lambda 0.5, max-KL token)", "forward_kl",
+         {"kind": "scrg", "lmbda": 0.5, "sampling": {"temperature": 1.0, "max_new_tokens": args.max_new_tokens}}),
+        ("KID (alpha 0.2)", "forward_kl", {"kind": "kid", "kid_mask_ratio": 0.2}),
+        ("extra: SCRG (first token with KL > 1.0)", "forward_kl",
+         {"kind": "scrg", "lmbda": 0.5, "scrg_selection": "first", "scrg_threshold": 1.0,
+          "sampling": {"temperature": 1.0, "max_new_tokens": args.max_new_tokens}}),
+        ("extra: KID (alpha 0.2), paper loss", {"mix": [{"name": "reverse_kl", "weight": 1.0},
+                                                        {"name": "cross_entropy", "weight": 1.0}]},
+         {"kind": "kid", "kid_mask_ratio": 0.2}),
     ]
     results = []
     for label, objective, regime in rows:
         name = regime["kind"] + ("-ce" if objective == "cross_entropy" and regime["kind"] == "fixed" else "")
+        name += "-first" if regime.get("scrg_selection") == "first" else ""
+        name += "-paper-loss" if isinstance(objective, dict) else ""
         cfg = task_run_config(out, f"students/{name}", student=inits["student-init"], teacher=teacher_dir,
                               objective=objective, regime=regime, steps=args.steps, batch=args.batch, lr=3e-3,
                               warmup=20, task=task, test_examples=args.test_examples,
                               max_new_tokens=args.max_new_tokens, cache=cache)
         m = run_task(cfg, splits=student_splits, show_progress=False)
         g = m["generation"]
-        results.append({"regime": label, "objective": objective, **g, "train_seconds": m["train_seconds"],
+        objective_name = objective if isinstance(objective, str) else "reverse_kl + cross_entropy"
+        results.append({"regime": label, "objective": objective_name, **g, "train_seconds": m["train_seconds"],
                         "validation_loss": m["validation"].get("loss"), "source_stats": m["source_stats"]})
         print(f"  {label:30s} ROUGE-L {g['rouge_l']:.4f}  EM {g['exact_match']:.4f}  "
               f"teacher ll {g.get('teacher_logprob_per_token', float('nan')):.3f}  NLL {g['response_nll']:.3f}  "
@@ -203,18 +220,21 @@ def main() -> int:
         f"Teacher {teacher_params / 1e6:.2f}M params ({args.teacher_steps} steps x {args.batch}); student "
         f"{student_params / 1e6:.2f}M params, {args.steps} steps x {args.batch} for every regime, torch threads {args.threads}.",
         "",
-        "| regime | objective | ROUGE-L | exact match | teacher log-lik of answers (nats/token) | test reference NLL | train wall s |",
-        "|---|---|---|---|---|---|---|",
+        "| regime | objective | ROUGE-L | exact match | teacher log-lik of answers (nats/token) | test reference NLL | "
+        "val response NLL (trainer) | train wall s |",
+        "|---|---|---|---|---|---|---|---|",
         f"| teacher (reference) | cross_entropy | {tg['rouge_l']:.4f} | {tg['exact_match']:.4f} | - | "
-        f"{tg['response_nll']:.3f} | {teacher_metrics['train_seconds']:.0f} |",
+        f"{tg['response_nll']:.3f} | - | {teacher_metrics['train_seconds']:.0f} |",
     ]
     for r in results:
         lines.append(f"| {r['regime']} | {r['objective']} | {r['rouge_l']:.4f} | {r['exact_match']:.4f} | "
                      f"{r.get('teacher_logprob_per_token', float('nan')):.3f} | {r['response_nll']:.3f} | "
-                     f"{r['train_seconds']:.0f} |")
+                     f"{r['validation_loss']:.3f} | {r['train_seconds']:.0f} |")
+    load_after = os.getloadavg()
     lines += ["", f"Sequence-level KD's one-off teacher generation: {seqkd_generation_seconds:.0f}s "
                   f"({report.requested} answers generated, {report.already_stored} reused). "
-                  f"Bench total {time.perf_counter() - t_start:.0f}s."]
+                  f"Bench total {time.perf_counter() - t_start:.0f}s; load average (1/5/15 min) "
+                  f"{'/'.join(f'{x:.2f}' for x in load_before)} at start, {'/'.join(f'{x:.2f}' for x in load_after)} at end."]
     table = "\n".join(lines)
     print("\n" + table)
     (out / "table.md").write_text(table + "\n", encoding="utf-8")

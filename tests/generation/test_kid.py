@@ -40,9 +40,11 @@ def test_imperfect_inputs_use_the_students_own_predictions(verse_tokenizer, cont
     examples = encode_examples(verse_tokenizer, continue_task["train"][:6])
     batch = collate_examples(examples, verse_tokenizer.pad_token_id, max_length=96)
     before = {k: v.clone() for k, v in batch.items()}
-    new_ids, chosen = imperfect_inputs(student, batch, 0.4, generator=torch.Generator().manual_seed(0))
+    MASK = verse_tokenizer.eos_token_id  # lmdistill's BOS (the paper's example mask token is "<s>")
+    new_ids, chosen = imperfect_inputs(student, batch, 0.4, mask_token_id=MASK, generator=torch.Generator().manual_seed(0))
     assert all(torch.equal(batch[k], before[k]) for k in batch)  # the batch itself is untouched
     cands = candidate_positions(batch["labels"], batch["attention_mask"])
+    masked_differs = False
     for row, (ex, c, ch) in enumerate(zip(examples, cands, chosen)):
         n_response_inputs = len(ex.response) - 1  # EOS is a target, never an input
         assert c.tolist() == list(range(len(ex.prompt), len(ex.prompt) + n_response_inputs))
@@ -50,10 +52,17 @@ def test_imperfect_inputs_use_the_students_own_predictions(verse_tokenizer, cont
         gold = batch["input_ids"][row]
         for t in range(gold.numel()):
             if t in ch.tolist():
-                # the student's greedy guess for token t from the gold prefix alone (unpadded, separate pass)
+                # the student's greedy guess for token t from the MASKED prefix: earlier chosen tokens replaced by
+                # the mask token (the paper's "predicting" step), unpadded, in a separate pass
+                prefix = gold[:t].clone()
+                prefix[[u for u in ch.tolist() if u < t]] = MASK
                 with torch.no_grad():
-                    guess = int(student(input_ids=gold[:t][None]).logits[0, -1].argmax())
+                    guess = int(student(input_ids=prefix[None]).logits[0, -1].argmax())
+                    gold_guess = int(student(input_ids=gold[:t][None]).logits[0, -1].argmax())
                 assert int(new_ids[row, t]) == guess
+                masked_differs |= guess != gold_guess
             else:
                 assert int(new_ids[row, t]) == int(gold[t])
     assert any(int(new_ids[r, t]) != int(batch["input_ids"][r, t]) for r, ch in enumerate(chosen) for t in ch.tolist())
+    # the masking matters: somewhere the masked-prefix guess is not the gold-prefix guess
+    assert masked_differs

@@ -4,6 +4,7 @@ and `distill` (with a regime) as commands."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -159,3 +160,49 @@ def test_generate_with_a_blackbox_teacher(tmp_path, trained_tiny, verse_tokenize
         assert report.requested == 12 and len(server.requests) == 12
         assert run_generate(cfg, environ={"BB_KEY": "sk-local-test"}).already_stored == 12
         assert len(server.requests) == 12
+
+
+def test_task_run_validates_on_response_tokens_only(tmp_path, student_dir, saved_teacher, continue_task):
+    """The logged eval entries of a task run are the response-only NLL (and teacher agreement/KL) of the
+    first eval.max_batches * eval.batch_size validation examples, each scored on its own, unpadded."""
+    cfg = task_cfg(tmp_path, student_dir, saved_teacher, objective="forward_kl",
+                   train={"steps": 3}, eval={"every": 2, "max_batches": 1, "batch_size": 2})
+    run = build_task_run(cfg, splits=continue_task, show_progress=False)
+    result = run.trainer.train()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in logged if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 3]
+    final = evals[-1]
+    assert final == {k: v for k, v in result.final_metrics.items()} | {"kind": "eval"}
+
+    # independent float64 reference: each example alone, no padding, response tokens + EOS only
+    student = run.trainer.accelerator.unwrap_model(run.trainer.model).eval()
+    teacher = run.teacher_model.eval()
+    tok = run.tokenizer
+    bos, eos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id, tok.eos_token_id
+    V = run.trainer.vocab_size
+    nll = kl = agree = 0.0
+    n = n_bytes = 0
+    with torch.no_grad():
+        for doc in continue_task["validation"][:2]:
+            prompt = tok(doc.prompt, add_special_tokens=False)["input_ids"]
+            response = tok(doc.response, add_special_tokens=False)["input_ids"] + [eos]
+            seq = torch.tensor([[bos] + prompt + response])
+            first = len(prompt)  # logits at position bos+prompt-1 predict the first response token
+            s = torch.log_softmax(student(input_ids=seq).logits[0, first:].double()[..., :V], -1)
+            t = torch.log_softmax(teacher(input_ids=seq).logits[0, first:].double()[..., :V], -1)
+            s, t = s[: len(response)], t[: len(response)]
+            targets = torch.tensor(response)
+            nll -= s[torch.arange(len(response)), targets].sum().item()
+            kl += (t.exp() * (t - s)).sum().item()
+            agree += (t.argmax(-1) == s.argmax(-1)).sum().item()
+            n += len(response)
+            n_bytes += len(doc.response.encode("utf-8"))
+    assert final["tokens"] == n
+    assert final["loss"] == pytest.approx(nll / n, rel=1e-5)
+    assert final["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert final["bits_per_byte"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
+    assert final["kl_to_teacher"] == pytest.approx(kl / n, rel=1e-4, abs=1e-7)
+    assert final["top1_agreement"] == pytest.approx(agree / n)
+    # the intermediate eval scores the same response targets
+    assert evals[0]["tokens"] == n and evals[0]["loss"] != final["loss"]

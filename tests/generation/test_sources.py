@@ -142,14 +142,15 @@ def test_sequence_kd_store_is_resumable_and_feeds_the_source(tmp_path, verse_tok
 
 def test_regime_config_rejects_parameters_of_other_regimes(tmp_path):
     with pytest.raises(ValueError, match="kid_mask_ratio applies to kid"):
-        RegimeConfig(kind="on_policy", kid_mask_ratio=0.2)
+        RegimeConfig(kind="on_policy", kid_mask_ratio=0.3)
     with pytest.raises(ValueError, match="needs regime.store"):
         RegimeConfig(kind="sequence_kd")
     with pytest.raises(ConfigError, match="did you mean 'lmbda'"):
         validate_config({"regime": {"kind": "on_policy", "lmbdaa": 0.5}}, "test", TaskRunConfig)
     cfg = validate_config({"regime": {"kind": "scrg", "lmbda": 1.0, "scrg_threshold": 2.0},
                            "teacher": {"path": str(tmp_path)}}, "test", TaskRunConfig)
-    assert cfg.regime.scrg_metric == "kl"
+    assert cfg.regime.scrg_metric == "kl" and cfg.regime.scrg_selection == "max"
+    assert RegimeConfig(kind="kid").kid_mask_ratio == 0.2  # the paper's default alpha
     with pytest.raises(ConfigError, match="scrg needs a teacher"):
         validate_config({"regime": {"kind": "scrg"}}, "test", TaskRunConfig)
 

@@ -90,7 +90,7 @@ _REGIME_FIELDS: dict[str, set[str]] = {
     "fixed": set(),
     "sequence_kd": {"store"},
     "on_policy": {"lmbda", "sampling", "off_policy_store"},
-    "scrg": {"lmbda", "sampling", "off_policy_store", "scrg_threshold", "scrg_metric"},
+    "scrg": {"lmbda", "sampling", "off_policy_store", "scrg_threshold", "scrg_metric", "scrg_selection"},
     "kid": {"kid_mask_ratio"},
 }
 _COMMON_FIELDS = {"kind", "task", "max_length"}
@@ -107,8 +107,9 @@ class RegimeConfig(Section):
     - ``on_policy``: GKD (arXiv 2306.13649): with probability ``lmbda`` a step's responses are sampled
       from the current student (``sampling``), otherwise the fixed responses are used.
     - ``scrg``: as ``on_policy``, each student sample then revised by SCRG (arXiv 2407.10068).
-    - ``kid``: KID (arXiv 2410.11371): a ``kid_mask_ratio`` share of each response's input tokens is
-      replaced by the student's own predictions; targets stay the gold continuation.
+    - ``kid``: KID (arXiv 2410.11371): a ``kid_mask_ratio`` share (paper: alpha = 0.2) of each
+      response's tokens is masked, predicted by the student in one forward pass over the masked
+      sequence, and rewritten with those predictions; targets stay the gold continuation.
     """
 
     kind: RegimeKind = "fixed"
@@ -120,11 +121,16 @@ class RegimeConfig(Section):
     )
     lmbda: float = Field(0.5, ge=0, le=1, description="on_policy/scrg: probability that a step uses student samples")
     sampling: SamplingConfig = SamplingConfig(temperature=1.0, max_new_tokens=48)
-    scrg_threshold: float = Field(1.0, ge=0, description="scrg: a position diverges when its score exceeds this")
+    scrg_threshold: float = Field(
+        0.0, ge=0, description="scrg: only positions scoring above this can be corrected (0: any disagreeing position, as in the paper)"
+    )
     scrg_metric: Literal["kl", "tvd", "teacher_nll"] = Field(
         "kl", description="scrg: per-position score: KL(teacher || student), total variation, or -log p_teacher(token)"
     )
-    kid_mask_ratio: float = Field(0.3, gt=0, le=1, description="kid: share of response input tokens rewritten")
+    scrg_selection: Literal["max", "first"] = Field(
+        "max", description="scrg: correct the most divergent disagreeing position (paper) or the first one above the threshold"
+    )
+    kid_mask_ratio: float = Field(0.2, gt=0, le=1, description="kid: share alpha of response tokens masked and rewritten (paper default 0.2)")
 
     @model_validator(mode="after")
     def _fields_fit_kind(self) -> RegimeConfig:

@@ -1,28 +1,39 @@
 """KID: knowledge distillation with imperfect data.
 
 From "Learning from Imperfect Data: Towards Efficient Knowledge Distillation of Autoregressive
-Language Models for Text-to-SQL" (Zhong et al., EMNLP 2024 Findings, arXiv 2410.11371). At inference
-a student conditions on its own earlier tokens, and one wrong token cascades; in training it only
-ever sees gold prefixes (the training-inference mismatch). KID simulates the cascading errors
-cheaply, without sampling whole sequences: it builds IMPERFECT training inputs in three steps,
+Language Models for Text-to-SQL" (Zhong, Chen, Ding, Liu, Du, Tao; EMNLP 2024 Findings, arXiv
+2410.11371). At inference a student conditions on its own earlier tokens and one wrong token
+cascades; in training it only sees gold prefixes. KID simulates the cascading errors cheaply, without
+autoregressive sampling, by rewriting the gold output y into an imperfect one y_hat.
 
-1. **masking**: choose a share ``ratio`` of the response's input tokens,
-2. **predicting**: the current student predicts each of them (one teacher-forced forward pass on the
-   gold sequence; its greedy choice for position t given the gold prefix before t),
-3. **rewriting**: replace the chosen tokens by those predictions,
+From the paper (Section 3 and Section 4.3):
 
-and trains on them with the targets of the gold sequence: every position is still supervised by the
-gold next token (labels unchanged) and by the teacher, which sees the same imperfect prefix and so
-shows how to continue correctly after the student's own mistakes (the trainer computes teacher
-logits on the batch's ``input_ids``).
+1. **masking**: sample a share alpha of the tokens of the gold output y and replace them by a
+   special token (the paper's example: "<s>"); of its strategies (Random, Uniform, Hard, Easy) the
+   "Random" one is the default;
+2. **predicting**: feed the MASKED sequence to the student and take its predictions for the masked
+   places from one forward pass;
+3. **rewriting**: put those predictions at the masked places, giving y_hat;
 
-Exact rule used here: the candidate positions of a row are the input positions t >= 1 holding a
-response token (``labels[t - 1] != -100``: token t was a target) with ``attention_mask[t] == 1``;
-``k = floor(ratio * n + 1/2)`` of the n candidates are drawn uniformly without replacement (at least
-one when n > 0); position t receives ``argmax_v student_logits[t - 1, v]``. Prompt tokens, padding,
-labels and the attention mask are unchanged. The default ratio (0.3) is configurable
-(``regime.kid_mask_ratio``); it could not be checked against the paper's text from here, so set it to
-the paper's value when reproducing its numbers.
+then train the student on (x, y_hat) with the teacher's guidance (the paper uses reverse KL) plus an
+auxiliary MLE loss towards the gold y. alpha in {0.1, ..., 0.5} was analysed; 0.1-0.3 all help,
+0.5 degrades, and **alpha = 0.2 is the default** (``regime.kid_mask_ratio``, default 0.2).
+
+Our exact rule and assumptions:
+
+- the maskable positions of a row are the input positions t >= 1 holding a response token
+  (``labels[t - 1] != -100``) with ``attention_mask[t] == 1`` (the closing EOS is only ever a target);
+- ``k = floor(alpha * n + 1/2)`` of the n maskable positions (at least one when n > 0) are drawn
+  uniformly without replacement (our reading of "Random");
+- the mask token is the tokenizer's BOS (the EOS for lmdistill's tokenizers, which doubles as BOS),
+  standing in for the paper's "<s>";
+- position t receives ``argmax_v student_logits[t - 1, v]`` computed on the masked sequence, i.e. the
+  student's greedy guess for token t given a prefix in which the earlier chosen tokens are masked;
+- labels stay gold: every position is supervised by the gold next token and by the teacher, which
+  sees the same imperfect prefix (the trainer computes teacher logits on the batch's ``input_ids``).
+  With a mixed objective (e.g. reverse KL + cross-entropy) the cross-entropy term is taken on the
+  imperfect prefix too, not on a separate gold pass; the paper's loss placement is not spelled out in
+  what we read.
 """
 
 from __future__ import annotations
@@ -63,17 +74,23 @@ def imperfect_inputs(
     batch: dict[str, torch.Tensor],
     ratio: float,
     *,
+    mask_token_id: int,
     generator: torch.Generator | None = None,
     vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(rewritten ``input_ids``, the rewritten positions of each row) for a padded prompt/response
-    batch (``input_ids``, ``labels``, optional ``attention_mask``)."""
+    batch (``input_ids``, ``labels``, optional ``attention_mask``): mask, predict on the masked
+    sequence, rewrite (see the module docstring)."""
     input_ids, labels = batch["input_ids"], batch["labels"]
     mask = batch.get("attention_mask")
+    chosen_rows = [choose_positions(c, ratio, generator) for c in candidate_positions(labels, mask)]
+    masked = input_ids.clone()
+    for row, chosen in enumerate(chosen_rows):
+        masked[row, chosen] = mask_token_id
     was_training = student.training
     student.eval()
     try:
-        logits = student(input_ids=input_ids, attention_mask=mask).logits
+        logits = student(input_ids=masked, attention_mask=mask).logits
     finally:
         if was_training:
             student.train()
@@ -81,10 +98,7 @@ def imperfect_inputs(
         logits = logits[..., :vocab_size]
     predictions = logits.argmax(-1)  # predictions[:, t - 1] is the student's guess for token t
     new_ids = input_ids.clone()
-    chosen_rows = []
-    for row, candidates in enumerate(candidate_positions(labels, mask)):
-        chosen = choose_positions(candidates, ratio, generator)
+    for row, chosen in enumerate(chosen_rows):
         if chosen.numel():
             new_ids[row, chosen] = predictions[row, chosen - 1]
-        chosen_rows.append(chosen)
     return new_ids, chosen_rows

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lmdistill.data.documents import Document
-from lmdistill.generation.batching import collate_examples, encode_examples, encode_prompts, encode_texts, pad_id_of
+from lmdistill.generation.batching import Example, collate_examples, encode_examples, encode_prompts, encode_texts, pad_id_of
 from lmdistill.generation.sampling import SamplingParams, generate, sequence_logprobs, strip_eos
 from lmdistill.generation.tasks import reference_of
 
@@ -145,6 +145,59 @@ def evaluate_generation(
     return scores
 
 
+def _slice_logits(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    return logits[..., :vocab_size] if vocab_size is not None else logits
+
+
+@torch.no_grad()
+def response_token_sums(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    *,
+    pad_id: int,
+    max_length: int,
+    batch_size: int = 32,
+    vocab_size: int | None = None,
+    teacher: Any = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> torch.Tensor:
+    """float64 sums over the response targets (response tokens and closing EOS, never prompt or
+    padding) of padded prompt/response batches: [summed NLL (nats), number of targets, top-1
+    agreements with the teacher, summed KL(teacher || student)]. The last two stay 0 without a
+    ``teacher`` (an object with ``logits(input_ids, attention_mask)``). Batches ``rank, rank +
+    world_size, ...`` only, so ranks can split the work and all-reduce the sums."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)
+    device = next(model.parameters()).device
+    try:
+        n_batches = -(-len(examples) // batch_size)
+        for b in range(rank, n_batches, world_size):
+            batch = collate_examples(examples[b * batch_size : (b + 1) * batch_size], pad_id, max_length)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = _slice_logits(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, vocab_size)
+            valid = batch["labels"] != -100
+            labels = batch["labels"][valid]
+            if teacher is not None:
+                t_logits = _slice_logits(teacher.logits(batch["input_ids"], batch["attention_mask"]), vocab_size)
+                # one real vocabulary for both (padded embedding rows carry no mass)
+                shared = min(logits.shape[-1], t_logits.shape[-1])
+                logits = logits[..., :shared]
+                t_logp = F.log_softmax(t_logits[..., :shared][valid].double(), dim=-1)
+            logp = F.log_softmax(logits[valid].double(), dim=-1)
+            sums[0] -= logp.gather(-1, labels.unsqueeze(-1)).sum().cpu()
+            sums[1] += int(valid.sum())
+            if teacher is not None:
+                sums[2] += int((t_logp.argmax(-1) == logp.argmax(-1)).sum())
+                p = t_logp.exp()
+                sums[3] += torch.where(p > 0, p * (t_logp - logp), torch.zeros((), dtype=p.dtype)).sum().cpu()
+    finally:
+        if was_training:
+            model.train()
+    return sums
+
+
 @torch.no_grad()
 def response_nll(
     model: torch.nn.Module,
@@ -158,24 +211,9 @@ def response_nll(
     """Mean negative log-likelihood (nats/token) of the reference responses and their closing EOS given
     the prompts, computed on padded prompt/response batches (the layout the task regimes train on; the
     trainer's packed-block validation puts examples at arbitrary positions instead)."""
-    examples = encode_examples(tokenizer, docs)
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for start in range(0, len(examples), batch_size):
-            batch = collate_examples(examples[start : start + batch_size], pad_id_of(tokenizer), max_length)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            if vocab_size is not None:
-                logits = logits[..., :vocab_size]
-            valid = batch["labels"] != -100
-            logp = F.log_softmax(logits[valid].double(), dim=-1)
-            total -= logp.gather(-1, batch["labels"][valid].unsqueeze(-1)).sum().item()
-            count += int(valid.sum())
-    finally:
-        if was_training:
-            model.train()
-    return total / max(1, count)
+    sums = response_token_sums(model, encode_examples(tokenizer, docs), pad_id=pad_id_of(tokenizer),
+                               max_length=max_length, batch_size=batch_size, vocab_size=vocab_size)
+    return sums[0].item() / max(1.0, sums[1].item())
 
 
 __all__ = [
@@ -186,6 +224,7 @@ __all__ = [
     "lcs_length",
     "normalize_answer",
     "response_nll",
+    "response_token_sums",
     "rouge_l",
     "rouge_tokens",
     "score_texts",

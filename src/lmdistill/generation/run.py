@@ -3,9 +3,10 @@ only), task distillation with any regime, and ``lmdistill generate`` (teacher an
 sequence-level KD, local or black-box).
 
 A task run builds: the tokenizer (given, the teacher's, the student's, or a BPE trained on the
-task's training split), the task's splits, token streams of the training and validation examples
-(the trainer's validation loss is then the response NLL of held-out examples), student, teacher,
-objective and the regime's batch source, and hands them to
+task's training split), the task's splits, token streams of the training and validation examples,
+student, teacher, objective, the regime's batch source and a validation evaluator
+(:func:`task_evaluator`: response-only NLL of held-out examples on padded prompt/response batches,
+the layout the regimes train on, instead of the trainer's packed blocks), and hands them to
 :class:`~lmdistill.train.trainer.Trainer`. After training, the model answers held-out prompts and is
 scored (ROUGE-L, exact match, the teacher's log-likelihood of its answers): ``generation_metrics.json``.
 """
@@ -15,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,8 @@ from lmdistill.errors import ConfigError
 from lmdistill.generation.blackbox import BlackBoxTeacher, StoreReport
 from lmdistill.generation.config import RegimeConfig, TaskConfig
 from lmdistill.generation.run_config import GenerateConfig, TaskRunConfig
-from lmdistill.generation.metrics import GenerationScores, evaluate_generation, response_nll
+from lmdistill.generation.batching import encode_examples, pad_id_of
+from lmdistill.generation.metrics import GenerationScores, evaluate_generation, response_nll, response_token_sums
 from lmdistill.generation.sampling import SamplingParams
 from lmdistill.generation.seqkd import fill_store_local, local_teacher_id
 from lmdistill.generation.sources import build_batch_source
@@ -61,25 +65,78 @@ def stream_name(task: TaskConfig) -> str:
     return f"{task.name}-{key}"
 
 
+def task_evaluator(
+    docs: Sequence[Document],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    batch_size: int = 16,
+    max_batches: int | None = None,
+) -> Callable[[Trainer], dict[str, float]]:
+    """The trainer's ``evaluator`` for a task run: validation on the response tokens of held-out
+    prompt/response examples (the first ``max_batches * batch_size`` of ``docs``, all when
+    ``max_batches`` is None), each example padded on its own row as in training.
+
+    Returns the keys of :func:`lmdistill.eval.lm.evaluate_lm`: ``loss`` (mean NLL, nats per response
+    target: response tokens plus the closing EOS), ``perplexity`` (exp(loss)), ``bits_per_byte`` (loss /
+    ln 2 / UTF-8 bytes of response text per response target, as the task's token stream counts them),
+    ``tokens`` (targets scored), and with a live teacher (``trainer.teacher.logits``) ``top1_agreement``
+    (student argmax == teacher argmax) and ``kl_to_teacher`` (mean KL(teacher || student)) on the same
+    targets. Batches are split over ranks and the sums all-reduced, so every rank returns the same."""
+    docs = list(docs)
+    if max_batches is not None:
+        docs = docs[: max_batches * batch_size]
+    examples = encode_examples(tokenizer, docs)
+    pad_id = pad_id_of(tokenizer)
+    # bytes per target over the whole (uncut) responses, like TokenStream.bytes_per_target
+    n_bytes = sum(len((d.response or "").encode("utf-8")) for d in docs)
+    bytes_per_target = n_bytes / max(1, sum(len(e.response) for e in examples))
+
+    def evaluate(trainer: Trainer) -> dict[str, float]:
+        acc = trainer.accelerator
+        teacher = trainer.teacher if hasattr(trainer.teacher, "logits") else None  # agreement needs a live teacher
+        sums = response_token_sums(
+            acc.unwrap_model(trainer.model), examples, pad_id=pad_id, max_length=max_length, batch_size=batch_size,
+            vocab_size=trainer.vocab_size, teacher=teacher, rank=acc.process_index, world_size=acc.num_processes,
+        )
+        sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu() if acc.num_processes > 1 else sums
+        n = max(sums[1].item(), 1.0)
+        nll = sums[0].item() / n
+        out = {"loss": nll, "perplexity": math.exp(min(nll, 50.0)),
+               "bits_per_byte": nll / math.log(2) / max(bytes_per_target, 1e-9), "tokens": int(sums[1].item())}
+        if teacher is not None:
+            out["top1_agreement"] = sums[2].item() / n
+            out["kl_to_teacher"] = sums[3].item() / n
+        return out
+
+    return evaluate
+
+
 @dataclass
 class RegimeData:
     """What a run with a ``regime`` section needs instead of the plain-corpus data: the regime's batch
-    source, token streams of the task's train/validation examples, and the task's splits."""
+    source, token streams of the task's train/validation examples, the task's splits, and the
+    response-only validation (:func:`task_evaluator`, for the Trainer's ``evaluator``)."""
 
     source: Any
     streams: dict[str, TokenStream]
     splits: dict[str, list[Document]]
+    evaluator: Callable[[Trainer], dict[str, float]]
 
 
 def regime_data(regime: RegimeConfig, tokenizer: Any, *, global_batch: int, seed: int,
-                cache_dir: Path | None = None) -> RegimeData:
+                cache_dir: Path | None = None, eval_batch_size: int = 16,
+                eval_max_batches: int | None = None) -> RegimeData:
     """One call for ``lmdistill.train.run.build_trainer``: pass ``train_source=d.source``,
-    ``train_stream=d.streams['train']``, ``validation_stream=d.streams['validation']`` to the Trainer."""
+    ``train_stream=d.streams['train']``, ``validation_stream=d.streams['validation']``,
+    ``evaluator=d.evaluator`` to the Trainer."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     splits = build_task(regime.task)
     streams = task_streams(splits, tokenizer, cache_dir, stream_name(regime.task))
     source = build_batch_source(regime, tokenizer=tokenizer, global_batch=global_batch, seed=seed, documents=splits["train"])
-    return RegimeData(source=source, streams=streams, splits=splits)
+    evaluator = task_evaluator(splits["validation"], tokenizer, max_length=regime.max_length,
+                               batch_size=eval_batch_size, max_batches=eval_max_batches)
+    return RegimeData(source=source, streams=streams, splits=splits, evaluator=evaluator)
 
 
 def task_tokenizer(cfg: TaskRunConfig, train_docs: list[Document], cache_dir: Path) -> Any:
@@ -132,6 +189,8 @@ def build_task_run(
         to_run_config(cfg), student=student, tokenizer=tokenizer, objective=objective,
         train_stream=streams["train"], validation_stream=streams["validation"], teacher=teacher,
         train_source=source, vocab_size=vocab_size, accelerator=accelerator, show_progress=show_progress,
+        evaluator=task_evaluator(splits["validation"], tokenizer, max_length=cfg.regime.max_length,
+                                 batch_size=cfg.eval.batch_size, max_batches=cfg.eval.max_batches),
     )
     return TaskRun(trainer=trainer, tokenizer=tokenizer, splits=splits, teacher_model=teacher_model)
 
@@ -191,4 +250,4 @@ def run_generate(cfg: GenerateConfig, *, progress: Any = None, environ: Any = No
                             doc_ids=ids, progress=progress)
 
 
-__all__ = ["RegimeData", "TaskConfig", "TaskRun", "build_task_run", "regime_data", "run_generate", "run_task", "task_streams", "to_run_config"]
+__all__ = ["RegimeData", "TaskConfig", "TaskRun", "build_task_run", "regime_data", "run_generate", "run_task", "task_evaluator", "task_streams", "to_run_config"]

@@ -1,28 +1,42 @@
 """SCRG: sequence correction and re-generation.
 
 From "Multi-Granularity Semantic Revision for Large Language Model Distillation" (Liu et al. 2024,
-arXiv 2407.10068), the sequence-level part of the method: student-generated sequences carry
-generation errors that would misguide distillation, so before training on a student sample the
+arXiv 2407.10068; ACL 2026), the sequence-level part of the method: student-generated sequences
+carry generation errors that would misguide distillation, so before training on a student sample the
 teacher finds the error token, replaces it with its own token, and the student re-generates the rest
-of the sequence from the corrected prefix (more correct and more diverse samples than plain
-student outputs).
+of the sequence from the corrected prefix.
 
-What is implemented here (following the lmdistill method sheet; the paper's "semantic cognitive
-difference" is a per-position comparison of teacher and student predictions):
+What the sources available here state (the paper's method section itself could not be read here, only
+its abstract and reviews of it; see the project report):
+
+- paper abstract: SCRG "calculates the semantic cognitive difference between the teacher and
+  student to detect the error token, then corrects it with the teacher-generated one, and
+  re-generates the sequence";
+- OpenReview (ICLR 2025) reviewer: error tokens are "the ones with the most disagreement" by the
+  teacher;
+- detailed reviews of the paper's text: the difference is a token-wise KL divergence between teacher
+  and student, the error token is the single position of MAXIMUM divergence, and the paper's
+  Eq. (3) takes that maximum only over positions where the student's token differs from the
+  teacher's (y_i^s != y_i^t); one token is corrected per sample and SCRG round.
+
+Implemented (defaults follow the above):
 
 1. Teacher and student are both run (teacher forcing) on prompt + student sample y. At response
    position j the score compares their next-token distributions p_T(. | x, y_<j), p_S(. | x, y_<j):
-   ``kl`` = KL(p_T || p_S) (default), ``tvd`` = 1/2 sum |p_T - p_S|, or ``teacher_nll`` =
-   -log p_T(y_j) (how implausible the teacher finds the student's token).
-2. The error token is the FIRST position j with score > threshold at which the teacher's own choice
-   argmax p_T differs from y_j (a position where the teacher would emit the same token is not an
-   error, whatever the score).
+   ``kl`` = KL(p_T || p_S) (default; the direction of the paper's KL is our assumption),
+   ``tvd`` = 1/2 sum |p_T - p_S|, or ``teacher_nll`` = -log p_T(y_j) (our additions).
+2. Candidates are the positions where the teacher's token argmax p_T (our reading of "the
+   teacher-generated token": its greedy choice on the student's prefix) differs from y_j and the score
+   exceeds ``threshold`` (default 0: every disagreeing position, as in the paper; a positive threshold
+   is our option to leave near-agreements alone). ``selection="max"`` (default, the paper) takes the
+   candidate with the largest score; ``selection="first"`` (the variant of the method sheet / issue)
+   takes the earliest one.
 3. y_j is replaced by the teacher's token; if that token is EOS the response ends there, otherwise
    the student continues from x, y_<j, teacher token with the same sampling settings, up to the
-   original length budget.
+   original length budget (our assumption: the paper's budget rule is not stated in what we read).
 
-Samples without such a position are kept unchanged. One correction per sample and round (the
-corrected sample can be revised again by calling :func:`scrg_revise` on it).
+Samples without a candidate are kept unchanged. One correction per sample and call (the paper's
+"SCRG frequency" > 1 corresponds to calling :func:`scrg_revise` again on the result).
 """
 
 from __future__ import annotations
@@ -56,11 +70,36 @@ def position_scores(
     raise ValueError(f"unknown SCRG metric {metric!r}; use kl, tvd or teacher_nll")
 
 
+SELECTIONS = ("max", "first")
+
+
 def first_divergence(scores: torch.Tensor, teacher_choice: torch.Tensor, tokens: torch.Tensor, threshold: float) -> int | None:
     """Index of the first position with score > threshold where the teacher's choice differs from
     the sampled token; None when there is none."""
     hits = torch.nonzero((scores > threshold) & (teacher_choice != tokens)).flatten()
     return int(hits[0]) if hits.numel() else None
+
+
+def max_divergence(scores: torch.Tensor, teacher_choice: torch.Tensor, tokens: torch.Tensor, threshold: float = 0.0) -> int | None:
+    """Index of the highest-scoring position among those where the teacher's choice differs from the
+    sampled token and the score exceeds ``threshold`` (the paper's Eq. (3) as reported: arg max of the
+    divergence over positions with y_s != y_t); the earliest one on ties; None when there is none."""
+    candidates = (scores > threshold) & (teacher_choice != tokens)
+    if not bool(candidates.any()):
+        return None
+    masked = torch.where(candidates, scores, torch.full_like(scores, float("-inf")))
+    best = masked.max()
+    return int(torch.nonzero(masked == best).flatten()[0])
+
+
+def error_position(scores: torch.Tensor, teacher_choice: torch.Tensor, tokens: torch.Tensor, threshold: float,
+                   selection: str = "max") -> int | None:
+    """The position SCRG corrects: :func:`max_divergence` (``max``) or :func:`first_divergence` (``first``)."""
+    if selection == "max":
+        return max_divergence(scores, teacher_choice, tokens, threshold)
+    if selection == "first":
+        return first_divergence(scores, teacher_choice, tokens, threshold)
+    raise ValueError(f"unknown SCRG selection {selection!r}; use one of {SELECTIONS}")
 
 
 @dataclass(frozen=True)
@@ -88,8 +127,9 @@ def scrg_revise(
     prompts: Sequence[Sequence[int]],
     responses: Sequence[Sequence[int]],
     *,
-    threshold: float,
+    threshold: float = 0.0,
     metric: str = "kl",
+    selection: str = "max",
     eos_token_id: int,
     pad_token_id: int,
     params: SamplingParams,
@@ -101,6 +141,8 @@ def scrg_revise(
     length budget of a whole response, as when it was sampled."""
     if len(prompts) != len(responses):
         raise ValueError("scrg_revise: prompts and responses differ in number")
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown SCRG selection {selection!r}; use one of {SELECTIONS}")
     teacher_fn = _as_logits_fn(teacher)
     device = next(student.parameters()).device
     seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
@@ -135,7 +177,7 @@ def scrg_revise(
         tokens = torch.tensor(list(r), dtype=torch.long, device=device)
         scores = position_scores(s_logits[i, pos], t_logits[i, pos], tokens, metric)
         teacher_choice = t_logits[i, pos].argmax(-1)
-        j = first_divergence(scores, teacher_choice, tokens, threshold)
+        j = error_position(scores, teacher_choice, tokens, threshold, selection)
         if j is None:
             revisions.append(Revision(list(r), None))
             continue

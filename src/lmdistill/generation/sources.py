@@ -19,8 +19,8 @@ on_policy       GKD (Agarwal et al., "On-Policy Distillation of Language Models:
                 Self-Generated Mistakes", arXiv 2306.13649, Algorithm 1): with probability lambda
                 prompt + a sample from the current student, else the fixed responses
 scrg            as on_policy, the student samples revised by SCRG (arXiv 2407.10068)
-kid             prompt + gold reference with part of its input tokens rewritten by the student's own
-                predictions, gold targets (KID, arXiv 2410.11371)
+kid             prompt + gold reference with a share of its tokens masked, predicted by the student on
+                the masked sequence and rewritten; gold targets (KID, arXiv 2410.11371)
 =============== ===================================================================================
 """
 
@@ -35,7 +35,7 @@ import torch
 
 from lmdistill.data.documents import Document
 from lmdistill.errors import ConfigError, LmdistillError
-from lmdistill.generation.batching import Example, PromptResponseSource, collate_examples, encode_examples, pad_id_of
+from lmdistill.generation.batching import Example, PromptResponseSource, bos_id_of, collate_examples, encode_examples, pad_id_of
 from lmdistill.generation.config import RegimeConfig
 from lmdistill.generation.kid import imperfect_inputs
 from lmdistill.generation.sampling import SamplingParams, generate
@@ -134,20 +134,23 @@ class OnPolicySource(_StudentAccess, PromptResponseSource):
 
 class SCRGSource(OnPolicySource):
     """On-policy samples revised by SCRG before training (Liu et al. 2024, arXiv 2407.10068; see
-    :mod:`lmdistill.generation.scrg`): the teacher replaces the first divergent token and the student
+    :mod:`lmdistill.generation.scrg`): the teacher replaces the error token (by default the most
+    divergent of the positions where its choice differs from the student's) and the student
     re-generates the rest. Batches also carry ``scrg_position`` [B] (-1: sample kept unchanged)."""
 
-    def __init__(self, examples: Sequence[Example], *, threshold: float = 1.0, metric: str = "kl", **kwargs: Any) -> None:
+    def __init__(self, examples: Sequence[Example], *, threshold: float = 0.0, metric: str = "kl",
+                 selection: str = "max", **kwargs: Any) -> None:
         super().__init__(examples, **kwargs)
         self.threshold = threshold
         self.metric = metric
+        self.selection = selection
         self.stats.update(revised=0)
         self._positions: list[int] = []
 
     def revise(self, examples: list[Example], step: int, rank: int, micro_index: int) -> list[Example]:
         revisions = scrg_revise(
             self._student(), self._teacher(), [e.prompt for e in examples], [e.response for e in examples],
-            threshold=self.threshold, metric=self.metric, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+            threshold=self.threshold, metric=self.metric, selection=self.selection, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
             params=self.params, generator=self._generator(step, rank, micro_index, "scrg"), vocab_size=self._vocab(),
         )
         self._positions = [-1 if r.position is None else r.position for r in revisions]
@@ -163,17 +166,20 @@ class SCRGSource(OnPolicySource):
 
 class KIDSource(_StudentAccess, PromptResponseSource):
     """KID's imperfect data (Zhong et al. 2024, arXiv 2410.11371; see :mod:`lmdistill.generation.kid`):
-    a ``ratio`` share of each response's input tokens is rewritten with the student's own predictions,
-    targets stay gold. Batches carry ``kid_rewritten`` [B] (rewritten tokens per row)."""
+    a ``ratio`` share (paper: 0.2) of each response's input tokens is masked with ``mask_token_id``,
+    predicted by the student on the masked sequence and rewritten with those predictions; targets stay
+    gold. Batches carry ``kid_rewritten`` [B] (rewritten tokens per row)."""
 
-    def __init__(self, examples: Sequence[Example], *, ratio: float = 0.3, **kwargs: Any) -> None:
+    def __init__(self, examples: Sequence[Example], *, ratio: float = 0.2, mask_token_id: int, **kwargs: Any) -> None:
         super().__init__(examples, **kwargs)
         self.ratio = ratio
+        self.mask_token_id = mask_token_id
 
     def transform(self, examples: list[Example], step: int, rank: int, micro_index: int) -> dict[str, torch.Tensor]:
         batch = collate_examples(examples, self.pad_id, self.max_length)
         generator = torch.Generator().manual_seed(derived_seed(self.seed, step, rank, micro_index, "kid"))
-        new_ids, chosen = imperfect_inputs(self._student(), batch, self.ratio, generator=generator, vocab_size=self._vocab())
+        new_ids, chosen = imperfect_inputs(self._student(), batch, self.ratio, mask_token_id=self.mask_token_id,
+                                         generator=generator, vocab_size=self._vocab())
         batch["input_ids"] = new_ids
         batch["kid_rewritten"] = torch.tensor([len(c) for c in chosen], dtype=torch.long)
         return batch
@@ -197,7 +203,8 @@ def build_batch_source(
     if regime.kind in ("fixed", "sequence_kd"):
         return PromptResponseSource(encode_examples(tokenizer, docs), **common)
     if regime.kind == "kid":
-        return KIDSource(encode_examples(tokenizer, docs), ratio=regime.kid_mask_ratio, **common)
+        return KIDSource(encode_examples(tokenizer, docs), ratio=regime.kid_mask_ratio, mask_token_id=bos_id_of(tokenizer),
+                         **common)
     if regime.off_policy_store:
         docs = documents_from_store(docs, regime.off_policy_store)
     examples = encode_examples(tokenizer, docs)
@@ -206,5 +213,6 @@ def build_batch_source(
     if regime.kind == "on_policy":
         return OnPolicySource(examples, **on_policy)
     if regime.kind == "scrg":
-        return SCRGSource(examples, threshold=regime.scrg_threshold, metric=regime.scrg_metric, **on_policy)
+        return SCRGSource(examples, threshold=regime.scrg_threshold, metric=regime.scrg_metric,
+                          selection=regime.scrg_selection, **on_policy)
     raise ConfigError(f"unknown regime.kind {regime.kind!r}")
