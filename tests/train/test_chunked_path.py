@@ -69,3 +69,24 @@ def test_auto_keeps_plain_path_for_whole_batch_objectives(tmp_path, kjv_small_tx
     trainer, _ = build_trainer(cfg, show_progress=False)
     trainer.train_step(0)
     assert trainer.use_chunked is False
+
+
+def test_auto_keeps_plain_path_when_config_soft_caps_logits(tmp_path, kjv_small_txt, cache_dir, small_tokenizer, tiny_teacher):
+    """Soft-capping barely changes small logits at initialisation, so the numeric probe alone could miss it:
+    the config field decides."""
+    student = save_tiny_model(tmp_path / "s", small_tokenizer, layers=1, hidden=32, seed=5)
+    cfg = run_config(tmp_path, kjv_small_txt, cache_dir, student, teacher=tiny_teacher, train={"steps": 1})
+    trainer, _ = build_trainer(cfg, show_progress=False)
+    trainer.accelerator.unwrap_model(trainer.model).config.final_logit_softcapping = 30.0
+    trainer.train_step(0)
+    assert trainer.use_chunked is False
+
+
+def test_tgeo_inside_a_mix_is_refused(tmp_path, kjv_small_txt, cache_dir, small_tokenizer, tiny_teacher):
+    from lmdistill.errors import ConfigError
+
+    student = save_tiny_model(tmp_path / "s", small_tokenizer, layers=1, hidden=32, seed=5)
+    cfg = run_config(tmp_path, kjv_small_txt, cache_dir, student, teacher=tiny_teacher,
+                     objective={"mix": [{"name": "tgeo", "weight": 0.5}, {"name": "forward_kl", "weight": 0.5}]})
+    with pytest.raises(ConfigError, match="mix"):
+        build_trainer(cfg, show_progress=False)

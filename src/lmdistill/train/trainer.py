@@ -21,13 +21,14 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmdistill.config import RunConfig, dump_config
 from lmdistill.data.blocks import BlockDataset, TokenStream, collate
-from lmdistill.errors import LmdistillError
+from lmdistill.errors import ConfigError, LmdistillError
 from lmdistill.eval.lm import evaluate_lm
 from lmdistill.losses import Objective, fused_linear_distill, reduce_tokens
 from lmdistill.train.checkpoint import CheckpointManager
@@ -36,6 +37,19 @@ from lmdistill.train.sources import BatchSource, BlockSource
 
 
 logger = logging.getLogger(__name__)
+
+
+# config fields of transformers models whose logits are not a plain product with the output layer
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logit_softcapping",
+                         "output_multiplier_scale", "mup_width_multiplier")
+
+
+def _logit_postprocessing(model_config: Any) -> str | None:
+    for name in _LOGIT_POSTPROCESSING:
+        value = getattr(model_config, name, None)
+        if value not in (None, 1, 1.0, False):
+            return f"its config sets {name}={value}"
+    return None
 
 
 class TrainingDiverged(LmdistillError):
@@ -129,6 +143,16 @@ class Trainer:
         self.evaluator = evaluator
         # chunked loss: True/False from the config, or decided on the first batch ("auto")
         self.use_chunked: bool | None = None if self.tc.chunked_loss == "auto" else bool(self.tc.chunked_loss)
+        if self.use_chunked and self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise ConfigError(
+                f"train.chunked_loss: true reads the output layer outside the forward, which "
+                f"{self.accelerator.distributed_type.value} shards; use chunked_loss: auto or false"
+            )
+        if any(hasattr(part, "meta_loss") for part, _ in getattr(objective, "parts", [])):
+            raise ConfigError(
+                "objective: tgeo learns its fusion network through its own outer step and cannot sit inside a 'mix'; "
+                "use it alone (it already fuses the KD and label losses)"
+            )
 
         acc = self.accelerator
         self.micro_batch, self.accum = accumulation_steps(self.tc.batch_size, self.tc.micro_batch_size, acc.num_processes)
@@ -136,6 +160,8 @@ class Trainer:
         decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim < 2]
         extra = list(objective.parameters()) if hasattr(objective, "parameters") else []
+        for p in extra:  # learned objective parameters (TGeo-KD's fusion network) live beside the student
+            p.data = p.data.to(self.accelerator.device)
         groups = [{"params": decay, "weight_decay": self.tc.weight_decay}, {"params": no_decay + extra, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=self.tc.lr, betas=self.tc.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -178,41 +204,60 @@ class Trainer:
 
     @torch.no_grad()
     def _choose_chunked(self, input_ids: torch.Tensor, extra: dict[str, torch.Tensor]) -> bool:
-        """``chunked_loss: auto``: use the chunked path when it computes exactly what the plain path does.
+        """``chunked_loss: auto``: use the chunked path when it computes what the plain path does.
 
         It never materialises the [tokens, vocab] logits and is faster on CPU as well, but it assumes
-        logits = final hidden state @ output weight (+ bias). Models that post-process logits (soft-capping,
-        scaling) fail the one-off comparison below and keep the plain path; so do objectives that couple all
-        rows of a batch (SinKD without a group size).
+        logits = final hidden state @ output weight (+ bias), read outside the forward. So the plain path is
+        kept for: models that post-process logits (soft-capping, scaling: refused by config field and by a
+        one-off bit-exact comparison of the model's logits with hidden @ W on this batch's first row),
+        sharded parameters (FSDP, DeepSpeed), and objectives coupling all rows of a batch (SinKD without a
+        group size). All ranks take the same decision. Under autocast the chunked path computes the
+        teacher's logits in float32 where the plain path has them in bf16/fp16: rounding differences only.
         """
+        acc = self.accelerator
         why = None
-        if self.objective.batch_coupled and self.objective.row_group_size is None:
+        needs_teacher = self.objective.requires_teacher
+        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            why = f"{acc.distributed_type.value} shards the output layer"
+        elif self.objective.batch_coupled and self.objective.row_group_size is None:
             why = f"objective '{self.objective.name}' couples all rows of the batch"
-        elif self.objective.requires_teacher and not hasattr(self.teacher, "chunked_signal"):
+        elif needs_teacher and not hasattr(self.teacher, "chunked_signal"):
             why = "the teacher gives no hidden states"
         else:
-            probe = {k: v[:1, :16] for k, v in {"input_ids": input_ids, **extra}.items()}
-            models = [("student", self.accelerator.unwrap_model(self.model))]
-            if hasattr(self.teacher, "model"):
-                models.append(("teacher", self.teacher.model))
-            for role, model in models:
-                # eval mode and a forked RNG: the probe must not consume dropout randomness (exact resume)
-                was_training = model.training
-                with torch.random.fork_rng(devices=[]):
-                    model.eval()
-                    out = model(**probe, output_hidden_states=True)
-                    model.train(was_training)
+            # one row, its real tokens only (left/right padding would give meaningless or NaN positions)
+            mask = extra.get("attention_mask")
+            keep = slice(None) if mask is None else mask[0].bool()
+            probe_ids = input_ids[:1, keep]
+            student = acc.unwrap_model(self.model)
+            checks = [("student", student, lambda m: m(input_ids=probe_ids, output_hidden_states=True, logits_to_keep=1)
+                       .hidden_states[-1])]
+            if needs_teacher and hasattr(self.teacher, "hidden_and_weight"):
+                checks.append(("teacher", self.teacher.model, lambda m: self.teacher.hidden_and_weight(probe_ids)[0]))
+            for role, model, hidden_of in checks:
+                why = _logit_postprocessing(model.config)
                 head = model.get_output_embeddings()
-                if head is None:
-                    why = f"the {role} has no output embedding layer"
+                if why is None and head is None:
+                    why = "it has no output embedding layer"
+                if why is None:
+                    # eval mode and a forked RNG: the probe must not consume dropout randomness (exact resume)
+                    was_training = model.training
+                    with torch.random.fork_rng(devices=[]):
+                        model.eval()
+                        logits = model(input_ids=probe_ids).logits
+                        rebuilt = torch.nn.functional.linear(hidden_of(model), head.weight, getattr(head, "bias", None))
+                        model.train(was_training)
+                    # the same product on the same inputs: anything beyond float rounding is post-processing
+                    if rebuilt.shape != logits.shape or not torch.allclose(rebuilt.float(), logits.float(), rtol=1e-6, atol=1e-6):
+                        why = "its logits are not its final hidden state times its output layer"
+                if why is not None:
+                    why = f"the {role}: {why}"
                     break
-                rebuilt = torch.nn.functional.linear(out.hidden_states[-1], head.weight, getattr(head, "bias", None))
-                if rebuilt.shape != out.logits.shape or not torch.allclose(
-                    rebuilt.float(), out.logits.float(), rtol=1e-3, atol=1e-3
-                ):
-                    why = f"the {role}'s logits are not its final hidden state times its output layer"
-                    break
-        if why:
+        chosen = why is None
+        if acc.num_processes > 1:  # every rank probed its own batch; chunk only if all agree
+            votes = acc.reduce(torch.tensor(float(chosen), device=acc.device), reduction="sum")
+            chosen = int(votes.item()) == acc.num_processes
+            why = why or "another rank's probe kept the plain path"
+        if not chosen:
             logger.info("loss on the plain path (full logits): %s", why)
             return False
         logger.info("loss on the chunked path: logits built %d rows at a time, never for the whole batch",
@@ -258,7 +303,9 @@ class Trainer:
         objective's own parameters from a one-step lookahead on a held-out batch.
 
         The held-out batch is drawn from the training blocks by a generator seeded with (seed, step), so it
-        is reproducible on resume and differs from the step's own batch. Each rank computes the
+        is reproducible on resume and excludes the step's own blocks (in task runs, whose batches are padded
+        examples, the held-out blocks are packed task text). The teacher's dense logits of the step's batch
+        are built once here: O(tokens x vocab) memory for this objective. Each rank computes the
         hypergradient on its own data; Accelerate's ``reduce`` averages it across ranks so the fusion
         parameters stay identical everywhere (they live outside the DDP-wrapped student).
         """
@@ -266,7 +313,13 @@ class Trainer:
         model = acc.unwrap_model(self.model)
         head = model.get_output_embeddings()
         generator = torch.Generator().manual_seed(self.tc.seed * 1_000_003 + step * 7919 + acc.process_index)
-        picks = torch.randint(len(self.train_data), (batch["input_ids"].shape[0],), generator=generator)
+        if len(self.train_data) < 2:
+            return  # no held-out blocks to look ahead on
+        own = set(batch["block_index"].tolist()) if "block_index" in batch else set()
+        candidates = torch.randperm(len(self.train_data), generator=generator).tolist()
+        picks = [i for i in candidates if i not in own][: batch["input_ids"].shape[0]]
+        if not picks:
+            return
         held_out = collate([self.train_data[int(i)] for i in picks])
         batch = {k: v.to(acc.device) for k, v in batch.items()}
         extra = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
@@ -284,7 +337,7 @@ class Trainer:
             held_out["labels"].to(acc.device), lr=self.scheduler.get_last_lr()[0],
             output_bias=None if bias is None else bias[: self.vocab_size],
         )
-        meta.backward()
+        acc.backward(meta)  # scaled like the main loss under fp16, so unscaling at the optimizer step is right
         if acc.num_processes > 1:
             for p in self.objective.parameters():
                 if p.grad is not None:
