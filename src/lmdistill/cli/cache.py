@@ -8,16 +8,12 @@ A plain function with typer parameter declarations; `lmdistill.cli` registers it
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_var, "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
+# (offline by default: importing this module runs lmdistill.cli's __init__, which sets the HF_*_OFFLINE variables)
 SetOption = typer.Option(None, "--set", help="override a config key: --set cache.k=64 (repeatable)")
 
 

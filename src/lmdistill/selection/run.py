@@ -32,40 +32,37 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from lmdistill.config import BUILTIN_CORPORA, require_existing
+from lmdistill.config import DataConfig, Section, require_existing
 from lmdistill.data.documents import Document
 from lmdistill.errors import DataError
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class SelectionData(_Section):
+class SelectionData(Section):
     corpus: str = Field("kjv", description="corpus name or a data file (.txt/.jsonl/.parquet/.csv)")
     split_fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)
 
     @model_validator(mode="after")
     def _check(self) -> SelectionData:
-        if self.corpus not in BUILTIN_CORPORA and not Path(self.corpus).expanduser().exists():
-            raise ValueError(
-                f"data.corpus '{self.corpus}' is neither a built-in corpus ({', '.join(BUILTIN_CORPORA)}) nor an existing file"
-            )
-        if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
-            raise ValueError("split_fractions must be three non-negative numbers summing to 1")
+        # the very checks of a training run's data section (corpus exists, fractions sum to 1), so the
+        # selection and the run that trains on its output accept the same data sections
+        try:
+            DataConfig(corpus=self.corpus, split_fractions=self.split_fractions)
+        except ValidationError as exc:
+            raise ValueError("; ".join(str(e["ctx"].get("error", e["msg"])) if "ctx" in e else e["msg"]
+                                       for e in exc.errors())) from None
         return self
 
 
-class ScoringModel(_Section):
+class ScoringModel(Section):
     path: str = Field(..., description="local directory (save_pretrained) or hub id; its own tokenizer is used")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     _path_exists = field_validator("path")(lambda v: require_existing(v, "model path"))
 
 
-class SelectionSettings(_Section):
+class SelectionSettings(Section):
     fraction: float = Field(0.5, gt=0, le=1, description="share of documents kept (the paper's r = 0.5)")
     normalize: Literal["token", "byte"] = Field(
         "token", description="token: mean log-prob per each model's tokens (paper); byte: difference per UTF-8 byte"
@@ -76,7 +73,7 @@ class SelectionSettings(_Section):
     split: Literal["train", "validation", "test"] = "train"
 
 
-class MiniPLMConfig(_Section):
+class MiniPLMConfig(Section):
     output_dir: str = "runs/miniplm"
     data: SelectionData = SelectionData()
     teacher: ScoringModel
