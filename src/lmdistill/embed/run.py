@@ -6,6 +6,7 @@ sizes, timings) and ``losses.json``. `evaluate_run_dir` reloads a run for `embed
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -45,16 +46,7 @@ def seed_everything(seed: int, threads: int | None = None) -> None:
 
 
 def task_from_config(cfg: EmbedConfig) -> RetrievalTask:
-    t = cfg.task
-    return load_gcide_task(
-        name=t.name,
-        train_size=t.train_size,
-        eval_queries=t.eval_queries,
-        eval_corpus=t.eval_corpus,
-        max_definitions=t.max_definitions,
-        max_chars=t.max_chars,
-        cache_dir=t.cache_dir,
-    )
+    return load_gcide_task(**cfg.task.model_dump())
 
 
 def load_encoder(section, *, normalize: bool | None = None) -> TextEncoder:
@@ -75,39 +67,86 @@ def _throughput_texts(task: RetrievalTask, n: int) -> list[str]:
     return list(task.corpus.values())[:n]
 
 
+def encoder_row(
+    name: str,
+    model,
+    task: RetrievalTask,
+    cfg: EmbedConfig,
+    *,
+    similarity: str = "cosine",
+    trainable_params: int | None = None,
+    train_seconds: float | None = None,
+    extra: dict[str, object] | None = None,
+) -> EvalRow:
+    """Retrieval metrics, encode throughput and size of one encoder (anything with ``encode``)."""
+    encode = _encode_fn(model, cfg.eval.batch_size)
+    return EvalRow(
+        name,
+        evaluate_encoder(encode, task, similarity=similarity),
+        texts_per_s=measure_throughput(encode, _throughput_texts(task, cfg.eval.throughput_texts)),
+        params=model.num_parameters(),
+        trainable_params=trainable_params,
+        train_seconds=train_seconds,
+        extra=extra or {},
+    )
+
+
 def baseline_rows(task: RetrievalTask, cfg: EmbedConfig, log: Log | None = None) -> list[EvalRow]:
     """BM25 and the teacher encoder zero-shot (all-MiniLM-L6-v2 by default)."""
-    rows = [
-        EvalRow(
-            "BM25 (bm25s)", evaluate_bm25(task), texts_per_s=bm25_throughput(task, cfg.eval.throughput_texts), params=0
-        )
-    ]
-    teacher = load_encoder(cfg.teacher)
-    encode = _encode_fn(teacher, cfg.eval.batch_size)
+    bm25 = EvalRow("BM25 (bm25s)", evaluate_bm25(task), texts_per_s=bm25_throughput(task, cfg.eval.throughput_texts), params=0)
     label = "MiniLM-L6 zero-shot (teacher)" if cfg.teacher.path == "minilm" else f"{cfg.teacher.path} zero-shot (teacher)"
-    rows.append(
-        EvalRow(
-            label,
-            evaluate_encoder(encode, task, similarity=cfg.teacher.similarity),
-            texts_per_s=measure_throughput(encode, _throughput_texts(task, cfg.eval.throughput_texts)),
-            params=teacher.num_parameters(),
-        )
-    )
+    rows = [bm25, encoder_row(label, load_encoder(cfg.teacher), task, cfg, similarity=cfg.teacher.similarity)]
     if log:
         log(f"baselines done: {', '.join(r.name for r in rows)}")
     return rows
 
 
-def training_signal(cfg: EmbedConfig, task: RetrievalTask, teacher: TextEncoder | None) -> TrainingSignal:
-    encode = None if teacher is None else _encode_fn(teacher, cfg.eval.batch_size)
-    return build_training_signal(
+def needs_teacher(cfg: EmbedConfig) -> bool:
+    return cfg.method in ("margin_mse", "flipped_kd") or negatives_source(cfg) == "teacher"
+
+
+def _signal_cache_file(cfg: EmbedConfig, task: RetrievalTask) -> Path:
+    """Where the signal for this task, teacher and mining setup is kept: the teacher runs once, not per run."""
+    from lmdistill.embed.task import default_cache_dir
+
+    texts = hashlib.sha1()
+    for pair in task.train:
+        texts.update(pair.query.encode() + b"\0" + pair.positive_id.encode() + b"\0")
+    for doc_id, text in task.train_corpus.items():
+        texts.update(doc_id.encode() + b"\0" + text.encode() + b"\0")
+    settings = {
+        "texts": texts.hexdigest(),
+        "teacher": cfg.teacher.model_dump(mode="json") if needs_teacher(cfg) else None,
+        "negatives": negatives_source(cfg),
+        "top_k": cfg.mining.top_k,
+        "skip_top": cfg.mining.skip_top,
+        "version": 1,
+    }
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(cfg.task.cache_dir) if cfg.task.cache_dir is not None else default_cache_dir()
+    return cache / f"signal-{key}.pt"
+
+
+def training_signal(cfg: EmbedConfig, task: RetrievalTask, *, use_cache: bool = True) -> TrainingSignal:
+    """Cached teacher embeddings and mined negatives for ``cfg`` (computed, and cached, on first use)."""
+    cache_file = _signal_cache_file(cfg, task)
+    if use_cache and cache_file.is_file():
+        return torch.load(cache_file, weights_only=False)
+    teacher = load_encoder(cfg.teacher) if needs_teacher(cfg) else None
+    signal = build_training_signal(
         task,
-        teacher_encode=encode,
+        teacher_encode=None if teacher is None else _encode_fn(teacher, cfg.eval.batch_size),
         teacher_similarity=cfg.teacher.similarity,
         negatives_from=negatives_source(cfg),
         top_k=cfg.mining.top_k,
         skip_top=cfg.mining.skip_top,
     )
+    if use_cache:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        torch.save(signal, tmp)
+        tmp.replace(cache_file)
+    return signal
 
 
 def run_distill(
@@ -128,74 +167,48 @@ def run_distill(
         log(f"task {task.summary()}")
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    neg_source = negatives_source(cfg)
-    needs_teacher = cfg.method in ("margin_mse", "flipped_kd") or neg_source == "teacher"
-    if signal is None and (needs_teacher or neg_source != "none"):
-        teacher = load_encoder(cfg.teacher) if needs_teacher else None
-        signal = training_signal(cfg, task, teacher)
-        del teacher
-    bs = cfg.eval.batch_size
-    texts = _throughput_texts(task, cfg.eval.throughput_texts)
+    if signal is None and (needs_teacher(cfg) or negatives_source(cfg) != "none"):
+        signal = training_signal(cfg, task)
+    common = dict(random_fraction=cfg.mining.random_fraction, seed=cfg.seed, log=log)
 
     if cfg.method in ("infonce", "margin_mse"):
         student = load_encoder(cfg.student)
         if cfg.method == "infonce":
-            result = train_infonce(
-                student, task, cfg.train, signal=signal, random_fraction=cfg.mining.random_fraction, seed=cfg.seed, log=log
-            )
+            result = train_infonce(student, task, cfg.train, signal=signal, **common)
             name = "InfoNCE student"
         else:
             assert signal is not None
             result = train_margin_mse(
-                student, task, cfg.train, signal=signal, random_fraction=cfg.mining.random_fraction, seed=cfg.seed, log=log
+                student, task, cfg.train, signal=signal, inbatch_weight=cfg.margin_mse.inbatch_weight, **common
             )
-            name = "Margin-MSE student"
+            name = "Margin-MSE student" + (" (+ in-batch InfoNCE)" if cfg.margin_mse.inbatch_weight > 0 else "")
         student.save(out_dir / "model")
-        encode = _encode_fn(student, bs)
-        rows = [
-            EvalRow(
-                name,
-                evaluate_encoder(encode, task, similarity=cfg.student.similarity),
-                texts_per_s=measure_throughput(encode, texts),
-                params=student.num_parameters(),
-                trainable_params=student.num_parameters(),
-                train_seconds=result.seconds,
-            )
-        ]
+        size = student.num_parameters()
+        rows = [encoder_row(name, student, task, cfg, similarity=cfg.student.similarity, trainable_params=size, train_seconds=result.seconds)]
     elif cfg.method == "flipped_kd":
-        assert signal is not None and cfg.lm.path is not None
-        lm = LoraLMEncoder(
-            cfg.lm.path,
-            r=cfg.lm.lora_r,
-            alpha=cfg.lm.lora_alpha,
-            dropout=cfg.lm.lora_dropout,
-            target_modules=cfg.lm.target_modules,
-            representation_module=cfg.lm.representation_module,
-            pooling=cfg.lm.pooling,
-            max_seq_length=cfg.lm.max_seq_length,
-        )
+        assert signal is not None
+        lm = lora_encoder(cfg)
+        m = cfg.mcl
         result = train_flipped(
             lm,
             task,
             cfg.train,
             signal=signal,
-            margin=cfg.mcl.margin,
-            pos_threshold=cfg.mcl.pos_threshold,
-            neg_threshold=cfg.mcl.neg_threshold,
-            mcl_weight=cfg.mcl.mcl_weight,
-            dist_weight=cfg.mcl.dist_weight,
-            random_fraction=cfg.mining.random_fraction,
-            seed=cfg.seed,
-            log=log,
+            margin=m.margin,
+            pos_threshold=m.pos_threshold,
+            neg_threshold=m.neg_threshold,
+            mcl_weight=m.mcl_weight,
+            dist_weight=m.dist_weight,
+            contrastive_weight=m.contrastive_weight,
+            **common,
         )
         lm.save(out_dir / "model")
-        encode = _encode_fn(lm, bs)
         rows = [
-            EvalRow(
-                "Flipped-KD LM (LoRA encoder, MCL)",
-                evaluate_encoder(encode, task),
-                texts_per_s=measure_throughput(encode, texts),
-                params=lm.num_parameters(),
+            encoder_row(
+                "Flipped-KD LM (LoRA encoder, MCL" + (" + InfoNCE)" if m.contrastive_weight > 0 else ")"),
+                lm,
+                task,
+                cfg,
                 trainable_params=sum(p.numel() for _, p in lm.trainable_parameters()),
                 train_seconds=result.seconds,
                 extra={"representation_module": lm.representation_name, "dim": cfg.lm.lora_r},
@@ -211,12 +224,10 @@ def run_distill(
             score_weights=cfg.m3.score_weights,
             loss_weights=cfg.m3.loss_weights,
             self_distill=cfg.m3.self_distill,
-            random_fraction=cfg.mining.random_fraction,
-            seed=cfg.seed,
-            log=log,
+            **common,
         )
         model.save(out_dir / "model")
-        rows = m3_rows(model, task, cfg, train_seconds=result.seconds, texts=texts)
+        rows = m3_rows(model, task, cfg, train_seconds=result.seconds)
     else:  # pragma: no cover - the config validator rejects other methods
         raise ConfigError(f"unknown method '{cfg.method}'")
 
@@ -238,8 +249,9 @@ def run_distill(
     return rows
 
 
-def m3_rows(model: M3Encoder, task: RetrievalTask, cfg: EmbedConfig, *, train_seconds: float | None, texts: list[str]) -> list[EvalRow]:
+def m3_rows(model: M3Encoder, task: RetrievalTask, cfg: EmbedConfig, *, train_seconds: float | None) -> list[EvalRow]:
     per_head = evaluate_m3(model, task, batch_size=cfg.eval.batch_size, score_weights=cfg.m3.score_weights)
+    texts = _throughput_texts(task, cfg.eval.throughput_texts)
     tps = measure_throughput(lambda t: model.encode_all(list(t), batch_size=cfg.eval.batch_size), texts)
     size = model.num_parameters()
     suffix = "" if cfg.m3.self_distill else " (no self-KD)"
@@ -256,16 +268,33 @@ def m3_rows(model: M3Encoder, task: RetrievalTask, cfg: EmbedConfig, *, train_se
     ]
 
 
-def lm_zero_shot_row(path: str, task: RetrievalTask, cfg: EmbedConfig) -> EvalRow:
-    """The decoder LM before flipped KD: mean-pooled last hidden states."""
-    lm = CausalLMEncoder(path, pooling=cfg.lm.pooling, max_seq_length=cfg.lm.max_seq_length)
-    encode = _encode_fn(lm, cfg.eval.batch_size)
-    return EvalRow(
-        "LM zero-shot (mean-pooled hidden states)",
-        evaluate_encoder(encode, task),
-        texts_per_s=measure_throughput(encode, _throughput_texts(task, cfg.eval.throughput_texts)),
-        params=lm.num_parameters(),
+def lora_encoder(cfg: EmbedConfig) -> LoraLMEncoder:
+    """The flipped-KD student as configured (call after `seed_everything`: LoRA's A is random)."""
+    assert cfg.lm.path is not None
+    lm = cfg.lm
+    return LoraLMEncoder(
+        lm.path,
+        r=lm.lora_r,
+        alpha=lm.lora_alpha,
+        dropout=lm.lora_dropout,
+        target_modules=lm.target_modules,
+        representation_module=lm.representation_module,
+        pooling=lm.pooling,
+        max_seq_length=lm.max_seq_length,
     )
+
+
+def lora_init_row(task: RetrievalTask, cfg: EmbedConfig) -> EvalRow:
+    """The flipped-KD student before training: the same seed gives the same random A as `run_distill`."""
+    seed_everything(cfg.seed, cfg.threads)
+    lm = lora_encoder(cfg)
+    return encoder_row(f"LM LoRA-A code before training ({lm.representation_name.split('model.')[-1]})", lm, task, cfg)
+
+
+def lm_zero_shot_row(path: str, task: RetrievalTask, cfg: EmbedConfig) -> EvalRow:
+    """The decoder LM before flipped KD: pooled last hidden states (``cfg.lm.pooling``)."""
+    lm = CausalLMEncoder(path, pooling=cfg.lm.pooling, max_seq_length=cfg.lm.max_seq_length)
+    return encoder_row(f"LM zero-shot ({cfg.lm.pooling}-pooled hidden states)", lm, task, cfg)
 
 
 def read_run(run_dir: str | Path) -> dict:
@@ -282,11 +311,8 @@ def evaluate_run_dir(run_dir: str | Path, task: RetrievalTask, cfg: EmbedConfig)
     method = meta["method"]
     saved = {r["name"]: r for r in meta["rows"]}
     model_dir = run_dir / "model"
-    texts = _throughput_texts(task, cfg.eval.throughput_texts)
-    bs = cfg.eval.batch_size
     if method == "m3":
-        model = M3Encoder.load(model_dir)
-        rows = m3_rows(model, task, cfg, train_seconds=None, texts=texts)
+        rows = m3_rows(M3Encoder.load(model_dir), task, cfg, train_seconds=None)
         for r in rows:
             r.train_seconds = saved.get(r.name, {}).get("train_seconds")
         return rows
@@ -297,14 +323,4 @@ def evaluate_run_dir(run_dir: str | Path, task: RetrievalTask, cfg: EmbedConfig)
         model = TextEncoder.from_pretrained(model_dir)
         trainable = model.num_parameters()
     name, old = next(iter(saved.items()))
-    encode = _encode_fn(model, bs)
-    return [
-        EvalRow(
-            name,
-            evaluate_encoder(encode, task),
-            texts_per_s=measure_throughput(encode, texts),
-            params=model.num_parameters(),
-            trainable_params=trainable,
-            train_seconds=old.get("train_seconds"),
-        )
-    ]
+    return [encoder_row(name, model, task, cfg, trainable_params=trainable, train_seconds=old.get("train_seconds"))]

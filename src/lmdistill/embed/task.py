@@ -227,15 +227,15 @@ def load_gcide_task(
     Parsing the whole dictionary takes a while; the built task is cached under ``cache_dir`` keyed by its
     parameters and the dictionary file's size and mtime.
     """
-    params = dict(
+    settings = dict(
         name=name,
         train_size=train_size,
         eval_queries=eval_queries,
         eval_corpus=eval_corpus,
         max_definitions=max_definitions,
         max_chars=max_chars,
-        version=TASK_VERSION,
     )
+    params: dict[str, Any] = {**settings, "version": TASK_VERSION}
     dict_file = Path("/usr/share/dictd/gcide.dict.dz")
     if dict_file.exists():
         st = dict_file.stat()
@@ -249,16 +249,7 @@ def load_gcide_task(
     from lmdistill.data.corpora import read_gcide
     from lmdistill.data.documents import split_of
 
-    entries = entries_from_documents(read_gcide(), split_of)
-    task = build_task(
-        entries,
-        name=name,
-        train_size=train_size,
-        eval_queries=eval_queries,
-        eval_corpus=eval_corpus,
-        max_definitions=max_definitions,
-        max_chars=max_chars,
-    )
+    task = build_task(entries_from_documents(read_gcide(), split_of), **settings)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(task.to_json()))

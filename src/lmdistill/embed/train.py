@@ -1,9 +1,9 @@
 """Training loops for the four embedding methods: InfoNCE, Margin-MSE, flipped KD (MCL) and M3 self-KD.
 
 Each loop draws batches of training pairs in a seeded order (a fresh permutation per pass), runs AdamW
-with linear warm-up and linear decay, and returns the per-step losses. Documents of the query's own
-headword other than its positive are masked out of every softmax (they are unlabelled positives, not
-negatives).
+with linear warm-up and linear decay (`run_loop`, shared by all four), and returns the per-step losses.
+Documents of the query's own headword other than its positive are masked out of every softmax (they are
+unlabelled positives, not negatives).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from lmdistill.embed.mining import TrainingSignal
 from lmdistill.embed.task import RetrievalTask
 
 Log = Callable[[str], None]
+# A step function maps a batch of training-pair indices to (loss, extra per-step numbers to record).
+StepFn = Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]]
 MASKED = -1e4  # a finite "minus infinity": keeps soft cross-entropy free of 0 * inf
 
 
@@ -62,15 +64,34 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> tuple[torch.
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _step(loss: torch.Tensor, params: list[nn.Parameter], opt, sched, cfg: TrainConfig) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {loss.item()}")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    opt.step()
-    sched.step()
+def run_loop(name: str, model: nn.Module, n_items: int, cfg: TrainConfig, step_fn: StepFn, *, seed: int, log: Log | None) -> TrainResult:
+    """The loop every method shares: seeded batches of ``n_items`` indices, AdamW over the trainable
+    parameters, gradient clipping, per-step loss (and extras) recorded, progress logged."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, sched = make_optimizer(params, cfg)
+    result = TrainResult()
+    model.train()
+    start = time.perf_counter()
+    for step, batch in enumerate(batch_indices(n_items, cfg.batch_size, cfg.steps, seed)):
+        loss, extras = step_fn(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"[{name}] non-finite loss {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        result.losses.append(loss.item())
+        for key, value in extras.items():
+            result.extra.setdefault(key, []).append(value)
+        if log is not None and (step + 1) % cfg.log_every == 0:
+            recent = result.losses[-cfg.log_every :]
+            log(f"[{name}] step {step + 1}/{cfg.steps} loss {sum(recent) / len(recent):.4f} ({time.perf_counter() - start:.0f}s)")
+    result.seconds = time.perf_counter() - start
+    result.steps = cfg.steps
+    model.eval()
+    return result
 
 
 def sample_negative(signal: TrainingSignal, pair: int, group: str, rng: random.Random, random_fraction: float) -> int:
@@ -111,13 +132,8 @@ def _group_mask(task: RetrievalTask, batch: list[int], doc_groups: list[str], ta
     return mask
 
 
-def _log_progress(log: Log | None, name: str, step: int, cfg: TrainConfig, losses: list[float], start: float) -> None:
-    if log is not None and (step + 1) % cfg.log_every == 0:
-        recent = losses[-cfg.log_every :]
-        log(f"[{name}] step {step + 1}/{cfg.steps} loss {sum(recent) / len(recent):.4f} ({time.perf_counter() - start:.0f}s)")
-
-
 def _batch_texts(task: RetrievalTask, signal: TrainingSignal | None, batch: list[int], rng: random.Random, random_fraction: float = 0.0):
+    """(queries, documents, document groups, document rows): positives first (in batch order), then negatives."""
     queries = [task.train[i].query for i in batch]
     if signal is None:
         docs = [task.train[i].positive for i in batch]
@@ -128,6 +144,13 @@ def _batch_texts(task: RetrievalTask, signal: TrainingSignal | None, batch: list
         docs = [task.train_corpus[signal.doc_ids[r]] for r in rows]
         groups = [signal.doc_groups[r] for r in rows]
     return queries, docs, groups, rows
+
+
+def in_batch_info_nce(task: RetrievalTask, batch: list[int], scores: torch.Tensor, doc_groups: list[str], temperature: float) -> torch.Tensor:
+    """InfoNCE where row r's positive is candidate r and other documents of its headword are masked out."""
+    target = list(range(len(batch)))
+    masked = scores.masked_fill(_group_mask(task, batch, doc_groups, target), MASKED)
+    return info_nce_from_scores(masked, torch.tensor(target), temperature)
 
 
 def train_infonce(
@@ -141,26 +164,14 @@ def train_infonce(
     log: Log | None = None,
 ) -> TrainResult:
     """In-batch contrastive baseline (plus one mined hard negative per query when ``signal`` has them)."""
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt, sched = make_optimizer(params, cfg)
     rng = random.Random(seed + 1)
-    result = TrainResult()
-    student.train()
-    start = time.perf_counter()
-    for step, batch in enumerate(batch_indices(len(task.train), cfg.batch_size, cfg.steps, seed)):
+
+    def step(batch: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         queries, docs, groups, _ = _batch_texts(task, signal, batch, rng, random_fraction)
-        q = student.embed(queries)
-        d = student.embed(docs)
-        target = list(range(len(batch)))
-        scores = (q @ d.T).masked_fill(_group_mask(task, batch, groups, target), MASKED)
-        loss = info_nce_from_scores(scores, torch.tensor(target), cfg.temperature)
-        _step(loss, params, opt, sched, cfg)
-        result.losses.append(loss.item())
-        _log_progress(log, "infonce", step, cfg, result.losses, start)
-    result.seconds = time.perf_counter() - start
-    result.steps = cfg.steps
-    student.eval()
-    return result
+        scores = student.embed(queries) @ student.embed(docs).T
+        return in_batch_info_nce(task, batch, scores, groups, cfg.temperature), {}
+
+    return run_loop("infonce", student, len(task.train), cfg, step, seed=seed, log=log)
 
 
 def train_margin_mse(
@@ -170,36 +181,37 @@ def train_margin_mse(
     *,
     signal: TrainingSignal,
     random_fraction: float = 0.0,
+    inbatch_weight: float = 0.0,
     seed: int = 0,
     log: Log | None = None,
 ) -> TrainResult:
-    """Margin-MSE (arXiv 2010.02666) on (query, positive, teacher-mined hard negative) triples."""
+    """Margin-MSE (arXiv 2010.02666) on (query, positive, teacher-mined hard negative) triples.
+
+    ``inbatch_weight`` > 0 adds ``inbatch_weight`` x InfoNCE over the batch (every other positive and
+    negative is a candidate), the combination commonly used with Margin-MSE; 0 is the paper's loss alone.
+    """
     if signal.teacher_query is None:
         raise ValueError("Margin-MSE needs teacher scores: build the training signal with a teacher")
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt, sched = make_optimizer(params, cfg)
     rng = random.Random(seed + 1)
-    result = TrainResult()
-    student.train()
-    start = time.perf_counter()
     usable = [i for i in range(len(task.train)) if signal.negatives[i] or random_fraction > 0]
-    for step, picks in enumerate(batch_indices(len(usable), cfg.batch_size, cfg.steps, seed)):
+
+    def step(picks: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         batch = [usable[i] for i in picks]
         pos_rows = [signal.positive_index[i] for i in batch]
         neg_rows = [sample_negative(signal, i, task.train[i].group, rng, random_fraction) for i in batch]
         q = student.embed([task.train[i].query for i in batch])
-        pos = student.embed([task.train_corpus[signal.doc_ids[r]] for r in pos_rows])
-        neg = student.embed([task.train_corpus[signal.doc_ids[r]] for r in neg_rows])
+        docs = student.embed([task.train_corpus[signal.doc_ids[r]] for r in pos_rows + neg_rows])
+        pos, neg = docs[: len(batch)], docs[len(batch) :]
         t_pos = signal.teacher_pair_scores(batch, pos_rows)
         t_neg = signal.teacher_pair_scores(batch, neg_rows)
-        loss = margin_mse_loss((q * pos).sum(-1), (q * neg).sum(-1), t_pos, t_neg)
-        _step(loss, params, opt, sched, cfg)
-        result.losses.append(loss.item())
-        _log_progress(log, "margin_mse", step, cfg, result.losses, start)
-    result.seconds = time.perf_counter() - start
-    result.steps = cfg.steps
-    student.eval()
-    return result
+        mse = margin_mse_loss((q * pos).sum(-1), (q * neg).sum(-1), t_pos, t_neg)
+        if inbatch_weight <= 0:
+            return mse, {}
+        groups = [signal.doc_groups[r] for r in pos_rows + neg_rows]
+        nce = in_batch_info_nce(task, batch, q @ docs.T, groups, cfg.temperature)
+        return mse + inbatch_weight * nce, {"margin_mse": mse.item(), "infonce": nce.item()}
+
+    return run_loop("margin_mse", student, len(usable), cfg, step, seed=seed, log=log)
 
 
 def train_flipped(
@@ -213,6 +225,7 @@ def train_flipped(
     neg_threshold: float,
     mcl_weight: float = 1.0,
     dist_weight: float = 1.0,
+    contrastive_weight: float = 0.0,
     random_fraction: float = 0.0,
     seed: int = 0,
     log: Log | None = None,
@@ -221,25 +234,23 @@ def train_flipped(
 
     Per batch: B queries against their B positives and one hard negative each; pair labels are 1 where the
     document has the query's headword. Teacher similarities come from the cached teacher embeddings.
+    ``contrastive_weight`` > 0 adds an in-batch InfoNCE term on the same similarity matrix (our addition,
+    not the paper's; see `lmdistill.embed.config.MCLConfig`).
     """
     if signal.teacher_query is None:
         raise ValueError("flipped KD needs the small teacher's similarities: build the signal with a teacher")
-    params = [p for p in lm_encoder.parameters() if p.requires_grad]
-    opt, sched = make_optimizer(params, cfg)
     rng = random.Random(seed + 1)
-    result = TrainResult(extra={"kept_positives": [], "kept_negatives": [], "mcl": [], "dist": []})
-    lm_encoder.train()
-    start = time.perf_counter()
-    for step, batch in enumerate(batch_indices(len(task.train), cfg.batch_size, cfg.steps, seed)):
+
+    def step(batch: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         rows = _batch_docs(task, batch, signal, rng, random_fraction)
         q = lm_encoder.embed([task.train[i].query for i in batch])
         d = lm_encoder.embed([task.train_corpus[signal.doc_ids[r]] for r in rows])
         student_sim = q @ d.T
-        teacher_sim = signal.teacher_scores(batch, rows)
-        labels = torch.tensor([[task.train[i].group == signal.doc_groups[r] for r in rows] for i in batch])
+        groups = [signal.doc_groups[r] for r in rows]
+        labels = torch.tensor([[task.train[i].group == g for g in groups] for i in batch])
         out = mcl_loss(
             student_sim,
-            teacher_sim,
+            signal.teacher_scores(batch, rows),
             labels,
             margin=margin,
             pos_threshold=pos_threshold,
@@ -247,17 +258,15 @@ def train_flipped(
             mcl_weight=mcl_weight,
             dist_weight=dist_weight,
         )
-        _step(out.loss, params, opt, sched, cfg)
-        result.losses.append(out.loss.item())
-        result.extra["kept_positives"].append(out.kept_positives)
-        result.extra["kept_negatives"].append(out.kept_negatives)
-        result.extra["mcl"].append(out.mcl.item())
-        result.extra["dist"].append(out.dist.item())
-        _log_progress(log, "flipped_kd", step, cfg, result.losses, start)
-    result.seconds = time.perf_counter() - start
-    result.steps = cfg.steps
-    lm_encoder.eval()
-    return result
+        extras = {"kept_positives": out.kept_positives, "kept_negatives": out.kept_negatives, "mcl": out.mcl.item(), "dist": out.dist.item()}
+        loss = out.loss
+        if contrastive_weight > 0:
+            nce = in_batch_info_nce(task, batch, student_sim, groups, cfg.temperature)
+            loss = loss + contrastive_weight * nce
+            extras["contrastive"] = nce.item()
+        return loss, extras
+
+    return run_loop("flipped_kd", lm_encoder, len(task.train), cfg, step, seed=seed, log=log)
 
 
 def train_m3(
@@ -274,39 +283,27 @@ def train_m3(
     log: Log | None = None,
 ) -> TrainResult:
     """M3 self-knowledge distillation (arXiv 2402.03216) over in-batch + mined negatives."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt, sched = make_optimizer(params, cfg)
     rng = random.Random(seed + 1)
-    result = TrainResult(extra={"contrastive": [], "self_distill": []})
-    model.train()
-    start = time.perf_counter()
-    for step, batch in enumerate(batch_indices(len(task.train), cfg.batch_size, cfg.steps, seed)):
+
+    def step(batch: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         queries, docs, groups, _ = _batch_texts(task, signal, batch, rng, random_fraction)
-        q = model(queries)
-        d = model(docs)
+        q, d = model(queries), model(docs)
         target = list(range(len(batch)))
         mask = _group_mask(task, batch, groups, target)
-        dense = model.dense_scores(q, d).masked_fill(mask, MASKED)
-        sparse = model.sparse_scores(q, d).masked_fill(mask, MASKED)
-        multi = model.multi_scores(q, d).masked_fill(mask, MASKED)
+        heads = [s.masked_fill(mask, MASKED) for s in (model.dense_scores(q, d), model.sparse_scores(q, d), model.multi_scores(q, d))]
         parts = m3_self_distillation_loss(
-            dense,
-            sparse,
-            multi,
+            *heads,
             torch.tensor(target),
             temperature=cfg.temperature,
             score_weights=score_weights,
             loss_weights=loss_weights,
             self_distill=self_distill,
         )
-        _step(parts["total"], params, opt, sched, cfg)
-        result.losses.append(parts["total"].item())
-        result.extra["contrastive"].append(parts["contrastive"].item())
+        extras = {"contrastive": parts["contrastive"].item()}
         if "self_distill" in parts:
-            result.extra["self_distill"].append(parts["self_distill"].item())
-        _log_progress(log, "m3", step, cfg, result.losses, start)
-    result.seconds = time.perf_counter() - start
-    result.steps = cfg.steps
-    model.eval()
-    return result
+            extras["self_distill"] = parts["self_distill"].item()
+        return parts["total"], extras
 
+    result = run_loop("m3", model, len(task.train), cfg, step, seed=seed, log=log)
+    result.extra.setdefault("self_distill", [])
+    return result
