@@ -42,31 +42,47 @@ def evaluate_lm(
     for b in range(rank, n_batches, world_size):
         items = [dataset[i] for i in range(b * batch_size, min((b + 1) * batch_size, len(dataset)))]
         batch = collate(items)
-        logits = model(input_ids=batch["input_ids"]).logits.float()
+        logits = model(input_ids=batch["input_ids"]).logits
         if vocab_size is not None:
             logits = logits[..., :vocab_size]
-        labels = batch["labels"]
-        valid = labels != -100
-        logp = F.log_softmax(logits[valid], dim=-1)
-        sums[0] += -logp.gather(-1, labels[valid].unsqueeze(-1)).sum().double()
-        sums[1] += valid.sum()
-        if teacher is not None:
-            t_logp = F.log_softmax(teacher.logits(batch["input_ids"]).float()[valid], dim=-1)
-            sums[2] += (t_logp.argmax(-1) == logp.argmax(-1)).sum()
-            sums[3] += (t_logp.exp() * (t_logp - logp)).sum().double()
+        t_logits = None if teacher is None else teacher.logits(batch["input_ids"])
+        add_token_sums(sums, logits.float(), batch["labels"], None if t_logits is None else t_logits.float())
     if all_reduce is not None:
         sums = all_reduce(sums)
     if was_training:
         model.train()
+    return metrics_from_sums(sums, bytes_per_token, with_teacher=teacher is not None)
+
+
+def add_token_sums(sums: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                   teacher_logits: torch.Tensor | None = None) -> None:
+    """Add one batch to ``sums`` (float64 [4]: summed NLL in nats, targets, top-1 agreements with the
+    teacher, summed KL(teacher || student)) over the positions whose label is not -100. Computed in the
+    logits' dtype (callers choose float32 or float64); the teacher terms stay 0 without teacher logits."""
+    valid = labels != -100
+    logp = F.log_softmax(logits[valid], dim=-1)
+    sums[0] -= logp.gather(-1, labels[valid].unsqueeze(-1)).sum().double().cpu()
+    sums[1] += int(valid.sum())
+    if teacher_logits is not None:
+        t_logp = F.log_softmax(teacher_logits[valid].to(logp.dtype), dim=-1)
+        sums[2] += int((t_logp.argmax(-1) == logp.argmax(-1)).sum())
+        p = t_logp.exp()
+        # 0 * log 0 = 0: tokens the teacher rules out (masked padding rows) add nothing
+        sums[3] += torch.where(p > 0, p * (t_logp - logp), torch.zeros((), dtype=p.dtype)).sum().double().cpu()
+
+
+def metrics_from_sums(sums: torch.Tensor, bytes_per_token: float, *, with_teacher: bool) -> dict[str, float]:
+    """``loss`` (mean NLL, nats/target), ``perplexity``, ``bits_per_byte``, ``tokens`` and, with a
+    teacher, ``top1_agreement`` and ``kl_to_teacher`` from :func:`add_token_sums`'s totals."""
     n = max(sums[1].item(), 1.0)
     nll = sums[0].item() / n
     out = {
         "loss": nll,
         "perplexity": math.exp(min(nll, 50.0)),
-        "bits_per_byte": nll / math.log(2) / bytes_per_token,
+        "bits_per_byte": nll / math.log(2) / max(bytes_per_token, 1e-9),
         "tokens": int(sums[1].item()),
     }
-    if teacher is not None:
+    if with_teacher:
         out["top1_agreement"] = sums[2].item() / n
         out["kl_to_teacher"] = sums[3].item() / n
     return out

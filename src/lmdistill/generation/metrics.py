@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lmdistill.data.documents import Document
+from lmdistill.eval.lm import add_token_sums
 from lmdistill.generation.batching import Example, collate_examples, encode_examples, encode_prompts, encode_texts, pad_id_of
 from lmdistill.generation.sampling import SamplingParams, generate, sequence_logprobs, strip_eos
 from lmdistill.generation.tasks import reference_of
@@ -177,21 +178,13 @@ def response_token_sums(
             batch = collate_examples(examples[b * batch_size : (b + 1) * batch_size], pad_id, max_length)
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = _slice_logits(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, vocab_size)
-            valid = batch["labels"] != -100
-            labels = batch["labels"][valid]
+            t_logits = None
             if teacher is not None:
                 t_logits = _slice_logits(teacher.logits(batch["input_ids"], batch["attention_mask"]), vocab_size)
                 # one real vocabulary for both (padded embedding rows carry no mass)
                 shared = min(logits.shape[-1], t_logits.shape[-1])
-                logits = logits[..., :shared]
-                t_logp = F.log_softmax(t_logits[..., :shared][valid].double(), dim=-1)
-            logp = F.log_softmax(logits[valid].double(), dim=-1)
-            sums[0] -= logp.gather(-1, labels.unsqueeze(-1)).sum().cpu()
-            sums[1] += int(valid.sum())
-            if teacher is not None:
-                sums[2] += int((t_logp.argmax(-1) == logp.argmax(-1)).sum())
-                p = t_logp.exp()
-                sums[3] += torch.where(p > 0, p * (t_logp - logp), torch.zeros((), dtype=p.dtype)).sum().cpu()
+                logits, t_logits = logits[..., :shared], t_logits[..., :shared].double()
+            add_token_sums(sums, logits.double(), batch["labels"], t_logits)
     finally:
         if was_training:
             model.train()

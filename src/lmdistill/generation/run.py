@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from lmdistill.errors import ConfigError
 from lmdistill.generation.blackbox import BlackBoxTeacher, StoreReport
 from lmdistill.generation.config import RegimeConfig, TaskConfig
 from lmdistill.generation.run_config import GenerateConfig, TaskRunConfig
+from lmdistill.eval.lm import metrics_from_sums
 from lmdistill.generation.batching import encode_examples, pad_id_of
 from lmdistill.generation.metrics import GenerationScores, evaluate_generation, response_nll, response_token_sums
 from lmdistill.generation.sampling import SamplingParams
@@ -100,14 +100,7 @@ def task_evaluator(
             vocab_size=trainer.vocab_size, teacher=teacher, rank=acc.process_index, world_size=acc.num_processes,
         )
         sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu() if acc.num_processes > 1 else sums
-        n = max(sums[1].item(), 1.0)
-        nll = sums[0].item() / n
-        out = {"loss": nll, "perplexity": math.exp(min(nll, 50.0)),
-               "bits_per_byte": nll / math.log(2) / max(bytes_per_target, 1e-9), "tokens": int(sums[1].item())}
-        if teacher is not None:
-            out["top1_agreement"] = sums[2].item() / n
-            out["kl_to_teacher"] = sums[3].item() / n
-        return out
+        return metrics_from_sums(sums, bytes_per_target, with_teacher=teacher is not None)
 
     return evaluate
 
