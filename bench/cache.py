@@ -7,12 +7,14 @@ Part ``cache`` (default):
    derives the k=32 and k=8 caches from it without running the teacher (``shrink_teacher_cache``);
 2. bytes per token of each cache, on disk, against dense float16 logits (2 * V bytes), also at V = 32k;
    and what a top-k cache keeps of the teacher on the validation split (targets outside the top-k,
-   residual mass, perplexity of the teacher as the losses complete it: top-k + uniform tail);
+   residual mass, perplexity of the teacher completed with a uniform tail, the only completion that does
+   not depend on a student);
 3. read throughput of ``TeacherCache.signal`` (random batches of 16 blocks, memory-mapped) against what
    the training loop consumes (tokens per second of a cache-distillation step);
 4. students (the demo's 1.5M GPT-2 student and recipe; objective forward KL, or with ``--objective mix``
-   0.5 forward KL + 0.5 cross-entropy) distilled from each cache and from the live teacher, plus the
-   label-only twin: validation perplexity on the whole validation split;
+   0.5 forward KL + 0.5 cross-entropy) distilled from each cache (default student-shaped tail; k=128 and 32
+   also with the uniform tail) and from the live teacher, plus the label-only twin: validation perplexity
+   on the whole validation split;
 5. step time, label-only vs cache vs live teacher, measured interleaved (one step of each in turn, so
    a changing machine load hits all alike), median over the measured rounds.
 
@@ -135,8 +137,8 @@ def markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) ->
 # ----------------------------------------------------------------------------------------- part cache
 def completion_diagnostics(teacher, data, ks: list[int]) -> list[dict[str, Any]]:
     """How much of the teacher a top-k cache keeps, on the validation split: share of targets outside the
-    top-k, mean residual mass, and the perplexity of the teacher as the losses complete it (top-k plus the
-    residual spread uniformly over the other tokens; see SparseTeacher) against the full teacher's."""
+    top-k, mean residual mass, and the perplexity of the teacher completed with the residual spread uniformly
+    over the other tokens (the default student-shaped tail depends on the student) against the full teacher's."""
     import torch
 
     from lmdistill.data.blocks import collate
@@ -438,9 +440,11 @@ def main() -> None:
         if args.part in ("cache", "all"):
             sections.append(part_cache(teacher_dir, args.output, args.steps, args.timing_rounds, args.corpus,
                                        args.objective))
+            print("\n" + sections[-1], flush=True)  # printed at once: a later part's crash cannot lose it
         if args.part in ("miniplm", "all"):
             sections.append(part_miniplm(teacher_dir, args.output, args.steps, args.reference_steps, args.window,
                                          args.stride, args.corpus))
+            print("\n" + sections[-1], flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(args.output, ignore_errors=True)

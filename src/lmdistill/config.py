@@ -79,6 +79,12 @@ class TeacherConfig(Section):
     path: str | None = Field(None, description="local directory (save_pretrained) or hub id of a live teacher")
     cache: str | None = Field(None, description="an offline teacher cache (lmdistill cache-teacher): no teacher model is loaded")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tail: Literal["student", "uniform"] = Field(
+        "student",
+        description="with a cache: how the residual mass outside the stored top-k is shared among the other tokens; "
+        "student = in proportion to the student's own probabilities (the divergence of the top-k + one "
+        "'rest' bucket), uniform = evenly (see lmdistill.losses.SparseTeacher)",
+    )
 
     _path_exists = field_validator("path")(lambda v: require_existing(v, "teacher path"))
     _cache_exists = field_validator("cache")(lambda v: require_existing(v, "teacher cache"))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from lmdistill.losses import ATKD, SinKD, SparseTeacher, TrilateralFusion, fused_linear_distill, reduce_tokens
 from tests.losses.helpers import CASE_IDS, CASES, make_inputs
@@ -37,10 +39,75 @@ def test_k_equals_vocab_reproduces_dense_teacher(name, build, T):
 def test_missing_mass_is_spread_uniformly_over_the_other_tokens():
     logprobs = torch.log(torch.tensor([[0.5, 0.2], [0.7, 0.1]], dtype=torch.float64))
     indices = torch.tensor([[3, 0], [1, 4]])
-    teacher = SparseTeacher(logprobs, indices, residual=torch.tensor([0.3, 0.2], dtype=torch.float64))
-    dense = teacher.to_dense_log_probs(5, torch.float64).exp()
+    teacher = SparseTeacher(logprobs, indices, residual=torch.tensor([0.3, 0.2], dtype=torch.float64), tail="uniform")
+    # "uniform" ignores the student; "student" without a student (teacher-only statistics) falls back to it
+    student = torch.log_softmax(torch.randn(2, 5, dtype=torch.float64), -1)
+    dense = teacher.to_dense_log_probs(5, torch.float64, student_logp=student).exp()
+    torch.testing.assert_close(SparseTeacher(logprobs, indices, teacher.residual).to_dense_log_probs(5, torch.float64).exp(), dense)
     expected = torch.tensor([[0.2, 0.1, 0.1, 0.5, 0.1], [0.2 / 3, 0.7, 0.2 / 3, 0.2 / 3, 0.1]], dtype=torch.float64)
     torch.testing.assert_close(dense, expected)
+
+
+def test_missing_mass_follows_the_student_tail_float64_reference():
+    logprobs = torch.log(torch.tensor([[0.5, 0.2], [0.7, 0.1]], dtype=torch.float64))
+    indices = torch.tensor([[3, 0], [1, 4]])
+    residual = torch.tensor([0.3, 0.2], dtype=torch.float64)
+    q = torch.tensor([[0.1, 0.2, 0.3, 0.15, 0.25], [0.05, 0.5, 0.3, 0.05, 0.1]], dtype=torch.float64)
+    dense = SparseTeacher(logprobs, indices, residual).to_dense_log_probs(5, torch.float64, student_logp=q.log()).exp()
+    # tail of row 0 = tokens {1, 2, 4} with student mass 0.2 + 0.3 + 0.25 = 0.75; row 1 = {0, 2, 3}, 0.4
+    expected = torch.tensor([[0.2, 0.3 * 0.2 / 0.75, 0.3 * 0.3 / 0.75, 0.5, 0.3 * 0.25 / 0.75],
+                             [0.2 * 0.05 / 0.4, 0.7, 0.2 * 0.3 / 0.4, 0.2 * 0.05 / 0.4, 0.1]], dtype=torch.float64)
+    torch.testing.assert_close(dense, expected)
+    # a student with no mass outside the teacher's top-k (or -inf padding rows) gets the uniform shape;
+    # a student token at -inf (vocabulary padding) gets no teacher mass
+    q0 = torch.tensor([[0.4, 0.0, 0.0, 0.6, 0.0]], dtype=torch.float64)  # all its mass on the top-k {3, 0}
+    got = SparseTeacher(logprobs[:1], indices[:1], residual[:1]).to_dense_log_probs(5, torch.float64, student_logp=q0.log()).exp()
+    torch.testing.assert_close(got, torch.tensor([[0.2, 0.1, 0.1, 0.5, 0.1]], dtype=torch.float64))
+    qpad = torch.tensor([[0.1, 0.0, 0.3, 0.15, 0.45]], dtype=torch.float64)
+    got = SparseTeacher(logprobs[:1], indices[:1], residual[:1]).to_dense_log_probs(5, torch.float64, student_logp=qpad.log()).exp()
+    torch.testing.assert_close(got, torch.tensor([[0.2, 0.0, 0.3 * 0.3 / 0.75, 0.5, 0.3 * 0.45 / 0.75]], dtype=torch.float64))
+
+
+BUCKET_CASES = [c for c in CASES if c.needs_teacher and c.id != "taid_ce"]
+
+
+@pytest.mark.parametrize("case", BUCKET_CASES, ids=[c.id for c in BUCKET_CASES])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_student_tail_is_the_top_k_plus_one_bucket_divergence(case, T):
+    """With the student-shaped tail, every f-divergence equals the divergence between the two distributions
+    coarse-grained to k + 1 categories (top-k tokens + one bucket for the rest), in value (against the float64
+    reference of the formula) and in gradient w.r.t. the student logits (plain and chunked paths)."""
+    n, vocab, k = 12, 15, 4
+    z, zt, labels = make_inputs((n, vocab), seed=11, ignore_every=5)
+    teacher = SparseTeacher.from_logits(zt, k=k, temperature=T)
+    objective = case.build(T)
+
+    def coarse(logp: Tensor, rest: Tensor) -> Tensor:  # [N, k + 1] log-probabilities
+        return torch.cat([logp.gather(-1, teacher.indices), rest.unsqueeze(-1)], -1)
+
+    z_ref = z.clone().requires_grad_(True)
+    s_logp = torch.log_softmax(z_ref / T, -1)
+    s_rest = torch.logsumexp(s_logp.scatter(-1, teacher.indices, float("-inf")), -1)
+    s_coarse = coarse(s_logp, s_rest)
+    t_coarse = torch.cat([teacher.logprobs, teacher.residual.log().unsqueeze(-1)], -1)
+    # coarse log-probabilities times T are logits whose softmax at temperature T is the coarse distribution
+    expected_value = case.reference(s_coarse.detach() * T, t_coarse * T, labels, T)
+    expected = objective.per_token(s_coarse * T, t_coarse * T, labels)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), z_ref)
+
+    z_sparse = z.clone().requires_grad_(True)
+    got = case.build(T).per_token(z_sparse, teacher, labels)
+    np.testing.assert_allclose(got.detach().numpy(), np.asarray(expected_value), rtol=1e-9, atol=1e-12)
+    (got_grad,) = torch.autograd.grad(got.sum(), z_sparse)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-8, atol=1e-12)
+
+    hidden = torch.randn(n, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64, requires_grad=True)
+    plain = reduce_tokens(case.build(T).per_token(hidden @ weight.T, teacher, labels), labels)
+    fused = fused_linear_distill(hidden, weight, teacher, labels, case.build(T), chunk_size=5)
+    torch.testing.assert_close(fused, plain)
+    for a, b in zip(torch.autograd.grad(fused, [hidden, weight]), torch.autograd.grad(plain, [hidden, weight])):
+        torch.testing.assert_close(a, b)
 
 
 def test_residual_defaults_to_one_minus_covered_mass_and_rounding_is_renormalised():

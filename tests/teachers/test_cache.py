@@ -96,8 +96,13 @@ def test_lookup_returns_the_blocks_of_a_batch_in_order(k8_cache, few_data):
 
 def test_sparse_loss_from_cache_matches_the_completed_teacher_in_float64(k8_cache, teacher_model, few_data):
     """Forward KL of a student against the cache equals KL(p~ || q) computed here in float64, where p~ is the
-    live teacher's top-8 plus its residual spread uniformly over the other V - 8 tokens."""
-    cache = TeacherCache(k8_cache)
+    live teacher's top-8 plus its residual shared among the other V - 8 tokens in proportion to the student's
+    probabilities (the default tail) or evenly (tail="uniform")."""
+    for tail in ("student", "uniform"):
+        _check_cache_forward_kl(TeacherCache(k8_cache, tail=tail), tail, teacher_model, few_data)
+
+
+def _check_cache_forward_kl(cache, tail, teacher_model, few_data):
     blocks = few_data.blocks("train")
     idx = [3, 77, 150]
     batch = collate([blocks[i] for i in idx]) | {"block_index": torch.tensor(idx)}
@@ -110,8 +115,13 @@ def test_sparse_loss_from_cache_matches_the_completed_teacher_in_float64(k8_cach
         t = torch.log_softmax(teacher_model(input_ids=batch["input_ids"]).logits.double(), -1).reshape(-1, cache.vocab_size)
     top, top_ids = t.topk(8, dim=-1)
     residual = 1 - top.exp().sum(-1, keepdim=True)
-    p = (residual / (cache.vocab_size - 8)).expand_as(t).clone().scatter(-1, top_ids, top.exp())
     q = torch.log_softmax(student_logits.double(), -1)
+    if tail == "uniform":
+        p = (residual / (cache.vocab_size - 8)).expand_as(t).clone()
+    else:
+        q_tail = q.exp().scatter(-1, top_ids, 0.0)
+        p = residual * q_tail / q_tail.sum(-1, keepdim=True)
+    p = p.scatter(-1, top_ids, top.exp())
     ref = (p * (p.log() - q)).sum(-1) * (labels != -100)
     torch.testing.assert_close(got.double(), ref, rtol=2e-3, atol=2e-3)
 

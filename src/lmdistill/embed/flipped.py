@@ -6,12 +6,19 @@ reinterpreted as an encoder-decoder through LoRA: in W + B·A, the down-projecti
 state into an r-dimensional code (the *encoder*) and B maps it back into the model (the *decoder*). The
 text representation is the A-output, pooled over the tokens, so its dimension is the LoRA rank.
 
-Which A (our choice; the paper's abstract does not say): by default the last LoRA-wrapped module whose
-input is the hidden state of the last block (GPT-2: ``mlp.c_fc``, which reads ln_2 of the residual
-stream; Llama: ``mlp.up_proj``); ``representation_module`` picks another one. With our small KJV LM a low
-block reads better: on GCIDE, 60 steps with the last block's A stayed at the LM's zero-shot level, while
-block 1's A learned (see configs/embed/flipped_kd.yaml). The forward pass stops at the representation
-module, so the blocks above it cost nothing. Only LoRA parameters train; the base LM stays frozen.
+Which A (our choice; the paper's abstract does not say): by default the last linear module whose input is
+the hidden state of the last block (GPT-2: ``mlp.c_fc``, which reads ln_2 of the residual stream; Llama:
+``mlp.up_proj``); ``representation_module`` picks another one. With our small KJV LM a low block reads
+better (see configs/embed/flipped_kd.yaml). The forward pass stops at the representation module, so the
+blocks above it cost nothing.
+
+Which adapters (``target_modules="auto"``, the default): only modules that can change the representation,
+i.e. the representation module (its A alone: its B acts after the code is taken and is frozen) and every
+linear module whose output reaches the representation module's input. They are found once, structurally,
+by autograd on a probe forward pass, so this holds for any architecture (in Llama, the representation
+block's ``gate_proj`` runs before ``up_proj`` but does not feed it, and gets no adapter). Adapters anywhere
+else would stay at their initial values: dead parameters that only cost optimizer state. Only LoRA
+parameters train; the base LM stays frozen.
 """
 
 from __future__ import annotations
@@ -58,6 +65,99 @@ def _pool(states: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tenso
     return mean_pool(states, mask)
 
 
+def _is_linear(module: nn.Module) -> bool:
+    # GPT-2 uses transformers' Conv1D (a transposed Linear); peft adapts both.
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _in_features(module: nn.Module) -> int:
+    return module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
+
+
+def _hidden_size(lm: nn.Module) -> int | None:
+    return getattr(lm.config, "hidden_size", None) or getattr(lm.config, "n_embd", None)
+
+
+def _candidate_modules(lm: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Linear modules of the causal LM that LoRA may adapt, in definition order (the LM head excluded:
+    it reads the final hidden state, which the representation never reaches)."""
+    head = lm.get_output_embeddings()
+    return [(n, m) for n, m in lm.named_modules() if _is_linear(m) and m is not head]
+
+
+def resolve_representation_module(lm: nn.Module, wanted: str | None) -> str:
+    """Full name (in the plain causal LM) of the module whose LoRA-A code is the representation.
+
+    ``wanted`` may be a full name or a suffix such as ``h.1.mlp.c_fc``; None picks the last module that
+    reads the hidden state (the last block's MLP input projection in GPT-2 and Llama).
+    """
+    modules = _candidate_modules(lm)
+    if wanted is not None:
+        hits = [n for n, _ in modules if n == wanted or n.endswith("." + wanted)]
+        if not hits:
+            raise ConfigError(
+                f"lm.representation_module '{wanted}' is not a linear module of the LM; "
+                f"linear modules: {', '.join(n for n, _ in modules[-8:])} ..."
+            )
+        return hits[-1]
+    hidden = _hidden_size(lm)
+    reading_hidden = [n for n, m in modules if _in_features(m) == hidden]
+    if not reading_hidden:
+        raise ConfigError("no linear module reads the hidden state; set lm.representation_module explicitly")
+    return reading_hidden[-1]
+
+
+def modules_feeding(lm: nn.Module, tokenizer, representation: str) -> list[str]:
+    """Names of the linear modules whose output reaches ``representation``'s input, in definition order.
+
+    Structural, not numerical: every candidate's output gets a zero-valued probe added (the values do not
+    change), the forward pass stops at ``representation``, and autograd reports which probes its input
+    depends on (an unconnected probe has no gradient at all, not a zero one).
+    """
+    named = dict(_candidate_modules(lm))
+    target = named[representation]
+    probes: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def add_probe(name: str):
+        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            probes[name] = torch.zeros((), dtype=output.dtype, requires_grad=True)
+            return output + probes[name]
+
+        return hook
+
+    captured: dict[str, torch.Tensor] = {}
+
+    def stop(_module: nn.Module, inputs: tuple) -> None:
+        captured["x"] = inputs[0]
+        raise _RepresentationReady
+
+    for name, module in named.items():
+        if module is not target:
+            handles.append(module.register_forward_hook(add_probe(name)))
+    handles.append(target.register_forward_pre_hook(stop))
+    feats = tokenizer(["a probe sentence"], return_tensors="pt")
+    was = lm.training
+    lm.eval()
+    try:
+        with torch.enable_grad():
+            try:
+                lm.base_model(input_ids=feats["input_ids"], attention_mask=feats["attention_mask"])
+            except _RepresentationReady:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+        lm.train(was)
+    if "x" not in captured:
+        raise RuntimeError(f"the representation module {representation} did not run in a forward pass")
+    names = list(probes)
+    if not names:
+        return []
+    grads = torch.autograd.grad(captured["x"].sum(), [probes[n] for n in names], allow_unused=True)
+    return [n for n, g in zip(names, grads) if g is not None]
+
+
 class CausalLMEncoder(nn.Module):
     """Zero-shot reading of a causal LM as an encoder: pooled last hidden states (no training)."""
 
@@ -100,7 +200,13 @@ class CausalLMEncoder(nn.Module):
 
 
 class LoraLMEncoder(CausalLMEncoder):
-    """The flipped-KD student: base LM frozen, LoRA adapters trainable, representation = pooled LoRA-A code."""
+    """The flipped-KD student: base LM frozen, LoRA adapters trainable, representation = pooled LoRA-A code.
+
+    ``target_modules``: ``"auto"`` adapts exactly the modules that can change the representation (see the
+    module docstring); a peft value (a list of names, ``"all-linear"``) is used as given, with a warning
+    naming adapters that cannot affect the representation. Either way the representation module's B is
+    frozen: it only acts after the code is taken.
+    """
 
     def __init__(
         self,
@@ -109,7 +215,7 @@ class LoraLMEncoder(CausalLMEncoder):
         r: int = 32,
         alpha: float = 64.0,
         dropout: float = 0.0,
-        target_modules: list[str] | str = "all-linear",
+        target_modules: list[str] | str = "auto",
         representation_module: str | None = None,
         pooling: str = "mean",
         max_seq_length: int = 96,
@@ -118,36 +224,52 @@ class LoraLMEncoder(CausalLMEncoder):
         from peft import LoraConfig, PeftModel, get_peft_model
 
         super().__init__(path, pooling=pooling, max_seq_length=max_seq_length)
+        rep_base = resolve_representation_module(self.lm, representation_module)
         with warnings.catch_warnings():
             # GPT-2's Conv1D layers make peft warn that it switches fan_in_fan_out on: expected.
             warnings.simplefilter("ignore", UserWarning)
             if adapter_path is not None:
                 self.lm = PeftModel.from_pretrained(self.lm, str(adapter_path), is_trainable=True)
             else:
-                config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none")
+                feeding = modules_feeding(self.lm, self.tokenizer, rep_base)
+                if target_modules == "auto":
+                    targets: list[str] | str = [*feeding, rep_base]
+                else:
+                    targets = target_modules
+                config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
                 self.lm = get_peft_model(self.lm, config)
         self.r = r
-        self.representation_name, self._rep_layer = self._find_representation(representation_module)
+        self.representation_name, self._rep_layer = self._find_representation(rep_base)
+        for p in self._rep_layer.lora_B.parameters():
+            p.requires_grad_(False)
+        if adapter_path is None and target_modules != "auto":
+            self._warn_unused_adapters(set(feeding) | {rep_base})
         self._captured: torch.Tensor | None = None
         self._rep_layer.lora_A["default"].register_forward_hook(self._capture)
 
-    def _find_representation(self, wanted: str | None) -> tuple[str, nn.Module]:
+    def _lora_layers(self) -> list[tuple[str, nn.Module]]:
         from peft.tuners.lora import LoraLayer
 
-        hidden = getattr(self.lm.config, "hidden_size", None) or getattr(self.lm.config, "n_embd", None)
-        layers = [(n, m) for n, m in self.lm.named_modules() if isinstance(m, LoraLayer)]
-        if wanted is not None:
-            hits = [(n, m) for n, m in layers if n == wanted or n.endswith("." + wanted)]
-            if not hits:
-                raise ConfigError(
-                    f"lm.representation_module '{wanted}' is not a LoRA-wrapped module; "
-                    f"LoRA modules: {', '.join(n for n, _ in layers[-8:])} ..."
-                )
-            return hits[-1]
-        reading_hidden = [(n, m) for n, m in layers if getattr(m, "in_features", None) == hidden]
-        if not reading_hidden:
-            raise ConfigError("no LoRA module reads the hidden state; set lm.representation_module explicitly")
-        return reading_hidden[-1]
+        return [(n, m) for n, m in self.lm.named_modules() if isinstance(m, LoraLayer)]
+
+    def _find_representation(self, base_name: str) -> tuple[str, nn.Module]:
+        hits = [(n, m) for n, m in self._lora_layers() if n == base_name or n.endswith("." + base_name)]
+        if not hits:
+            raise ConfigError(
+                f"the representation module '{base_name}' has no LoRA adapter: add it to lm.target_modules "
+                "(or use target_modules: auto)"
+            )
+        return hits[-1]
+
+    def _warn_unused_adapters(self, useful: set[str]) -> None:
+        unused = [n for n, _ in self._lora_layers() if not any(n == u or n.endswith("." + u) for u in useful)]
+        if unused:
+            warnings.warn(
+                f"{len(unused)} LoRA adapters cannot change the representation ({self.representation_name}) and "
+                f"will not train, e.g. {', '.join(unused[:3])}; lm.target_modules: auto adapts only the useful ones",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _capture(self, _module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
         self._captured = output

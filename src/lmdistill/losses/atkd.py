@@ -141,7 +141,7 @@ class ATKD(Objective):
         valid = flat_labels != IGNORE_INDEX
         safe_labels = torch.where(valid, flat_labels, 0)
         s_logp = student_log_probs(logits, self.temperature, dtype)
-        t_logp = teacher_log_probs(teacher, self.temperature, vocab, dtype)
+        t_logp = teacher_log_probs(teacher, self.temperature, vocab, dtype, s_logp.detach())
         tkd, dkd, _ = decoupled_kd_parts(s_logp, t_logp, safe_labels)
         hard = context.hard.to(valid.device)
         easy = valid & ~hard

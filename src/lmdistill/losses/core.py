@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
+TAIL_SHAPES = ("student", "uniform")
 
 __all__ = [
     "IGNORE_INDEX",
@@ -55,17 +56,31 @@ class SparseTeacher:
         temperature: optional temperature the log-probs were computed at; when given, an objective with a
             different temperature refuses the teacher instead of silently mixing temperatures.
 
-    How the missing mass is treated (one scheme for every objective): the teacher is completed to a full
-    distribution over the student's ``V`` tokens by spreading the residual mass **uniformly over the V - k
-    tokens outside the top-k** (the maximum-entropy completion consistent with what the cache stores):
+    How the missing mass is treated (``tail``; one scheme for every objective). The teacher is completed to a
+    full distribution over the student's ``V`` tokens: the top-k entries keep their probabilities and the
+    residual mass ``r`` goes to the ``V - k`` other tokens, shaped by ``tail``:
 
-        p_v = exp(logprobs_v) / Z                 for v in the top-k
-        p_v = residual / ((V - k) * Z)            otherwise,   Z = sum(exp(logprobs)) + residual
+    * ``"student"`` (the default): in proportion to the **student's own (detached) probabilities** ``q`` on
+      those tokens,
 
-    The normaliser ``Z`` only corrects rounding of low-precision caches (it is 1 for exact inputs). Every
-    objective then sees an ordinary dense distribution, so all of them (TAID, ATKD, SinKD, ...) accept sparse
-    teachers, and ``k = V`` reproduces the dense teacher exactly (there is no tail, the residual is ignored).
-    A zero residual with ``k < V`` gives those tokens probability 0: forward-type divergences ignore them,
+          p_v = exp(logprobs_v) / Z                       for v in the top-k
+          p_v = (r / Z) * q_v / Q_tail                    otherwise,  Q_tail = sum of q over the non-top-k tokens
+
+      For every objective that sums ``phi(q_v, p_v)`` with ``phi`` positively homogeneous of degree 1 (every
+      f-divergence: forward/reverse KL, JSD, TVD, skew KL/RKL, and TAID's KL to its interpolated target), this
+      gives exactly the value and the gradient of the divergence between the two distributions *coarse-grained*
+      to k + 1 categories (the top-k tokens and one "everything else" bucket holding ``r`` and ``Q_tail``):
+      the cache says how much mass the teacher puts outside its top-k, not how it is shared, so the student is
+      taught that total and left free in its shape. Rows whose student puts no mass on the tail fall back to
+      the uniform shape. Teacher-only statistics computed without a student (ATKD's uncertainty ``1 - p_y``
+      for a gold token outside the top-k) use the uniform shape.
+    * ``"uniform"``: spread uniformly, ``p_v = r / ((V - k) Z)`` (the maximum-entropy completion; it also
+      teaches the student a flat tail, which costs student perplexity: see ``bench/cache.py``).
+
+    ``Z = sum(exp(logprobs)) + r`` only corrects rounding of low-precision caches (it is 1 for exact inputs).
+    Every objective then sees an ordinary dense distribution, so all of them (TAID, ATKD, SinKD, ...) accept
+    sparse teachers, and ``k = V`` reproduces the dense teacher exactly (there is no tail, the residual is
+    ignored). A zero residual with ``k < V`` gives the tail probability 0: forward-type divergences ignore it,
     reverse-type divergences (reverse KL, skew reverse KL with alpha = 0) are then +inf wherever the student
     puts mass there, as the mathematics says; caches should store the residual.
     """
@@ -74,6 +89,7 @@ class SparseTeacher:
     indices: Tensor
     residual: Tensor | None = None
     temperature: float | None = None
+    tail: str = "student"
 
     def __post_init__(self) -> None:
         if self.logprobs.shape != self.indices.shape:
@@ -94,6 +110,8 @@ class SparseTeacher:
             )
         if self.temperature is not None and not self.temperature > 0:
             raise ValueError("SparseTeacher: temperature must be > 0")
+        if self.tail not in TAIL_SHAPES:
+            raise ValueError(f"SparseTeacher: tail must be one of {TAIL_SHAPES}, got {self.tail!r}")
 
     @property
     def k(self) -> int:
@@ -112,6 +130,7 @@ class SparseTeacher:
             self.indices.reshape(-1, self.k),
             None if self.residual is None else self.residual.reshape(-1),
             self.temperature,
+            self.tail,
         )
 
     def rows(self, start: int, stop: int) -> "SparseTeacher":
@@ -122,10 +141,21 @@ class SparseTeacher:
             flat.indices[start:stop],
             None if flat.residual is None else flat.residual[start:stop],
             self.temperature,
+            self.tail,
         )
 
-    def to_dense_log_probs(self, vocab_size: int, dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
-        """The completed teacher distribution as dense log-probabilities ``[N, V]`` (see the class docstring)."""
+    def to_dense_log_probs(
+        self,
+        vocab_size: int,
+        dtype: torch.dtype = torch.float32,
+        out: Tensor | None = None,
+        student_logp: Tensor | None = None,
+    ) -> Tensor:
+        """The completed teacher distribution as dense log-probabilities ``[N, V]`` (see the class docstring).
+
+        ``student_logp``: the student's log-probabilities ``[N, V]`` at the same temperature, which shape the
+        tail when ``tail == "student"`` (read, never differentiated through); without it the tail is uniform.
+        """
         flat = self.flatten()
         n, k = flat.logprobs.shape
         if k > vocab_size:
@@ -139,29 +169,41 @@ class SparseTeacher:
         top = flat.logprobs.to(dtype)
         top_mass_log = torch.logsumexp(top, dim=-1)  # log sum exp(logprobs)
         tail = vocab_size - k
-        if tail == 0:
-            # no token outside the top-k: the residual can only be rounding, renormalise the top-k
-            log_total = top_mass_log
-            tail_log = None
-        else:
-            if flat.residual is not None:
-                residual = flat.residual.to(dtype).clamp(min=0.0)
-            else:
-                residual = (1.0 - top_mass_log.exp()).clamp(min=0.0)
-            log_residual = torch.log(residual)  # -inf where there is no residual
-            log_total = torch.logaddexp(top_mass_log, log_residual)
-            tail_log = log_residual - math.log(tail) - log_total
         if out is None:
             out = torch.empty(n, vocab_size, dtype=dtype, device=top.device)
-        if tail_log is None:
+        if tail == 0:
+            # no token outside the top-k: the residual can only be rounding, renormalise the top-k
             out.fill_(float("-inf"))
+            out.scatter_(1, indices, top - top_mass_log.unsqueeze(-1))
+            return out
+        if flat.residual is not None:
+            residual = flat.residual.to(dtype).clamp(min=0.0)
         else:
-            out.copy_(tail_log.unsqueeze(-1).expand(n, vocab_size))
+            residual = (1.0 - top_mass_log.exp()).clamp(min=0.0)
+        log_residual = torch.log(residual)  # -inf where there is no residual
+        log_total = torch.logaddexp(top_mass_log, log_residual)
+        uniform_log = log_residual - math.log(tail) - log_total
+        if self.tail == "student" and student_logp is not None:
+            if student_logp.shape != (n, vocab_size):
+                raise ValueError(
+                    f"SparseTeacher: student log-probs {tuple(student_logp.shape)} must be [{n}, {vocab_size}]"
+                )
+            with torch.no_grad():
+                out.copy_(student_logp)
+                out.scatter_(1, indices, float("-inf"))
+                log_student_tail = torch.logsumexp(out, dim=-1)  # log Q_tail
+                shaped = torch.isfinite(log_student_tail)
+                # p_v = (r / Z) q_v / Q_tail; the top-k entries stay -inf until the scatter below
+                out.add_(torch.where(shaped, log_residual - log_total - log_student_tail, 0.0).unsqueeze(-1))
+                if not bool(shaped.all()):
+                    out[~shaped] = uniform_log[~shaped].unsqueeze(-1)
+        else:
+            out.copy_(uniform_log.unsqueeze(-1).expand(n, vocab_size))
         out.scatter_(1, indices, top - log_total.unsqueeze(-1))
         return out
 
     @classmethod
-    def from_logits(cls, logits: Tensor, k: int, temperature: float = 1.0) -> "SparseTeacher":
+    def from_logits(cls, logits: Tensor, k: int, temperature: float = 1.0, tail: str = "student") -> "SparseTeacher":
         """Top-k of ``log_softmax(logits / T)`` with its exact residual (what a teacher cache stores)."""
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         logp = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
@@ -171,7 +213,7 @@ class SparseTeacher:
             residual = torch.logsumexp(logp.scatter(-1, idx, float("-inf")), dim=-1).exp()
         else:
             residual = torch.zeros(top.shape[:-1], dtype=dtype, device=top.device)
-        return cls(top, idx, residual, temperature)
+        return cls(top, idx, residual, temperature, tail)
 
 
 Teacher = Union[Tensor, SparseTeacher]
@@ -219,11 +261,17 @@ def student_log_probs(student_logits: Tensor, temperature: float, dtype: torch.d
     return torch.log_softmax(logits, dim=-1)
 
 
-def teacher_log_probs(teacher: Teacher, temperature: float, vocab_size: int, dtype: torch.dtype) -> Tensor:
-    """Teacher log-probabilities ``[N, V]`` at ``temperature`` from dense logits or a :class:`SparseTeacher`."""
+def teacher_log_probs(
+    teacher: Teacher, temperature: float, vocab_size: int, dtype: torch.dtype, student_logp: Tensor | None = None
+) -> Tensor:
+    """Teacher log-probabilities ``[N, V]`` at ``temperature`` from dense logits or a :class:`SparseTeacher`.
+
+    ``student_logp`` (the student's log-probabilities at ``temperature``) shapes a sparse teacher's tail (see
+    :class:`SparseTeacher`); dense teachers ignore it. The result never carries a gradient to the student.
+    """
     if isinstance(teacher, SparseTeacher):
         check_sparse_temperature(teacher, temperature)
-        return teacher.to_dense_log_probs(vocab_size, dtype)
+        return teacher.to_dense_log_probs(vocab_size, dtype, student_logp=student_logp)
     if teacher.shape[-1] != vocab_size:
         raise ValueError(
             f"teacher logits have {teacher.shape[-1]} vocabulary entries but the student has {vocab_size}; "
@@ -365,7 +413,11 @@ class Workspace:
             hit = self.buf(f"tlogp@{temperature}")
             if isinstance(teacher, SparseTeacher):
                 check_sparse_temperature(teacher, temperature)
-                teacher.to_dense_log_probs(self.vocab_size, self.dtype, out=hit)
+                # the student-shaped tail needs the student at this temperature: kernels ask for it first
+                student = self._cache.get(("student", temperature))
+                if student is None and teacher.tail == "student":
+                    raise RuntimeError("Workspace.teacher_logp: call student_logp first (a sparse teacher's tail is shaped by the student)")
+                teacher.to_dense_log_probs(self.vocab_size, self.dtype, out=hit, student_logp=student)
             elif teacher.dtype == self.dtype:
                 if temperature != 1.0:
                     torch.div(teacher, temperature, out=hit)
@@ -510,7 +562,7 @@ class Divergence(Objective):
         logits, teacher, flat_labels, lead = flatten_inputs(student_logits, teacher, labels)
         dtype = compute_dtype(logits, teacher if isinstance(teacher, Tensor) else teacher.logprobs)
         s_logp = student_log_probs(logits, self.temperature, dtype)
-        t_logp = teacher_log_probs(teacher, self.temperature, logits.shape[-1], dtype)
+        t_logp = teacher_log_probs(teacher, self.temperature, logits.shape[-1], dtype, s_logp.detach())
         loss = self.divergence(s_logp, t_logp)
         if self.scale_by_t2:
             loss = loss * self.loss_scale

@@ -92,8 +92,9 @@ class SinKD(Objective):
         logits, teacher, flat_labels, lead = flatten_inputs(student_logits, teacher, labels)
         n, vocab = logits.shape
         dtype = compute_dtype(logits, teacher if isinstance(teacher, Tensor) else teacher.logprobs)
-        p_s = student_log_probs(logits, self.temperature, dtype).exp()
-        p_t = teacher_log_probs(teacher, self.temperature, vocab, dtype).exp()
+        s_logp = student_log_probs(logits, self.temperature, dtype)
+        p_s = s_logp.exp()
+        p_t = teacher_log_probs(teacher, self.temperature, vocab, dtype, s_logp.detach()).exp()
         valid = flat_labels != IGNORE_INDEX
         group = n if self.group_size is None else self.group_size
         group = max(1, min(group, n)) if n else 1

@@ -99,7 +99,7 @@ class TAID(Objective):
         logits, teacher, flat_labels, lead = flatten_inputs(student_logits, teacher, labels)
         dtype = compute_dtype(logits, teacher if isinstance(teacher, Tensor) else teacher.logprobs)
         s_logp = student_log_probs(logits, self.temperature, dtype)
-        t_logp = teacher_log_probs(teacher, self.temperature, logits.shape[-1], dtype)
+        t_logp = teacher_log_probs(teacher, self.temperature, logits.shape[-1], dtype, s_logp.detach())
         target = self.target_log_probs(s_logp, t_logp)
         if self.form == "kl":
             loss = kl_from_log_probs(target, s_logp)

@@ -100,8 +100,9 @@ class TrilateralFusion(Objective):
         vocab = logits.shape[-1]
         dtype = compute_dtype(logits, teacher if isinstance(teacher, Tensor) else teacher.logprobs)
         temperature = self.geometry_temperature
-        q = student_log_probs(logits, temperature, dtype).exp()
-        p = teacher_log_probs(teacher, temperature, vocab, dtype).exp()
+        q_logp = student_log_probs(logits, temperature, dtype)
+        q = q_logp.exp()
+        p = teacher_log_probs(teacher, temperature, vocab, dtype, q_logp).exp()
         safe = torch.where(flat_labels != IGNORE_INDEX, flat_labels, 0)
         q_gold = q.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
         p_gold = p.gather(-1, safe.unsqueeze(-1)).squeeze(-1)

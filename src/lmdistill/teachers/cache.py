@@ -65,6 +65,7 @@ from lmdistill.data.cache import atomic_write_bytes, publish_directory
 from lmdistill.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from lmdistill.errors import ConfigError, DataError, LmdistillError
 from lmdistill.losses import SparseTeacher
+from lmdistill.losses.core import TAIL_SHAPES
 
 log = logging.getLogger(__name__)
 
@@ -601,9 +602,12 @@ class TeacherCache:
     Sizes are always checked at open, so a truncated shard fails immediately either way.
     """
 
-    def __init__(self, path: str | Path, *, verify: VerifyMode = "open") -> None:
+    def __init__(self, path: str | Path, *, verify: VerifyMode = "open", tail: str = "student") -> None:
         if verify not in ("open", "first_use"):
             raise ConfigError(f"verify must be 'open' or 'first_use', got {verify!r}")
+        if tail not in TAIL_SHAPES:
+            raise ConfigError(f"tail must be one of {', '.join(TAIL_SHAPES)}, got {tail!r}")
+        self.tail = tail  # how the losses share the residual mass (see SparseTeacher)
         self.path = Path(path)
         manifest_path = self.path / MANIFEST_NAME
         if not manifest_path.exists():
@@ -701,7 +705,7 @@ class TeacherCache:
         indices = torch.from_numpy(np.stack([p[1] for p in parts]).astype(np.int64)).reshape(-1, self.k)
         log_residual = _from_storage(np.stack([p[2] for p in parts]), self.value_dtype).reshape(-1)
         residual = log_residual.float().exp()  # exp(-inf) = 0 when k = V
-        return SparseTeacher(logprobs, indices, residual, self.temperature)
+        return SparseTeacher(logprobs, indices, residual, self.temperature, self.tail)
 
     def signal(self, batch: dict[str, torch.Tensor]) -> SparseTeacher:
         """Teacher signal for a training batch (rows in the student's flattened [B*L] order)."""
@@ -720,7 +724,7 @@ class TeacherCache:
         device = input_ids.device
         if device.type != "cpu":
             teacher = SparseTeacher(teacher.logprobs.to(device), teacher.indices.to(device),
-                                    teacher.residual.to(device), teacher.temperature)
+                                    teacher.residual.to(device), teacher.temperature, teacher.tail)
         return teacher
 
     def chunked_signal(self, batch: dict[str, torch.Tensor]) -> SparseTeacher:
@@ -765,11 +769,12 @@ class TeacherCache:
 
 
 def open_teacher_cache(
-    path: str | Path, *, stream: TokenStream, tokenizer: Any, block_size: int, verify: VerifyMode = "open"
+    path: str | Path, *, stream: TokenStream, tokenizer: Any, block_size: int, verify: VerifyMode = "open",
+    tail: str = "student",
 ) -> TeacherCache:
     """Open a teacher cache for a training run, refusing one built for other data, another tokenizer or
     another block size (the message names each difference and how to fix it)."""
-    cache = TeacherCache(path, verify=verify)
+    cache = TeacherCache(path, verify=verify, tail=tail)
     problems = cache.mismatches(stream=stream, tokenizer=tokenizer, block_size=block_size)
     if problems:
         raise ConfigError(f"teacher cache {cache.path} does not match this run:\n  - " + "\n  - ".join(problems))
