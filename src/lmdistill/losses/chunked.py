@@ -160,12 +160,16 @@ class _FusedLinearDistill(torch.autograd.Function):
         # the matmul dtype was resolved outside; autocast must not re-cast the out= products in here
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             loss, grad_h, grad_w, grad_b = runner.run(hidden, weight, bias, need, mm_dtype)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        # kept as a plain attribute (they are neither inputs nor outputs) and dropped in backward, so the
+        # autograd engine holds the only reference and ``.grad`` takes the tensors over instead of copying
+        # them (a copy of the output layer's gradient would be the path's peak at large vocabularies)
+        ctx.grads = (grad_h, grad_w, grad_b)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
+        grad_h, grad_w, grad_b = ctx.grads
+        del ctx.grads
         if float(grad_output) != 1.0:
             grad_h = None if grad_h is None else grad_h * grad_output.to(grad_h.dtype)
             grad_w = None if grad_w is None else grad_w * grad_output.to(grad_w.dtype)

@@ -406,6 +406,10 @@ class Workspace:
             self._cache[key] = hit
         return hit
 
+    def cached_student_logp(self, temperature: float) -> Tensor | None:
+        """The student log-probabilities another kernel already computed for this chunk, or ``None``."""
+        return self._cache.get(("student", temperature))
+
     def teacher_logp(self, teacher: Teacher, temperature: float) -> Tensor:
         key = ("teacher", temperature)
         hit = self._cache.get(key)
@@ -588,3 +592,56 @@ def finish_chunk(loss: Tensor, grad: Tensor, labels: Tensor, scale: float) -> tu
 def iter_chunks(n: int, chunk: int) -> Iterator[tuple[int, int]]:
     for start in range(0, n, chunk):
         yield start, min(n, start + chunk)
+
+
+def sparse_forward_kl_chunk(
+    z: Tensor, teacher: SparseTeacher, temperature: float, ws: Workspace
+) -> tuple[Tensor, Tensor] | None:
+    """Forward KL against a sparse teacher with the student-shaped tail, without densifying the teacher.
+
+    With ``p_v = r q_v / Q_tail`` outside the top-k (see :class:`SparseTeacher`) the forward KL is the KL of
+    the k + 1 bucket distributions, ``sum_topk p_i (log p_i - log q_i) + r (log r - log Q_tail)``, and its
+    gradient w.r.t. the logits is ``(q - p) / T``: ``q_v (1 - r / Q_tail) / T`` on the tail and
+    ``(q_i - p_i) / T`` on the top-k. That needs one softmax and one scaled copy of it, the cost of a
+    cross-entropy, instead of building the dense ``[rows, V]`` teacher.
+
+    Returns per-row (loss, grad) in ``ws`` buffers, or ``None`` when the dense path must handle the chunk
+    (another tail shape, ``k = V``, or a row whose student puts no float-representable mass outside the top-k,
+    where the completion falls back to uniform). Rows where ``1 - sum(top-k)`` would lose its relative
+    precision (student tail below 1e-3) get their tail mass summed directly.
+    """
+    if teacher.tail != "student" or teacher.k >= ws.vocab_size:
+        return None
+    check_sparse_temperature(teacher, temperature)
+    s = ws.student_logp(z, temperature)
+    q = ws.student_q(temperature)
+    indices = teacher.indices.long()
+    s_top = s.gather(1, indices)
+    q_top = s_top.exp()
+    student_tail = (1.0 - q_top.sum(-1)).clamp(min=0.0)
+    confident = student_tail < 1e-3
+    if bool(confident.any()):
+        # 1 - sum(top-k) has lost its relative precision there: sum the tail itself for those rows
+        rows = s[confident].scatter(1, indices[confident], float("-inf"))
+        student_tail[confident] = torch.logsumexp(rows, dim=-1).exp()
+        if not bool((student_tail > 0).all()):
+            return None
+    top = teacher.logprobs.to(ws.dtype)
+    top_mass_log = torch.logsumexp(top, dim=-1)
+    if teacher.residual is not None:
+        residual = teacher.residual.to(ws.dtype).clamp(min=0.0)
+    else:
+        residual = (1.0 - top_mass_log.exp()).clamp(min=0.0)
+    log_total = torch.logaddexp(top_mass_log, torch.log(residual))
+    p_top_log = top - log_total.unsqueeze(-1)
+    p_top = p_top_log.exp()
+    r = residual / log_total.exp()
+    # 0 log 0 = 0 for an exactly zero residual
+    tail_term = torch.where(r > 0, r * (torch.log(r) - torch.log(student_tail)), torch.zeros_like(r))
+    loss = (p_top * (p_top_log - s_top)).sum(-1) + tail_term
+    grad = ws.buf("sparse_kl_grad")
+    torch.mul(q, (1.0 - r / student_tail).unsqueeze(-1), out=grad)
+    grad.scatter_(1, indices, q_top - p_top)
+    if temperature != 1.0:
+        grad.mul_(1.0 / temperature)
+    return loss, grad

@@ -10,14 +10,28 @@ from torch import Tensor
 from lmdistill.losses.core import (
     IGNORE_INDEX,
     Objective,
+    SparseTeacher,
     Teacher,
+    Workspace,
     compute_dtype,
+    finish_chunk,
     flatten_inputs,
     student_log_probs,
     teacher_log_probs,
 )
 
 __all__ = ["SinKD", "sinkhorn_log_plan"]
+
+
+def _softmax_into(logits: Tensor, temperature: float, out: Tensor) -> Tensor:
+    """``softmax(logits / T)`` computed in ``out``'s dtype (an exact upcast first, never in bf16)."""
+    if logits.dtype == out.dtype and temperature != 1.0:
+        torch.div(logits, temperature, out=out)
+    else:
+        out.copy_(logits)
+        if temperature != 1.0:
+            out.div_(temperature)
+    return torch.softmax(out, -1, out=out)
 
 # log-marginal of rows that carry no mass (ignored tokens, padding of the last group): finite, so no
 # -inf - (-inf) NaN can reach the gradient, and exp() of it is exactly 0 in float32 and float64
@@ -114,11 +128,72 @@ class SinKD(Objective):
             mask, -torch.log(counts.clamp(min=1).to(dtype)), torch.full((), _NO_MASS, dtype=dtype)
         )
         cost = torch.cdist(p_s, p_t, p=1)  # [groups, group, group]
+        return self._loss_from_cost(cost, log_mass, counts, valid).reshape(lead)
+
+    def _loss_from_cost(self, cost: Tensor, log_mass: Tensor, counts: Tensor, valid: Tensor) -> Tensor:
+        """Per-row losses ``[n]`` from the blocks' cost matrices (shared by both paths, so they agree exactly)."""
+        n = valid.shape[0]
         log_plan = sinkhorn_log_plan(cost, log_mass, log_mass, self.epsilon, self.iterations)
         row_cost = (log_plan.exp() * cost).sum(-1)  # [groups, group]
-        per_row = (row_cost * counts.to(dtype)).reshape(-1)[:n]
-        loss = torch.where(valid, per_row, torch.zeros((), dtype=dtype))
-        return loss.reshape(lead)
+        per_row = (row_cost * counts.to(cost.dtype)).reshape(-1)[:n]
+        return torch.where(valid, per_row, torch.zeros((), dtype=cost.dtype))
+
+    def has_chunk_kernel(self) -> bool:
+        return self.group_size is not None
+
+    def chunk_value_and_grad(self, z, teacher, labels, ws: Workspace, context=None):
+        """Loss and gradient for a chunk of whole blocks, without autograd over ``[chunk, V]`` tensors.
+
+        The cost matrices come from ``cdist`` on the probabilities (no graph); only the Sinkhorn iterations on
+        the small ``[blocks, group, group]`` costs are differentiated with autograd, and the cost gradient
+        ``G`` is taken back to the student's probabilities with ``cdist``'s own backward
+        (``dL/dq_iv = sum_j G_ij sign(q_iv - p_jv)``), then through the softmax. The two ``cdist`` passes,
+        each ``group`` times the vocabulary per row, dominate the time: see ``bench/losses.py``.
+        """
+        if self.group_size is None:
+            return None  # couples the whole call: the chunked path refuses it before asking
+        T = self.temperature
+        n, vocab = z.shape
+        if isinstance(teacher, SparseTeacher):
+            ws.student_logp(z, T)
+            ws.teacher_logp(teacher, T)  # after the student: a sparse teacher's tail is shaped by it
+            q, p = ws.student_q(T), ws.teacher_p(T)
+        else:
+            # dense teacher: probabilities straight from a softmax, no log-probabilities kept (two [chunk, V]
+            # buffers less; the cost only needs probabilities)
+            q = _softmax_into(z, T, ws.buf("sinkd_q"))
+            p = _softmax_into(teacher, T, ws.buf("sinkd_p"))
+        valid = labels != IGNORE_INDEX
+        group = max(1, min(self.group_size, n))
+        n_groups = -(-n // group)
+        pad = n_groups * group - n
+        q_blocks, p_blocks = q, p
+        if pad:  # only a last, partial block
+            q_blocks = torch.nn.functional.pad(q, (0, 0, 0, pad))
+            p_blocks = torch.nn.functional.pad(p, (0, 0, 0, pad))
+            valid_padded = torch.nn.functional.pad(valid, (0, pad), value=False)
+        else:
+            valid_padded = valid
+        q_blocks = q_blocks.reshape(n_groups, group, vocab)
+        p_blocks = p_blocks.reshape(n_groups, group, vocab)
+        mask = valid_padded.reshape(n_groups, group)
+        counts = mask.sum(-1, keepdim=True)
+        dtype = q.dtype
+        log_mass = torch.where(mask, -torch.log(counts.clamp(min=1).to(dtype)), torch.full((), _NO_MASS, dtype=dtype))
+        with torch.no_grad():
+            cost = torch.cdist(q_blocks, p_blocks, p=1)
+        with torch.enable_grad():
+            leaf = cost.detach().requires_grad_(True)
+            rows = self._loss_from_cost(leaf, log_mass, counts, valid)
+            (g_cost,) = torch.autograd.grad(rows.sum(), leaf)
+        loss = rows.detach()
+        g_q = torch.ops.aten._cdist_backward(g_cost.contiguous(), q_blocks, p_blocks, 1.0, cost)
+        q_g = g_q.reshape(n_groups * group, vocab)[:n].mul_(q)
+        # through the softmax: dL/dz = (1/T) q (g - sum_k q_k g_k)
+        grad = q_g.addcmul_(q, q_g.sum(-1, keepdim=True), value=-1.0)
+        if T != 1.0:
+            grad.div_(T)
+        return finish_chunk(loss, grad, labels, 1.0)
 
     def config(self) -> dict:
         return {
