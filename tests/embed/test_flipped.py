@@ -42,7 +42,8 @@ def test_only_lora_parameters_train(tiny_lm):
     trainable = dict(enc.trainable_parameters())
     assert trainable and all("lora_" in name for name in trainable)
     frozen = [n for n, p in enc.lm.named_parameters() if not p.requires_grad]
-    assert frozen and not any("lora_" in n for n in frozen)
+    # The only frozen LoRA tensor is the representation module's B: it acts after the code is taken.
+    assert frozen and [n for n in frozen if "lora_" in n] == [f"{enc.representation_name}.lora_B.default.weight"]
     assert {n for n, p in enc.named_parameters() if p.requires_grad} == {f"lm.{n}" for n in trainable}
 
 
@@ -128,3 +129,128 @@ def test_contrastive_term_is_added_to_mcl(tiny_gpt2):
     # query can be another query's positive, which then counts as a positive pair too).
     assert all(k >= 4 for k in x["kept_positives"])
     assert all(p + n == 4 * 8 for p, n in zip(x["kept_positives"], x["kept_negatives"]))
+
+
+# ------------------------------------------------------------ which adapters exist, and that all of them learn
+
+
+def bottom_module(lm_dir) -> str:
+    """A module reading block 0's normalised token embeddings (the shipped config's choice for GPT-2)."""
+    import json
+
+    family = json.loads((lm_dir / "config.json").read_text())["model_type"]
+    return "h.0.attn.c_attn" if family == "gpt2" else "layers.0.self_attn.q_proj"
+
+
+@pytest.fixture(scope="module")
+def gcide_signal(gcide_cache, minilm_path):
+    """A real batch source: the small GCIDE task with all-MiniLM-L6-v2 as the teacher (the tiny LMs
+    have 64 positions: their encoders cut texts to 32 tokens)."""
+    from lmdistill.embed.encoder import TextEncoder
+    from lmdistill.embed.task import load_gcide_task
+    from tests.embed.helpers import SMALL_TASK
+
+    task = load_gcide_task(**SMALL_TASK, cache_dir=gcide_cache)
+    teacher = TextEncoder.from_pretrained(minilm_path)
+    signal = build_training_signal(task, teacher_encode=lambda t: teacher.encode(list(t)), negatives_from="teacher", top_k=5)
+    return task, signal
+
+
+def grads_after(enc, task, signal, steps: int) -> dict[str, torch.Tensor | None]:
+    """Gradients of the last of ``steps`` training steps on real GCIDE batches (the loop leaves them set)."""
+    cfg = TrainConfig(steps=steps, batch_size=8, lr=1e-3, warmup_steps=0, log_every=100, grad_clip=None)
+    train_flipped(enc, task, cfg, signal=signal, margin=0.1, pos_threshold=0.2, neg_threshold=0.6, contrastive_weight=1.0)
+    return {n: p.grad for n, p in enc.lm.named_parameters() if "lora_" in n}
+
+
+def adapted_modules(names) -> set[str]:
+    return {n.split(".lora_")[0] for n in names}
+
+
+def test_auto_adapters_are_exactly_those_that_get_gradients(tiny_lm, gcide_signal):
+    """'all-linear' puts adapters everywhere; after two real steps (the first moves B off zero) only some
+    have gradients. 'auto' must adapt exactly that set, and freeze only the representation module's B."""
+    task, signal = gcide_signal
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="cannot change the representation"):
+        everywhere = LoraLMEncoder(tiny_lm, r=4, alpha=8, target_modules="all-linear", max_seq_length=32)
+    grads = grads_after(everywhere, task, signal, steps=2)
+    live = adapted_modules(n for n, g in grads.items() if g is not None and g.abs().sum() > 0)
+    dead = adapted_modules(grads) - live
+    assert dead, "all-linear should put some adapters where they cannot act"
+
+    torch.manual_seed(0)
+    auto = LoraLMEncoder(tiny_lm, r=4, alpha=8, max_seq_length=32)
+    assert adapted_modules(n for n, _ in auto.lm.named_parameters() if "lora_" in n) == live
+    rep_b = f"{auto.representation_name}.lora_B.default.weight"
+    assert {n for n, p in auto.lm.named_parameters() if "lora_" in n and not p.requires_grad} == {rep_b}
+
+
+def test_every_trainable_parameter_gets_a_gradient_on_a_real_batch(tiny_lm, gcide_signal):
+    task, signal = gcide_signal
+    # The configured reading (block 0's input): the representation module's A is the only trainable tensor.
+    torch.manual_seed(0)
+    bottom = LoraLMEncoder(tiny_lm, r=4, alpha=8, representation_module=bottom_module(tiny_lm), max_seq_length=32)
+    trainable = dict(bottom.trainable_parameters())
+    assert list(trainable) == [f"{bottom.representation_name}.lora_A.default.weight"]
+    grads = grads_after(bottom, task, signal, steps=1)
+    assert all(grads[n] is not None and grads[n].abs().sum() > 0 for n in trainable)
+
+    # A deeper reading (the default: the last block's MLP input) has adapters below it. On the first
+    # backward their A gets an exactly zero gradient, because LoRA starts with B = 0; every other trainable
+    # tensor gets a non-zero one. From the second step on, all of them do.
+    torch.manual_seed(0)
+    deep = LoraLMEncoder(tiny_lm, r=4, alpha=8, max_seq_length=32)
+    trainable = dict(deep.trainable_parameters())
+    assert len(trainable) > 1
+    first = grads_after(deep, task, signal, steps=1)
+    rep_a = f"{deep.representation_name}.lora_A.default.weight"
+    for n in trainable:
+        assert first[n] is not None, n
+        if n == rep_a or ".lora_B." in n:
+            assert first[n].abs().sum() > 0, n
+        else:
+            assert first[n].abs().sum() == 0, n
+    torch.manual_seed(0)
+    deep = LoraLMEncoder(tiny_lm, r=4, alpha=8, max_seq_length=32)
+    second = grads_after(deep, task, signal, steps=2)
+    assert all(second[n] is not None and second[n].abs().sum() > 0 for n in dict(deep.trainable_parameters()))
+
+
+def test_explicit_target_modules_without_the_representation_module_is_an_error(tiny_gpt2):
+    with pytest.raises(ConfigError, match="has no LoRA adapter"):
+        LoraLMEncoder(tiny_gpt2, r=4, target_modules=["h.0.attn.c_attn"], representation_module="h.1.mlp.c_fc")
+
+
+# ------------------------------------------------------------------------------------------- centring
+
+
+def test_centering_subtracts_the_mean_hidden_state(tiny_lm, tmp_path):
+    torch.manual_seed(0)
+    enc = LoraLMEncoder(tiny_lm, r=6, alpha=12)
+    mu = enc.fit_center(TEXTS, batch_size=2)
+    layer = enc._rep_layer
+    # Reference: the hidden state A reads, for every real token of the fitting texts, in float64.
+    captured = []
+    handle = layer.register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0]))
+    enc.eval()
+    with torch.no_grad():
+        for text in TEXTS:
+            enc.embed([text])
+    handle.remove()
+    tokens = torch.cat([x[0] for x in captured]).double()
+    torch.testing.assert_close(mu.double(), tokens.mean(0), rtol=0, atol=1e-5)
+    # The code is A(h - mu): pooled, normalised, per text.
+    a = layer.lora_A["default"].weight.detach().double()
+    expected = torch.nn.functional.normalize((captured[0][0].double() - mu.double()).mean(0) @ a.T, dim=-1)
+    np.testing.assert_allclose(enc.encode(TEXTS[:1])[0], expected.numpy(), atol=1e-5)
+    # Over all tokens of the fitting texts the centred code averages to zero (A is linear).
+    codes = (tokens - mu.double()) @ a.T
+    assert codes.mean(0).abs().max() < 1e-5
+    # The centre is saved with the adapter and restored.
+    enc.save(tmp_path / "m")
+    again = LoraLMEncoder.load(tmp_path / "m")
+    torch.testing.assert_close(again.center, mu)
+    np.testing.assert_allclose(again.encode(TEXTS), enc.encode(TEXTS), atol=1e-6)
+    # Centring adds no trainable parameter.
+    assert all("lora_" in n for n, _ in again.trainable_parameters())

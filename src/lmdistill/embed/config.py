@@ -68,9 +68,16 @@ class LMConfig(Section):
     lora_r: int = Field(32, gt=0, description="LoRA rank = dimension of the text representation")
     lora_alpha: float = Field(64.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | str = Field("all-linear", description="peft target_modules")
+    target_modules: list[str] | str = Field(
+        "auto",
+        description="'auto': LoRA only on the modules that can change the representation (the representation "
+        "module and the linear modules feeding it); else a peft target_modules value, used as given",
+    )
     representation_module: str | None = Field(
-        None, description="LoRA-wrapped module whose A-projection is the representation; default: the last one reading the hidden state"
+        None, description="linear module whose LoRA-A projection is the representation; default: the last one reading the hidden state"
+    )
+    center: bool = Field(
+        True, description="subtract the mean hidden state (over the training texts) before A: removes the common direction of the LM's states"
     )
     pooling: Literal["mean", "last"] = "mean"
     max_seq_length: int = Field(48, gt=4)

@@ -102,9 +102,23 @@ def mcl_loss(
     handles the internal differences within positive and negative samples". LoRA's A is the encoder and
     B the decoder (see `lmdistill.embed.flipped`).
 
-    What is our assumption: the paper's equations were not available to us (the stored copies we could
-    search hold its abstract and summaries, not the method section), so the exact form below is our
-    reading of that description, not a transcription:
+    What is our assumption: the paper's equations were not available to us, so the exact form below is our
+    reading of its description, not a transcription. Searched (2026-11-27) in the stored public copies
+    this project can reach: the `pages` corpus (queries "Flipping Knowledge Distillation margin-aware
+    contrastive learning", "2507.05617", "arxiv.org/abs/2507.05617", the ACL Anthology id 2025.acl-long.1081,
+    the paper's own wording about LoRA as encoder and MCL, a Chinese-language query), `docs`, `code` and
+    `issues` (flipped KD / MCL / text-matching queries), and exact-string look-ups in public repositories
+    ("Flipping Knowledge Distillation", "2507.05617", "Margin-aware Contrastive", "flipping_kd",
+    "L_{MCL}", "\\mathcal{L}_{MCL}"). Found: the abstract (arxiv.org/abs/2507.05617, the ACL Anthology
+    page, papers.cool), the first section of arxiv.org/html/2507.05617v1, summary pages (alphaxiv.org
+    overview, chatpaper.com/paper/176477) and paper notes in public repositories (en.papernotes.org
+    "flipping_kd_small_to_large"; a Chinese summary). The stored copies stop before the method section,
+    no reference code was found (the notes say "Code: None"), and no copy shows an MCL equation. What the
+    secondary notes add (machine-written summaries, not the paper): MCL introduces "two margin zones" (a gap
+    between positives and negatives, and differentiation within positives and within negatives); a
+    "dual-threshold" noise filter with a lower bound for positives and an upper bound for negatives on the
+    teacher's score; the ablations remove MCL, the distillation loss L_dist, and the noise filter
+    separately, so the objective has (at least) those three parts. Our form follows that structure:
 
     * Noise filter with two thresholds θ⁺ ≤ θ⁻ on the teacher's score: P = {y=1, t ≥ θ⁺},
       N = {y=0, t ≤ θ⁻}; pairs the teacher contradicts are left out.

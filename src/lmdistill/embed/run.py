@@ -187,7 +187,7 @@ def run_distill(
         rows = [encoder_row(name, student, task, cfg, similarity=cfg.student.similarity, trainable_params=size, train_seconds=result.seconds)]
     elif cfg.method == "flipped_kd":
         assert signal is not None
-        lm = lora_encoder(cfg)
+        lm = lora_encoder(cfg, task)
         m = cfg.mcl
         result = train_flipped(
             lm,
@@ -268,11 +268,15 @@ def m3_rows(model: M3Encoder, task: RetrievalTask, cfg: EmbedConfig, *, train_se
     ]
 
 
-def lora_encoder(cfg: EmbedConfig) -> LoraLMEncoder:
-    """The flipped-KD student as configured (call after `seed_everything`: LoRA's A is random)."""
+def lora_encoder(cfg: EmbedConfig, task: RetrievalTask | None = None) -> LoraLMEncoder:
+    """The flipped-KD student as configured (call after `seed_everything`: LoRA's A is random).
+
+    With ``lm.center`` the hidden-state mean is estimated on the task's training texts (queries and
+    training corpus, never the evaluation split), so ``task`` is needed then.
+    """
     assert cfg.lm.path is not None
     lm = cfg.lm
-    return LoraLMEncoder(
+    encoder = LoraLMEncoder(
         lm.path,
         r=lm.lora_r,
         alpha=lm.lora_alpha,
@@ -282,12 +286,17 @@ def lora_encoder(cfg: EmbedConfig) -> LoraLMEncoder:
         pooling=lm.pooling,
         max_seq_length=lm.max_seq_length,
     )
+    if lm.center:
+        if task is None:
+            raise ValueError("lm.center needs the task: the mean is taken over its training texts")
+        encoder.fit_center([p.query for p in task.train] + list(task.train_corpus.values()), batch_size=cfg.eval.batch_size)
+    return encoder
 
 
 def lora_init_row(task: RetrievalTask, cfg: EmbedConfig) -> EvalRow:
     """The flipped-KD student before training: the same seed gives the same random A as `run_distill`."""
     seed_everything(cfg.seed, cfg.threads)
-    lm = lora_encoder(cfg)
+    lm = lora_encoder(cfg, task)
     return encoder_row(f"LM LoRA-A code before training ({lm.representation_name.split('model.')[-1]})", lm, task, cfg)
 
 
