@@ -28,6 +28,7 @@ teacher recipe, fewer steps) pretrained once and reused. Usage::
 
     python bench/cache.py                  # part cache (about 15 minutes on 2 idle cores)
     python bench/cache.py --part miniplm   # part miniplm
+    python bench/cache.py --part timing    # step times and reads only, on the caches of a --part cache --keep run
     python bench/cache.py --part all --threads 1 --objective mix
 """
 
@@ -166,6 +167,58 @@ def completion_diagnostics(teacher, data, ks: list[int]) -> list[dict[str, Any]]
              "rel": (math.exp(acc[0] / n) - full) / full * 100} for k, acc in sums.items()]
 
 
+def step_times_and_reads(caches: dict[int, Path], teacher_dir: Path, out: Path, timing_rounds: int, corpus: str,
+                         objective: str) -> tuple[dict[str, float], dict[str, str], dict[int, float]]:
+    """Median step time of each step kind (interleaved rounds), its loss path, and the caches' read
+    throughput (tokens/s of ``TeacherCache.signal`` on random batches of 16 blocks, memory-mapped)."""
+    import numpy as np
+    import torch
+
+    from lmdistill.teachers.cache import TeacherCache
+    from lmdistill.train.run import build_trainer
+
+    # ---- step time, interleaved
+    # default loss path (train.chunked_loss: auto) for every kind, plus the plain full-logits path for two
+    timed: list[tuple[str, dict | None, bool | str]] = [
+        ("label-only", None, "auto"), ("cache k=8", {"cache": str(caches[8])}, "auto"),
+        ("cache k=32", {"cache": str(caches[32])}, "auto"), ("cache k=128", {"cache": str(caches[128])}, "auto"),
+        ("cache k=32, uniform tail", {"cache": str(caches[32]), "tail": "uniform"}, "auto"),
+        ("live teacher", {"path": str(teacher_dir)}, "auto"),
+        ("label-only, plain loss", None, False), ("cache k=32, plain loss", {"cache": str(caches[32])}, False),
+    ]
+    trainers = []
+    for name, section, chunked in timed:
+        cfg = student_config(out / "timing" / name.replace(" ", "_").replace(",", "").replace("=", ""), teacher_dir,
+                             section, steps=10**6, chunked=chunked, corpus=corpus, objective=objective)
+        trainers.append((name, build_trainer(cfg, show_progress=False)[0]))
+    log(f"timing {len(trainers)} step kinds interleaved, {timing_rounds} rounds after 3 warm-up; {load_note()}")
+    times: dict[str, list[float]] = {name: [] for name, _ in trainers}
+    for r in range(3 + timing_rounds):
+        for name, trainer in trainers:
+            t0 = time.perf_counter()
+            trainer.train_step(r)
+            if r >= 3:
+                times[name].append(time.perf_counter() - t0)
+    step_s = {name: statistics.median(v) for name, v in times.items()}
+    loss_path = {name: "chunked" if trainer.use_chunked else "plain (full logits)" for name, trainer in trainers}
+    del trainers
+
+    # ---- read throughput (memory-mapped, random batches of 16 blocks)
+    reads = {}
+    gen = np.random.default_rng(0)
+    for k, path in caches.items():
+        cache = TeacherCache(path)
+        batches = [gen.integers(0, cache.n_blocks, BATCH) for _ in range(60)]
+        for b in batches[:5]:
+            cache.signal({"input_ids": torch.zeros(BATCH, BLOCK, dtype=torch.long), "block_index": torch.from_numpy(b)})
+        t0 = time.perf_counter()
+        for b in batches:
+            cache.signal({"input_ids": torch.zeros(BATCH, BLOCK, dtype=torch.long), "block_index": torch.from_numpy(b)})
+        reads[k] = len(batches) * BATCH * BLOCK / (time.perf_counter() - t0)
+
+    return step_s, loss_path, reads
+
+
 def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, corpus: str, objective: str) -> str:
     import numpy as np
     import torch
@@ -217,43 +270,7 @@ def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, cor
         quality[name] = {**result.final_metrics, "train_seconds": result.train_seconds,
                          "train_tokens_per_second": result.tokens_per_second}
 
-    # ---- step time, interleaved
-    # default loss path (train.chunked_loss: auto) for every kind, plus the plain full-logits path for two
-    timed: list[tuple[str, dict | None, bool | str]] = [
-        ("label-only", None, "auto"), ("cache k=8", {"cache": str(caches[8])}, "auto"),
-        ("cache k=32", {"cache": str(caches[32])}, "auto"), ("cache k=128", {"cache": str(caches[128])}, "auto"),
-        ("live teacher", {"path": str(teacher_dir)}, "auto"),
-        ("label-only, plain loss", None, False), ("cache k=32, plain loss", {"cache": str(caches[32])}, False),
-    ]
-    trainers = []
-    for name, section, chunked in timed:
-        cfg = student_config(out / "timing" / name.replace(" ", "_").replace(",", "").replace("=", ""), teacher_dir,
-                             section, steps=10**6, chunked=chunked, corpus=corpus, objective=objective)
-        trainers.append((name, build_trainer(cfg, show_progress=False)[0]))
-    log(f"timing {len(trainers)} step kinds interleaved, {timing_rounds} rounds after 3 warm-up; {load_note()}")
-    times: dict[str, list[float]] = {name: [] for name, _ in trainers}
-    for r in range(3 + timing_rounds):
-        for name, trainer in trainers:
-            t0 = time.perf_counter()
-            trainer.train_step(r)
-            if r >= 3:
-                times[name].append(time.perf_counter() - t0)
-    step_s = {name: statistics.median(v) for name, v in times.items()}
-    loss_path = {name: "chunked" if trainer.use_chunked else "plain (full logits)" for name, trainer in trainers}
-    del trainers
-
-    # ---- read throughput (memory-mapped, random batches of 16 blocks)
-    reads = {}
-    gen = np.random.default_rng(0)
-    for k, path in caches.items():
-        cache = TeacherCache(path)
-        batches = [gen.integers(0, cache.n_blocks, BATCH) for _ in range(60)]
-        for b in batches[:5]:
-            cache.signal({"input_ids": torch.zeros(BATCH, BLOCK, dtype=torch.long), "block_index": torch.from_numpy(b)})
-        t0 = time.perf_counter()
-        for b in batches:
-            cache.signal({"input_ids": torch.zeros(BATCH, BLOCK, dtype=torch.long), "block_index": torch.from_numpy(b)})
-        reads[k] = len(batches) * BATCH * BLOCK / (time.perf_counter() - t0)
+    step_s, loss_path, reads = step_times_and_reads(caches, teacher_dir, out, timing_rounds, corpus, objective)
 
     # ---- tables
     tokens_per_step = BATCH * BLOCK
@@ -310,6 +327,27 @@ def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, cor
         f"split ({quality['live teacher']['tokens']:,} tokens)\n\n{t2}\n\n"
         f"### Step time, interleaved ({timing_rounds} rounds)\n\n{t3}\n"
     )
+
+
+def part_timing(teacher_dir: Path, out: Path, timing_rounds: int, corpus: str, objective: str) -> str:
+    """Only the step times and read throughput, on the caches a ``--part cache --keep`` run left in ``out``."""
+    caches = {k: out / f"cache-k{k}" for k in (8, 32, 128)}
+    missing = [str(p) for p in caches.values() if not (p / "manifest.json").exists()]
+    if missing:
+        raise SystemExit(f"--part timing needs the caches of a `--part cache --keep` run with the same --output; missing: {missing}")
+    step_s, loss_path, reads = step_times_and_reads(caches, teacher_dir, out, timing_rounds, corpus, objective)
+    label_s = step_s["label-only"]
+    rows = [{"kind": name, "path": loss_path[name], "step": t,
+             "ratio": t / (step_s["label-only, plain loss"] if "plain loss" in name else label_s),
+             "consume": BATCH * BLOCK / t} for name, t in step_s.items()]
+    table = markdown(rows, [("kind", "step kind", ""), ("path", "loss path", ""), ("step", "median s/step", ".3f"),
+                            ("ratio", "vs label-only (same loss path)", ".2f"), ("consume", "tokens/s consumed", ",.0f")])
+    read_rows = [{"k": k, "read": r, "consume": BATCH * BLOCK / step_s[f"cache k={k}"],
+                  "headroom": r / (BATCH * BLOCK / step_s[f"cache k={k}"])} for k, r in reads.items()]
+    reads_table = markdown(read_rows, [("k", "cache k", "d"), ("read", "read tokens/s", ",.0f"),
+                                       ("consume", "training consumes tokens/s", ",.0f"), ("headroom", "read / consumption", ".0f")])
+    return (f"### Step time, interleaved ({timing_rounds} rounds; {objective_label(objective)})\n\n{table}\n\n"
+            f"### Cache reads vs training consumption\n\n{reads_table}\n")
 
 
 # --------------------------------------------------------------------------------------- part miniplm
@@ -402,7 +440,8 @@ def part_miniplm(teacher_dir: Path, out: Path, steps: int, reference_steps: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=["cache", "miniplm", "all"], default="cache")
+    parser.add_argument("--part", choices=["cache", "miniplm", "all", "timing"], default="cache",
+                        help="timing: step times and reads only, on the caches of an earlier --part cache --keep run")
     parser.add_argument("--steps", type=int, default=300, help="student steps (demo recipe: 300)")
     parser.add_argument("--objective", choices=sorted(OBJECTIVES), default="forward_kl",
                         help="distillation objective of the students (label-only twin: cross-entropy)")
@@ -441,12 +480,15 @@ def main() -> None:
             sections.append(part_cache(teacher_dir, args.output, args.steps, args.timing_rounds, args.corpus,
                                        args.objective))
             print("\n" + sections[-1], flush=True)  # printed at once: a later part's crash cannot lose it
+        if args.part == "timing":
+            sections.append(part_timing(teacher_dir, args.output, args.timing_rounds, args.corpus, args.objective))
+            print("\n" + sections[-1], flush=True)
         if args.part in ("miniplm", "all"):
             sections.append(part_miniplm(teacher_dir, args.output, args.steps, args.reference_steps, args.window,
                                          args.stride, args.corpus))
             print("\n" + sections[-1], flush=True)
     finally:
-        if not args.keep:
+        if not args.keep and args.part != "timing":
             shutil.rmtree(args.output, ignore_errors=True)
     footer = f"Total {time.perf_counter() - start:.0f}s; at the end: {load_note()}"
     text = header + "\n" + "\n".join(sections) + "\n" + footer

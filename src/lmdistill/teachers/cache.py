@@ -5,8 +5,10 @@ Running a large teacher at every training step dominates the cost of white-box d
 and DistillKit do teacher inference once, offline. This module stores, for every position of every
 training block, the teacher's top-k log-probabilities, their token ids and the probability mass left
 outside the top-k, and serves them back as a :class:`~lmdistill.losses.SparseTeacher`, which every
-objective accepts in place of dense teacher logits (the residual mass is spread uniformly over the
-V - k tokens outside the top-k; see that class).
+objective accepts in place of dense teacher logits. The residual mass is shared among the V - k tokens
+outside the top-k in proportion to the student's own probabilities by default (``teacher.tail:
+student``: the divergence of the top-k plus one "rest" bucket, which teaches the student how much mass
+lies outside the teacher's top-k but not how to shape it), or evenly (``tail: uniform``); see that class.
 
 Indexing
 --------
