@@ -3,8 +3,9 @@
 
 Part ``cache`` (default):
 
-1. writes a k=128 float16 cache of the teacher over the whole KJV training split (write throughput),
-   derives the k=32 and k=8 caches from it without running the teacher (``shrink_teacher_cache``);
+1. writes a k=128 float16 top-k cache of the teacher over the whole KJV training split (write throughput),
+   derives the k=32 and k=8 caches from it without running the teacher (``shrink_teacher_cache``), and
+   writes a sampled k=32 cache (random-sampling KD);
 2. bytes per token of each cache, on disk, against dense float16 logits (2 * V bytes), also at V = 32k;
    and what a top-k cache keeps of the teacher on the validation split (targets outside the top-k,
    residual mass, perplexity of the teacher completed with a uniform tail, the only completion that does
@@ -12,9 +13,10 @@ Part ``cache`` (default):
 3. read throughput of ``TeacherCache.signal`` (random batches of 16 blocks, memory-mapped) against what
    the training loop consumes (tokens per second of a cache-distillation step);
 4. students (the demo's 1.5M GPT-2 student and recipe; objective forward KL, or with ``--objective mix``
-   0.5 forward KL + 0.5 cross-entropy) distilled from each cache (default student-shaped tail; k=128 and 32
-   also with the uniform tail) and from the live teacher, plus the label-only twin: validation perplexity
-   on the whole validation split;
+   0.5 forward KL + 0.5 cross-entropy) distilled from each top-k cache (default student-shaped tail; k=32
+   also with the uniform tail), from a sampled k=32 cache (32 systematic draws per token, the default
+   ``cache.mode``) and from the live teacher, plus the label-only twin: validation perplexity on the whole
+   validation split;
 5. step time, label-only vs cache vs live teacher, measured interleaved (one step of each in turn, so
    a changing machine load hits all alike), median over the measured rounds.
 
@@ -167,8 +169,8 @@ def completion_diagnostics(teacher, data, ks: list[int]) -> list[dict[str, Any]]
              "rel": (math.exp(acc[0] / n) - full) / full * 100} for k, acc in sums.items()]
 
 
-def step_times_and_reads(caches: dict[int, Path], teacher_dir: Path, out: Path, timing_rounds: int, corpus: str,
-                         objective: str) -> tuple[dict[str, float], dict[str, str], dict[int, float]]:
+def step_times_and_reads(caches: dict[int, Path], sampled: Path, teacher_dir: Path, out: Path, timing_rounds: int,
+                         corpus: str, objective: str) -> tuple[dict[str, float], dict[str, str], dict[str, float]]:
     """Median step time of each step kind (interleaved rounds), its loss path, and the caches' read
     throughput (tokens/s of ``TeacherCache.signal`` on random batches of 16 blocks, memory-mapped)."""
     import numpy as np
@@ -183,6 +185,7 @@ def step_times_and_reads(caches: dict[int, Path], teacher_dir: Path, out: Path, 
         ("label-only", None, "auto"), ("cache k=8", {"cache": str(caches[8])}, "auto"),
         ("cache k=32", {"cache": str(caches[32])}, "auto"), ("cache k=128", {"cache": str(caches[128])}, "auto"),
         ("cache k=32, uniform tail", {"cache": str(caches[32]), "tail": "uniform"}, "auto"),
+        ("cache k=32, sampled", {"cache": str(sampled)}, "auto"),
         ("live teacher", {"path": str(teacher_dir)}, "auto"),
         ("label-only, plain loss", None, False), ("cache k=32, plain loss", {"cache": str(caches[32])}, False),
     ]
@@ -206,7 +209,7 @@ def step_times_and_reads(caches: dict[int, Path], teacher_dir: Path, out: Path, 
     # ---- read throughput (memory-mapped, random batches of 16 blocks)
     reads = {}
     gen = np.random.default_rng(0)
-    for k, path in caches.items():
+    for name, path in [(f"cache k={k}", p) for k, p in caches.items()] + [("cache k=32, sampled", sampled)]:
         cache = TeacherCache(path)
         batches = [gen.integers(0, cache.n_blocks, BATCH) for _ in range(60)]
         for b in batches[:5]:
@@ -214,7 +217,7 @@ def step_times_and_reads(caches: dict[int, Path], teacher_dir: Path, out: Path, 
         t0 = time.perf_counter()
         for b in batches:
             cache.signal({"input_ids": torch.zeros(BATCH, BLOCK, dtype=torch.long), "block_index": torch.from_numpy(b)})
-        reads[k] = len(batches) * BATCH * BLOCK / (time.perf_counter() - t0)
+        reads[name] = len(batches) * BATCH * BLOCK / (time.perf_counter() - t0)
 
     return step_s, loss_path, reads
 
@@ -255,11 +258,19 @@ def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, cor
         t0 = time.perf_counter()
         shrink_teacher_cache(caches[128], caches[k], k)
         shrink_seconds[k] = time.perf_counter() - t0
+    sampled = out / "cache-k32-sampled"
+    shutil.rmtree(sampled, ignore_errors=True)
+    sampled_report = write_teacher_cache(sampled, model=teacher, tokenizer=tokenizer, stream=train, block_size=BLOCK,
+                                         k=32, mode="sampled", model_name=str(teacher_dir), corpus=corpus)
     log(f"caches written (write {write_tps:,.0f} tokens/s, teacher forward alone {forward_tps:,.0f} tokens/s); {load_note()}")
 
     # ---- students: live teacher, each cache, label-only (same recipe, seed and steps)
     variants: list[tuple[str, dict | None]] = [("live teacher", {"path": str(teacher_dir)})]
     variants += [(f"cache k={k}", {"cache": str(caches[k])}) for k in (128, 32, 8)]
+    # random-sampling KD: 32 draws from the teacher per token instead of its top 32
+    variants += [("cache k=32, sampled", {"cache": str(sampled)})]
+    # the residual spread evenly over the tail instead of the default student-shaped tail
+    variants += [("cache k=32, uniform tail", {"cache": str(caches[32]), "tail": "uniform"})]
     variants += [("label-only", None)]
     quality: dict[str, dict[str, Any]] = {}
     for name, section in variants:
@@ -270,23 +281,27 @@ def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, cor
         quality[name] = {**result.final_metrics, "train_seconds": result.train_seconds,
                          "train_tokens_per_second": result.tokens_per_second}
 
-    step_s, loss_path, reads = step_times_and_reads(caches, teacher_dir, out, timing_rounds, corpus, objective)
+    step_s, loss_path, reads = step_times_and_reads(caches, sampled, teacher_dir, out, timing_rounds, corpus, objective)
 
     # ---- tables
     tokens_per_step = BATCH * BLOCK
     storage_rows = []
-    for k in (8, 32, 128):
-        cache = TeacherCache(caches[k], verify="first_use")
+    for name, path in [(f"cache k={k}", caches[k]) for k in (8, 32, 128)] + [("cache k=32, sampled", sampled)]:
+        cache = TeacherCache(path, verify="first_use")
+        k = cache.k
         on_disk = cache.manifest["total_bytes"] / (cache.n_blocks * BLOCK)
-        consume = tokens_per_step / step_s[f"cache k={k}"]
+        consume = tokens_per_step / step_s[name]
+        if path == sampled:
+            write = f"{sampled_report.tokens_per_second:,.0f}"
+        else:
+            write = f"{write_tps:,.0f}" if k == 128 else f"shrunk from k=128 in {shrink_seconds[k]:.1f}s"
         storage_rows.append({
-            "cache": f"k={k}, float16, {cache.manifest['index_dtype']} ids",
+            "cache": f"{name[6:]}, float16, {cache.manifest['index_dtype']} ids",
             "bpt": cache.bytes_per_token, "disk": on_disk, "dense": 2 * vocab, "ratio": 2 * vocab / cache.bytes_per_token,
             "bpt32k": ShardLayout.bytes_per_token(k, "float16", index_dtype(32768).name),
             "ratio32k": 2 * 32768 / ShardLayout.bytes_per_token(k, "float16", index_dtype(32768).name),
             "size_mb": cache.manifest["total_bytes"] / 1e6,
-            "write": f"{write_tps:,.0f}" if k == 128 else f"shrunk from k=128 in {shrink_seconds[k]:.1f}s",
-            "read": reads[k], "consume": consume, "headroom": reads[k] / consume,
+            "write": write, "read": reads[name], "consume": consume, "headroom": reads[name] / consume,
         })
     live_ppl = quality["live teacher"]["perplexity"]
     label_s = step_s["label-only"]
@@ -332,19 +347,20 @@ def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, cor
 def part_timing(teacher_dir: Path, out: Path, timing_rounds: int, corpus: str, objective: str) -> str:
     """Only the step times and read throughput, on the caches a ``--part cache --keep`` run left in ``out``."""
     caches = {k: out / f"cache-k{k}" for k in (8, 32, 128)}
-    missing = [str(p) for p in caches.values() if not (p / "manifest.json").exists()]
+    sampled = out / "cache-k32-sampled"
+    missing = [str(p) for p in [*caches.values(), sampled] if not (p / "manifest.json").exists()]
     if missing:
         raise SystemExit(f"--part timing needs the caches of a `--part cache --keep` run with the same --output; missing: {missing}")
-    step_s, loss_path, reads = step_times_and_reads(caches, teacher_dir, out, timing_rounds, corpus, objective)
+    step_s, loss_path, reads = step_times_and_reads(caches, sampled, teacher_dir, out, timing_rounds, corpus, objective)
     label_s = step_s["label-only"]
     rows = [{"kind": name, "path": loss_path[name], "step": t,
              "ratio": t / (step_s["label-only, plain loss"] if "plain loss" in name else label_s),
              "consume": BATCH * BLOCK / t} for name, t in step_s.items()]
     table = markdown(rows, [("kind", "step kind", ""), ("path", "loss path", ""), ("step", "median s/step", ".3f"),
                             ("ratio", "vs label-only (same loss path)", ".2f"), ("consume", "tokens/s consumed", ",.0f")])
-    read_rows = [{"k": k, "read": r, "consume": BATCH * BLOCK / step_s[f"cache k={k}"],
-                  "headroom": r / (BATCH * BLOCK / step_s[f"cache k={k}"])} for k, r in reads.items()]
-    reads_table = markdown(read_rows, [("k", "cache k", "d"), ("read", "read tokens/s", ",.0f"),
+    read_rows = [{"k": name, "read": r, "consume": BATCH * BLOCK / step_s[name],
+                  "headroom": r / (BATCH * BLOCK / step_s[name])} for name, r in reads.items()]
+    reads_table = markdown(read_rows, [("k", "cache", ""), ("read", "read tokens/s", ",.0f"),
                                        ("consume", "training consumes tokens/s", ",.0f"), ("headroom", "read / consumption", ".0f")])
     return (f"### Step time, interleaved ({timing_rounds} rounds; {objective_label(objective)})\n\n{table}\n\n"
             f"### Cache reads vs training consumption\n\n{reads_table}\n")

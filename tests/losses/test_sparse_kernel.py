@@ -48,3 +48,24 @@ def test_a_student_with_no_mass_outside_the_top_k_falls_back_to_the_dense_path()
     ws = Workspace(3, 12, torch.float64, z.device)
     ws.start_chunk(3)
     assert sparse_forward_kl_chunk(z, teacher, 1.0, ws) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_entries_of_probability_zero_and_no_residual_a_sampled_cache(dtype):
+    """A sampled cache stores draw counts (log(c / k)), -inf for filler ids that were not drawn, no residual."""
+    n, vocab, k = 6, 20, 5
+    z, _, labels = make_inputs((n, vocab), seed=8)
+    z = z.to(dtype)
+    g = torch.Generator().manual_seed(0)
+    indices = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(n)])
+    counts = torch.tensor([[3, 2, 0, 0, 0], [5, 0, 0, 0, 0], [1, 1, 1, 1, 1], [2, 2, 1, 0, 0], [4, 1, 0, 0, 0], [3, 1, 1, 0, 0]])
+    teacher = SparseTeacher(torch.log(counts.double() / k).to(dtype), indices, torch.zeros(n, dtype=dtype))
+    ws = Workspace(n, vocab, dtype, z.device)
+    ws.start_chunk(n)
+    loss, grad = sparse_forward_kl_chunk(z, teacher, 1.0, ws)
+    p = torch.zeros(n, vocab, dtype=torch.float64).scatter_(1, indices, counts.double() / k)
+    q = torch.softmax(z.double(), -1)
+    expected = torch.where(p > 0, p * (p.log() - q.log()), torch.zeros((), dtype=torch.float64)).sum(-1)
+    tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-6)
+    torch.testing.assert_close(loss.double(), expected, **tol)
+    torch.testing.assert_close(grad.double(), q - p, **tol)

@@ -354,7 +354,7 @@ def test_cache_teacher_command_builds_a_usable_cache(tmp_path, trained_teacher, 
         "output": str(tmp_path / "cli-cache"),
         "data": {"corpus": str(few_chapters), "block_size": BLOCK, "cache_dir": str(cache_dir)},
         "teacher": {"path": str(trained_teacher)},
-        "cache": {"k": 16, "blocks_per_shard": 64},
+        "cache": {"k": 16, "blocks_per_shard": 64, "mode": "topk"},
     }
     path = tmp_path / "cache.yaml"
     path.write_text(yaml.safe_dump(config))

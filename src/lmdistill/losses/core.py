@@ -638,7 +638,9 @@ def sparse_forward_kl_chunk(
     r = residual / log_total.exp()
     # 0 log 0 = 0 for an exactly zero residual
     tail_term = torch.where(r > 0, r * (torch.log(r) - torch.log(student_tail)), torch.zeros_like(r))
-    loss = (p_top * (p_top_log - s_top)).sum(-1) + tail_term
+    # 0 log 0 = 0 for stored entries of probability 0 (a sampled cache's filler ids have log-prob -inf)
+    top_terms = torch.where(p_top > 0, p_top * (p_top_log - s_top), torch.zeros((), dtype=p_top.dtype))
+    loss = top_terms.sum(-1) + tail_term
     grad = ws.buf("sparse_kl_grad")
     torch.mul(q, (1.0 - r / student_tail).unsqueeze(-1), out=grad)
     grad.scatter_(1, indices, q_top - p_top)

@@ -307,6 +307,47 @@ def teacher_top_k(
         )
 
 
+def teacher_sampled(
+    model: torch.nn.Module, input_ids: torch.Tensor, *, k: int, temperature: float, vocab_size: int,
+    generator: torch.Generator, row_chunk: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random-sampling KD signal (Anshumann et al., "Sparse Logit Sampling: Accelerating Knowledge
+    Distillation in LLMs", arXiv:2503.16870): ``k`` tokens drawn from the teacher's ``softmax(logits / T)``
+    per position, stored as the distinct drawn ids with log(count / k) (ids that were not drawn fill the
+    remaining slots with -inf, so the ids of a row stay distinct) and no residual.
+
+    The empirical distribution of the draws is an unbiased estimate of the teacher's, so the forward-KL
+    gradient ``(q - p_hat) / T`` equals the full teacher's in expectation, whereas a top-k cache is biased: it
+    never shows the student the tokens outside the top-k (the proposal here is the teacher itself, so the
+    importance weights are the counts). The k draws are *systematic* rather than independent (one uniform
+    offset ``u``, points ``(u + i) / k`` through the teacher's cumulative distribution; Douc, Cappé & Moulines,
+    "Comparison of Resampling Schemes for Particle Filtering", arXiv:cs/0507025): still unbiased, but every
+    count is within 1 of ``k p_v``, so the likely tokens are nearly exact and only the tail is random.
+    Same return layout as :func:`teacher_top_k`; the log residual is -inf.
+    """
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits[..., :vocab_size]
+        b, length, _ = logits.shape
+        flat = logits.reshape(b * length, vocab_size)
+        tops, ids = [], []
+        steps = torch.arange(k, dtype=torch.float64) / k
+        for start in range(0, flat.shape[0], row_chunk):
+            probs = torch.softmax(flat[start : start + row_chunk].double() / temperature, dim=-1).cpu()
+            cdf = probs.cumsum(-1)
+            cdf /= cdf[:, -1:].clone()  # exactly 1 at the end, so every point falls on a token
+            offset = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64) / k
+            draws = torch.searchsorted(cdf, offset + steps, right=True).clamp_(max=vocab_size - 1)
+            counts = torch.zeros_like(probs).scatter_add_(-1, draws, torch.ones_like(draws, dtype=probs.dtype))
+            top, idx = torch.topk(counts, k, dim=-1, sorted=True)  # distinct ids; drawn ones first
+            tops.append(torch.log(top / k).float())  # log 0 = -inf for the filler ids
+            ids.append(idx)
+        residual = torch.full((b, length), float("-inf"))
+        return torch.cat(tops).reshape(b, length, k), torch.cat(ids).reshape(b, length, k), residual
+
+
+CACHE_MODES = ("topk", "sampled")
+
+
 def _shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
@@ -451,6 +492,8 @@ def build_plan(
     split: str,
     corpus: str | None,
     vocab_size: int,
+    mode: str = "topk",
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Everything that decides a cache's content, recorded in its plan and manifest."""
     if dtype not in VALUE_DTYPES:
@@ -459,11 +502,15 @@ def build_plan(
         raise ConfigError(f"cache k must be between 1 and the vocabulary size {vocab_size}, got {k}")
     if not temperature > 0:
         raise ConfigError(f"cache temperature must be > 0, got {temperature}")
+    if mode not in CACHE_MODES:
+        raise ConfigError(f"cache mode must be one of {', '.join(CACHE_MODES)}, got {mode!r}")
     if blocks_per_shard < 1:
         raise ConfigError(f"blocks_per_shard must be at least 1, got {blocks_per_shard}")
     n_blocks = len(BlockDataset(stream, block_size))
     config = getattr(model, "config", None)
+    sampling = {"mode": "sampled", "seed": int(seed)} if mode == "sampled" else {}  # top-k plans stay as before
     return {
+        **sampling,
         "format": CACHE_FORMAT,
         "kind": CACHE_KIND,
         "teacher": {
@@ -497,6 +544,8 @@ def write_teacher_cache(
     k: int = 32,
     temperature: float = 1.0,
     dtype: str = "float16",
+    mode: str = "topk",
+    seed: int = 0,
     blocks_per_shard: int = 256,
     batch_size: int = 16,
     model_name: str = "",
@@ -526,7 +575,7 @@ def write_teacher_cache(
     plan = build_plan(
         model=model, model_name=model_name, model_dtype=model_dtype, tokenizer=tokenizer, stream=stream,
         block_size=block_size, k=k, temperature=temperature, dtype=dtype, blocks_per_shard=blocks_per_shard,
-        split=split, corpus=corpus, vocab_size=vocab,
+        split=split, corpus=corpus, vocab_size=vocab, mode=mode, seed=seed,
     )
     directory = _CacheDirectory(Path(output), plan)
     report = WriteReport(output=Path(output), rank=rank, world_size=world_size)
@@ -558,15 +607,21 @@ def write_teacher_cache(
             logprobs = torch.empty(layout.logprobs_shape, dtype=torch.float32)
             indices = torch.empty(layout.logprobs_shape, dtype=torch.int64)
             log_residual = torch.empty(layout.residual_shape, dtype=torch.float32)
+            # one generator per shard, seeded by the shard: any process count draws the same tokens
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + shard) if mode == "sampled" else None
             # Forward batches always start at the shard's first block, whatever the process count:
             # the same blocks in the same batches give bit-identical shards.
             for offset in range(0, layout.n_blocks, batch_size):
                 n = min(batch_size, layout.n_blocks - offset)
                 begin = (first + offset) * block_size
                 window = np.asarray(ids[begin : begin + n * block_size], dtype=np.int64).reshape(n, block_size)
-                top, idx, res = teacher_top_k(
-                    model, torch.from_numpy(window).to(device), k=k, temperature=temperature, vocab_size=vocab
-                )
+                inputs = torch.from_numpy(window).to(device)
+                if generator is None:
+                    top, idx, res = teacher_top_k(model, inputs, k=k, temperature=temperature, vocab_size=vocab)
+                else:
+                    top, idx, res = teacher_sampled(
+                        model, inputs, k=k, temperature=temperature, vocab_size=vocab, generator=generator
+                    )
                 logprobs[offset : offset + n] = top
                 indices[offset : offset + n] = idx
                 log_residual[offset : offset + n] = res
@@ -634,6 +689,7 @@ class TeacherCache:
         self.blocks_per_shard: int = m["blocks_per_shard"]
         self.vocab_size: int = m["vocab_size"]
         self.temperature: float = m["temperature"]
+        self.mode: str = m.get("mode", "topk")  # caches from before sampling existed are top-k
         self.value_dtype: str = m["dtype"]
         self._verified: set[int] = set()
         self._shards: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = []
@@ -804,6 +860,11 @@ def shrink_teacher_cache(source: str | Path, output: str | Path, k: int, *, show
     and atomic like the writer. Returns the new cache's path.
     """
     src = TeacherCache(source, verify="open")
+    if src.mode != "topk":
+        raise ConfigError(
+            f"shrink: {src.path} is a sampled cache; its draws are not a ranking, so fewer entries cannot be "
+            "derived from it: build a new cache with the smaller k"
+        )
     if not 1 <= k <= src.k:
         raise ConfigError(f"shrink: k must be between 1 and the source cache's k={src.k}, got {k}")
     plan = {key: value for key, value in src.manifest.items() if key not in ("shards", "bytes_per_token", "total_bytes")}

@@ -43,6 +43,13 @@ class CacheSettings(_Section):
     k: int = Field(32, ge=1, description="top-k entries stored per token (32 = 130 bytes/token with float16)")
     temperature: float = Field(1.0, gt=0, description="log-probs are stored at this temperature; objectives must use it")
     dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="dtype of the stored log-probs")
+    mode: Literal["topk", "sampled"] = Field(
+        "sampled",
+        description="sampled: k systematic draws from the teacher per token (random-sampling KD, arXiv:2503.16870), "
+        "an unbiased estimate for forward KL / cross-entropy objectives; topk: the k most likely tokens and the "
+        "residual mass, for every objective (biased: its students are worse, see bench/cache.py)",
+    )
+    seed: int = Field(0, description="seed of the draws (mode: sampled)")
     blocks_per_shard: int = Field(256, ge=1)
     batch_size: int = Field(16, ge=1, description="blocks per teacher forward pass")
     split: Literal["train", "validation", "test"] = "train"
@@ -98,6 +105,8 @@ def build_teacher_cache(config: CacheTeacherConfig, *, show_progress: bool = Tru
         k=c.k,
         temperature=c.temperature,
         dtype=c.dtype,
+        mode=c.mode,
+        seed=c.seed,
         blocks_per_shard=c.blocks_per_shard,
         batch_size=c.batch_size,
         model_name=str(config.teacher.path),

@@ -127,6 +127,26 @@ def build_models(
     return Models(student=student, teacher=teacher, teacher_model=teacher_model, vocab_size=vocab_size)
 
 
+# objectives whose loss is linear in the teacher's distribution: with a sampled cache their gradient is unbiased
+SAMPLED_CACHE_OBJECTIVES = ("forward_kl", "cross_entropy")
+
+
+def check_sampled_cache_objective(teacher: object, objective: object) -> None:
+    """A sampled cache (random-sampling KD) estimates the teacher without bias only for objectives linear in
+    the teacher's probabilities; refuse the others (reverse KL would even be infinite: every undrawn token has
+    teacher probability 0)."""
+    if getattr(teacher, "mode", "topk") != "sampled":
+        return
+    parts = [part for part, _ in getattr(objective, "parts", [(objective, 1.0)])]
+    wrong = sorted({part.name for part in parts if part.name not in SAMPLED_CACHE_OBJECTIVES})
+    if wrong:
+        raise ConfigError(
+            f"teacher.cache {getattr(teacher, 'path', '')} is a sampled cache (cache.mode: sampled), an unbiased "
+            f"estimate only for {', '.join(SAMPLED_CACHE_OBJECTIVES)} (and mixes of them); objective part(s) "
+            f"{', '.join(wrong)} need a top-k cache (cache.mode: topk) or a live teacher (teacher.path)"
+        )
+
+
 def build_trainer(config: RunConfig, *, show_progress: bool = True, accelerator=None) -> tuple[Trainer, PreparedData]:
     objective = build_objective(config.objective)  # validates name and parameters before any model loads
     if objective.requires_teacher and config.teacher is None:
@@ -147,6 +167,7 @@ def build_trainer(config: RunConfig, *, show_progress: bool = True, accelerator=
         seed=config.train.seed, cache_stream=teacher_stream, block_size=config.data.block_size,
     )
     student, teacher, vocab_size = models.student, models.teacher, models.vocab_size
+    check_sampled_cache_objective(teacher, objective)
     trainer = Trainer(
         config,
         student=student,
