@@ -10,6 +10,16 @@ outside the top-k in proportion to the student's own probabilities by default (`
 student``: the divergence of the top-k plus one "rest" bucket, which teaches the student how much mass
 lies outside the teacher's top-k but not how to shape it), or evenly (``tail: uniform``); see that class.
 
+Two kinds of content (``mode`` in the plan and manifest; absent = ``topk``):
+
+* ``topk``: the k most likely tokens' log-probabilities and the log of the mass left outside them. Every
+  objective accepts it, but it is a biased picture of the teacher (the student never sees the tail's shape).
+* ``sampled`` (the ``lmdistill cache-teacher`` default): k systematic draws from the teacher per position,
+  stored as log(count / k) for the drawn ids (-inf fillers keep the ids distinct) and no residual: random-
+  sampling KD (arXiv:2503.16870; see :func:`teacher_sampled`), an unbiased estimate of the teacher for
+  objectives linear in its probabilities (forward KL, cross-entropy); training refuses other objectives.
+  Draws are seeded per shard, so any number of processes writes the same bytes.
+
 Indexing
 --------
 The cache is indexed by (block, position) with the run's block segmentation: block i holds the
@@ -822,7 +832,7 @@ class TeacherCache:
         return ShardLayout.bytes_per_token(self.k, self.value_dtype, self.manifest["index_dtype"])
 
     def __repr__(self) -> str:
-        return (f"TeacherCache({str(self.path)!r}, k={self.k}, blocks={self.n_blocks}x{self.block_size}, "
+        return (f"TeacherCache({str(self.path)!r}, k={self.k}, mode={self.mode}, blocks={self.n_blocks}x{self.block_size}, "
                 f"dtype={self.value_dtype}, {self.bytes_per_token} bytes/token)")
 
 
