@@ -33,6 +33,23 @@ def _softmax_into(logits: Tensor, temperature: float, out: Tensor) -> Tensor:
             out.div_(temperature)
     return torch.softmax(out, -1, out=out)
 
+def _blocks(q: Tensor, p: Tensor, valid: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rows cut into consecutive blocks of ``group`` (the last one padded with massless rows):
+    ``q`` and ``p`` as ``[blocks, group, V]``, the uniform log-marginal of each block's valid rows
+    ``[blocks, group]`` and the valid rows per block ``[blocks, 1]``."""
+    n, vocab = q.shape
+    n_groups = -(-n // group) if n else 0
+    pad = n_groups * group - n
+    if pad:  # only a last, partial block
+        q = torch.nn.functional.pad(q, (0, 0, 0, pad))
+        p = torch.nn.functional.pad(p, (0, 0, 0, pad))
+        valid = torch.nn.functional.pad(valid, (0, pad), value=False)
+    mask = valid.reshape(n_groups, group)
+    counts = mask.sum(-1, keepdim=True)  # valid rows per block
+    log_mass = torch.where(mask, -torch.log(counts.clamp(min=1).to(q.dtype)), torch.full((), _NO_MASS, dtype=q.dtype))
+    return q.reshape(n_groups, group, vocab), p.reshape(n_groups, group, vocab), log_mass, counts
+
+
 # log-marginal of rows that carry no mass (ignored tokens, padding of the last group): finite, so no
 # -inf - (-inf) NaN can reach the gradient, and exp() of it is exactly 0 in float32 and float64
 _NO_MASS = -1.0e4
@@ -112,21 +129,7 @@ class SinKD(Objective):
         valid = flat_labels != IGNORE_INDEX
         group = n if self.group_size is None else self.group_size
         group = max(1, min(group, n)) if n else 1
-        n_groups = -(-n // group) if n else 0
-        pad = n_groups * group - n
-        if pad:
-            p_s = torch.nn.functional.pad(p_s, (0, 0, 0, pad))
-            p_t = torch.nn.functional.pad(p_t, (0, 0, 0, pad))
-            valid_padded = torch.nn.functional.pad(valid, (0, pad), value=False)
-        else:
-            valid_padded = valid
-        p_s = p_s.reshape(n_groups, group, vocab)
-        p_t = p_t.reshape(n_groups, group, vocab)
-        mask = valid_padded.reshape(n_groups, group)
-        counts = mask.sum(-1, keepdim=True)  # valid rows per block
-        log_mass = torch.where(
-            mask, -torch.log(counts.clamp(min=1).to(dtype)), torch.full((), _NO_MASS, dtype=dtype)
-        )
+        p_s, p_t, log_mass, counts = _blocks(p_s, p_t, valid, group)
         cost = torch.cdist(p_s, p_t, p=1)  # [groups, group, group]
         return self._loss_from_cost(cost, log_mass, counts, valid).reshape(lead)
 
@@ -165,21 +168,8 @@ class SinKD(Objective):
             p = _softmax_into(teacher, T, ws.buf("sinkd_p"))
         valid = labels != IGNORE_INDEX
         group = max(1, min(self.group_size, n))
-        n_groups = -(-n // group)
-        pad = n_groups * group - n
-        q_blocks, p_blocks = q, p
-        if pad:  # only a last, partial block
-            q_blocks = torch.nn.functional.pad(q, (0, 0, 0, pad))
-            p_blocks = torch.nn.functional.pad(p, (0, 0, 0, pad))
-            valid_padded = torch.nn.functional.pad(valid, (0, pad), value=False)
-        else:
-            valid_padded = valid
-        q_blocks = q_blocks.reshape(n_groups, group, vocab)
-        p_blocks = p_blocks.reshape(n_groups, group, vocab)
-        mask = valid_padded.reshape(n_groups, group)
-        counts = mask.sum(-1, keepdim=True)
-        dtype = q.dtype
-        log_mass = torch.where(mask, -torch.log(counts.clamp(min=1).to(dtype)), torch.full((), _NO_MASS, dtype=dtype))
+        q_blocks, p_blocks, log_mass, counts = _blocks(q, p, valid, group)
+        n_groups = q_blocks.shape[0]
         with torch.no_grad():
             cost = torch.cdist(q_blocks, p_blocks, p=1)
         with torch.enable_grad():
