@@ -13,8 +13,8 @@ Part ``cache`` (default):
 3. read throughput of ``TeacherCache.signal`` (random batches of 16 blocks, memory-mapped) against what
    the training loop consumes (tokens per second of a cache-distillation step);
 4. students (the demo's 1.5M GPT-2 student and recipe; objective forward KL, or with ``--objective mix``
-   0.5 forward KL + 0.5 cross-entropy) distilled from each top-k cache (default student-shaped tail; k=32
-   also with the uniform tail), from a sampled k=32 cache (32 systematic draws per token, the default
+   0.5 forward KL + 0.5 cross-entropy) distilled from each top-k cache (default uniform tail; k=32 also
+   with the student-shaped tail), from a sampled k=32 cache (32 systematic draws per token, the default
    ``cache.mode``) and from the live teacher, plus the label-only twin: validation perplexity on the whole
    validation split;
 5. step time, label-only vs cache vs live teacher, measured interleaved (one step of each in turn, so
@@ -141,7 +141,7 @@ def markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) ->
 def completion_diagnostics(teacher, data, ks: list[int]) -> list[dict[str, Any]]:
     """How much of the teacher a top-k cache keeps, on the validation split: share of targets outside the
     top-k, mean residual mass, and the perplexity of the teacher completed with the residual spread uniformly
-    over the other tokens (the default student-shaped tail depends on the student) against the full teacher's."""
+    over the other tokens (the default; the student-shaped tail depends on the student) against the full teacher's."""
     import torch
 
     from lmdistill.data.blocks import collate
@@ -184,7 +184,7 @@ def step_times_and_reads(caches: dict[int, Path], sampled: Path, teacher_dir: Pa
     timed: list[tuple[str, dict | None, bool | str]] = [
         ("label-only", None, "auto"), ("cache k=8", {"cache": str(caches[8])}, "auto"),
         ("cache k=32", {"cache": str(caches[32])}, "auto"), ("cache k=128", {"cache": str(caches[128])}, "auto"),
-        ("cache k=32, uniform tail", {"cache": str(caches[32]), "tail": "uniform"}, "auto"),
+        ("cache k=32, student tail", {"cache": str(caches[32]), "tail": "student"}, "auto"),
         ("cache k=32, sampled", {"cache": str(sampled)}, "auto"),
         ("live teacher", {"path": str(teacher_dir)}, "auto"),
         ("label-only, plain loss", None, False), ("cache k=32, plain loss", {"cache": str(caches[32])}, False),
@@ -269,8 +269,8 @@ def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, cor
     variants += [(f"cache k={k}", {"cache": str(caches[k])}) for k in (128, 32, 8)]
     # random-sampling KD: 32 draws from the teacher per token instead of its top 32
     variants += [("cache k=32, sampled", {"cache": str(sampled)})]
-    # the residual spread evenly over the tail instead of the default student-shaped tail
-    variants += [("cache k=32, uniform tail", {"cache": str(caches[32]), "tail": "uniform"})]
+    # the residual shared in proportion to the student's probabilities instead of the default even spread
+    variants += [("cache k=32, student tail", {"cache": str(caches[32]), "tail": "student"})]
     variants += [("label-only", None)]
     quality: dict[str, dict[str, Any]] = {}
     for name, section in variants:

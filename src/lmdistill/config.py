@@ -80,10 +80,10 @@ class TeacherConfig(Section):
     cache: str | None = Field(None, description="an offline teacher cache (lmdistill cache-teacher): no teacher model is loaded")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     tail: Literal["student", "uniform"] = Field(
-        "student",
-        description="with a cache: how the residual mass outside the stored top-k is shared among the other tokens; "
-        "student = in proportion to the student's own probabilities (the divergence of the top-k + one "
-        "'rest' bucket), uniform = evenly (see lmdistill.losses.SparseTeacher)",
+        "uniform",
+        description="with a top-k cache: how the residual mass outside the stored top-k is shared among the other "
+        "tokens; uniform = evenly (better students in bench/cache.py), student = in proportion to the student's own "
+        "probabilities (the divergence of the top-k + one 'rest' bucket); see lmdistill.losses.SparseTeacher",
     )
 
     _path_exists = field_validator("path")(lambda v: require_existing(v, "teacher path"))

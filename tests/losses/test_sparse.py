@@ -40,10 +40,11 @@ def test_missing_mass_is_spread_uniformly_over_the_other_tokens():
     logprobs = torch.log(torch.tensor([[0.5, 0.2], [0.7, 0.1]], dtype=torch.float64))
     indices = torch.tensor([[3, 0], [1, 4]])
     teacher = SparseTeacher(logprobs, indices, residual=torch.tensor([0.3, 0.2], dtype=torch.float64), tail="uniform")
-    # "uniform" ignores the student; "student" without a student (teacher-only statistics) falls back to it
+    # "uniform" (the default) ignores the student; "student" without a student (teacher-only statistics) falls back to it
     student = torch.log_softmax(torch.randn(2, 5, dtype=torch.float64), -1)
     dense = teacher.to_dense_log_probs(5, torch.float64, student_logp=student).exp()
-    torch.testing.assert_close(SparseTeacher(logprobs, indices, teacher.residual).to_dense_log_probs(5, torch.float64).exp(), dense)
+    torch.testing.assert_close(SparseTeacher(logprobs, indices, teacher.residual).to_dense_log_probs(5, torch.float64, student_logp=student).exp(), dense)
+    torch.testing.assert_close(SparseTeacher(logprobs, indices, teacher.residual, tail="student").to_dense_log_probs(5, torch.float64).exp(), dense)
     expected = torch.tensor([[0.2, 0.1, 0.1, 0.5, 0.1], [0.2 / 3, 0.7, 0.2 / 3, 0.2 / 3, 0.1]], dtype=torch.float64)
     torch.testing.assert_close(dense, expected)
 
@@ -53,7 +54,7 @@ def test_missing_mass_follows_the_student_tail_float64_reference():
     indices = torch.tensor([[3, 0], [1, 4]])
     residual = torch.tensor([0.3, 0.2], dtype=torch.float64)
     q = torch.tensor([[0.1, 0.2, 0.3, 0.15, 0.25], [0.05, 0.5, 0.3, 0.05, 0.1]], dtype=torch.float64)
-    dense = SparseTeacher(logprobs, indices, residual).to_dense_log_probs(5, torch.float64, student_logp=q.log()).exp()
+    dense = SparseTeacher(logprobs, indices, residual, tail="student").to_dense_log_probs(5, torch.float64, student_logp=q.log()).exp()
     # tail of row 0 = tokens {1, 2, 4} with student mass 0.2 + 0.3 + 0.25 = 0.75; row 1 = {0, 2, 3}, 0.4
     expected = torch.tensor([[0.2, 0.3 * 0.2 / 0.75, 0.3 * 0.3 / 0.75, 0.5, 0.3 * 0.25 / 0.75],
                              [0.2 * 0.05 / 0.4, 0.7, 0.2 * 0.3 / 0.4, 0.2 * 0.05 / 0.4, 0.1]], dtype=torch.float64)
@@ -61,10 +62,10 @@ def test_missing_mass_follows_the_student_tail_float64_reference():
     # a student with no mass outside the teacher's top-k (or -inf padding rows) gets the uniform shape;
     # a student token at -inf (vocabulary padding) gets no teacher mass
     q0 = torch.tensor([[0.4, 0.0, 0.0, 0.6, 0.0]], dtype=torch.float64)  # all its mass on the top-k {3, 0}
-    got = SparseTeacher(logprobs[:1], indices[:1], residual[:1]).to_dense_log_probs(5, torch.float64, student_logp=q0.log()).exp()
+    got = SparseTeacher(logprobs[:1], indices[:1], residual[:1], tail="student").to_dense_log_probs(5, torch.float64, student_logp=q0.log()).exp()
     torch.testing.assert_close(got, torch.tensor([[0.2, 0.1, 0.1, 0.5, 0.1]], dtype=torch.float64))
     qpad = torch.tensor([[0.1, 0.0, 0.3, 0.15, 0.45]], dtype=torch.float64)
-    got = SparseTeacher(logprobs[:1], indices[:1], residual[:1]).to_dense_log_probs(5, torch.float64, student_logp=qpad.log()).exp()
+    got = SparseTeacher(logprobs[:1], indices[:1], residual[:1], tail="student").to_dense_log_probs(5, torch.float64, student_logp=qpad.log()).exp()
     torch.testing.assert_close(got, torch.tensor([[0.2, 0.0, 0.3 * 0.3 / 0.75, 0.5, 0.3 * 0.45 / 0.75]], dtype=torch.float64))
 
 
@@ -79,7 +80,7 @@ def test_student_tail_is_the_top_k_plus_one_bucket_divergence(case, T):
     reference of the formula) and in gradient w.r.t. the student logits (plain and chunked paths)."""
     n, vocab, k = 12, 15, 4
     z, zt, labels = make_inputs((n, vocab), seed=11, ignore_every=5)
-    teacher = SparseTeacher.from_logits(zt, k=k, temperature=T)
+    teacher = SparseTeacher.from_logits(zt, k=k, temperature=T, tail="student")
     objective = case.build(T)
 
     def coarse(logp: Tensor, rest: Tensor) -> Tensor:  # [N, k + 1] log-probabilities

@@ -17,9 +17,9 @@ def test_sparse_forward_kl_kernel_equals_the_dense_completion(T, dtype):
     z, zt, labels = make_inputs((n, vocab), seed=5)
     z = z.to(dtype)
     z[3] *= 30  # a confident row: its tail mass is below 1e-3 and is summed directly
-    teacher = SparseTeacher.from_logits(zt, k, temperature=T)
+    teacher = SparseTeacher.from_logits(zt, k, temperature=T, tail="student")
     if dtype == torch.float32:  # what a cache gives: float16 log-probs, float32 residual
-        teacher = SparseTeacher(teacher.logprobs.half(), teacher.indices, teacher.residual.float(), T)
+        teacher = SparseTeacher(teacher.logprobs.half(), teacher.indices, teacher.residual.float(), T, "student")
     ws = Workspace(n, vocab, dtype, z.device)
     ws.start_chunk(n)
     got = sparse_forward_kl_chunk(z, teacher, T, ws)
@@ -37,12 +37,12 @@ def test_other_tails_and_full_vocabulary_use_the_dense_path():
     ws = Workspace(4, 10, torch.float64, z.device)
     ws.start_chunk(4)
     assert sparse_forward_kl_chunk(z, SparseTeacher.from_logits(zt, 3, tail="uniform"), 1.0, ws) is None
-    assert sparse_forward_kl_chunk(z, SparseTeacher.from_logits(zt, 10), 1.0, ws) is None
+    assert sparse_forward_kl_chunk(z, SparseTeacher.from_logits(zt, 10, tail="student"), 1.0, ws) is None
 
 
 def test_a_student_with_no_mass_outside_the_top_k_falls_back_to_the_dense_path():
     z, zt, _ = make_inputs((3, 12), seed=2)
-    teacher = SparseTeacher.from_logits(zt, 4)
+    teacher = SparseTeacher.from_logits(zt, 4, tail="student")
     z[1, :] = -1e4
     z[1, teacher.indices[1, 0]] = 0.0  # all of row 1's mass on a top-k token: its tail underflows to 0
     ws = Workspace(3, 12, torch.float64, z.device)
@@ -59,6 +59,7 @@ def test_entries_of_probability_zero_and_no_residual_a_sampled_cache(dtype):
     g = torch.Generator().manual_seed(0)
     indices = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(n)])
     counts = torch.tensor([[3, 2, 0, 0, 0], [5, 0, 0, 0, 0], [1, 1, 1, 1, 1], [2, 2, 1, 0, 0], [4, 1, 0, 0, 0], [3, 1, 1, 0, 0]])
+    # the default (uniform) tail: with no residual every tail shape gives the tail probability 0
     teacher = SparseTeacher(torch.log(counts.double() / k).to(dtype), indices, torch.zeros(n, dtype=dtype))
     ws = Workspace(n, vocab, dtype, z.device)
     ws.start_chunk(n)

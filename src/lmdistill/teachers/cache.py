@@ -6,9 +6,9 @@ and DistillKit do teacher inference once, offline. This module stores, for every
 training block, the teacher's top-k log-probabilities, their token ids and the probability mass left
 outside the top-k, and serves them back as a :class:`~lmdistill.losses.SparseTeacher`, which every
 objective accepts in place of dense teacher logits. The residual mass is shared among the V - k tokens
-outside the top-k in proportion to the student's own probabilities by default (``teacher.tail:
-student``: the divergence of the top-k plus one "rest" bucket, which teaches the student how much mass
-lies outside the teacher's top-k but not how to shape it), or evenly (``tail: uniform``); see that class.
+outside the top-k evenly by default (``teacher.tail: uniform``), or in proportion to the student's own
+probabilities (``tail: student``: the divergence of the top-k plus one "rest" bucket, which teaches the
+student how much mass lies outside the teacher's top-k but not how to shape it); see that class.
 
 Two kinds of content (``mode`` in the plan and manifest; absent = ``topk``):
 
@@ -669,7 +669,7 @@ class TeacherCache:
     Sizes are always checked at open, so a truncated shard fails immediately either way.
     """
 
-    def __init__(self, path: str | Path, *, verify: VerifyMode = "open", tail: str = "student") -> None:
+    def __init__(self, path: str | Path, *, verify: VerifyMode = "open", tail: str = "uniform") -> None:
         if verify not in ("open", "first_use"):
             raise ConfigError(f"verify must be 'open' or 'first_use', got {verify!r}")
         if tail not in TAIL_SHAPES:
@@ -838,7 +838,7 @@ class TeacherCache:
 
 def open_teacher_cache(
     path: str | Path, *, stream: TokenStream, tokenizer: Any, block_size: int, verify: VerifyMode = "open",
-    tail: str = "student",
+    tail: str = "uniform",
 ) -> TeacherCache:
     """Open a teacher cache for a training run, refusing one built for other data, another tokenizer or
     another block size (the message names each difference and how to fix it)."""
