@@ -41,7 +41,9 @@ def test_auto_chunked_equals_plain(tmp_path, verse_pairs_jsonl, cache_dir, small
     for a, p in zip(auto_grads, plain_grads):
         assert a.keys() == p.keys() and a
         for key in a:
-            torch.testing.assert_close(a[key], p[key], rtol=1e-4, atol=1e-7)
+            # float32 weight gradients summed over every token in a different order (chunks vs one matmul):
+            # entries near zero differ by a few 1e-7 on some CPUs' SIMD kernels (seen with AVX-512)
+            torch.testing.assert_close(a[key], p[key], rtol=1e-4, atol=1e-6)
 
 
 def test_auto_keeps_plain_path_for_post_processed_logits(tmp_path, kjv_small_txt, cache_dir, small_tokenizer, tiny_teacher):

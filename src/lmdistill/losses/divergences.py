@@ -82,26 +82,6 @@ def _fix_rows(t: Tensor, *masks: Tensor | None) -> Tensor:
     return t
 
 
-def _rowsum_fixing(prod: Tensor, bounded: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Row sums of a product tensor whose 0 * inf entries (NaN) count 0; those rows of ``prod`` are fixed in
-    place too (so it can be reused, e.g. as part of a gradient). Returns the sums and the mask of fixed rows
-    (``None`` when there were none: the common case costs one check on the row sums).
-
-    ``bounded``: every true entry is finite and infinities only come from underflow (``x log y`` with a
-    denormal ``x`` whose ratio ``y`` rounded to 0, a term that is ~0), so they count 0 as well.
-    """
-    out = prod.sum(-1)
-    bad = ~torch.isfinite(out) if bounded else torch.isnan(out)
-    if not bool(bad.any()):
-        return out, None
-    rows = finite_products(prod[bad])
-    if bounded:
-        rows.nan_to_num_(posinf=0.0, neginf=0.0)
-    prod[bad] = rows
-    out[bad] = rows.sum(-1)
-    return out, bad
-
-
 def _scale(t: Tensor, factor: float) -> Tensor:
     return t if factor == 1.0 else t.mul_(factor)
 
@@ -211,27 +191,21 @@ class GeneralizedJSD(Divergence):
             return ReverseKL.chunk_value_and_grad(self, z, teacher, labels, ws)
         s = ws.student_logp(z, T)
         tl = ws.teacher_logp(teacher, T)
-        p, q = ws.teacher_p(T), ws.student_q(T)
         m, tmp, grad = ws.buf("m"), ws.buf("tmp"), ws.buf("grad")
-        # the mixture in probability space (a log costs a third of a logaddexp on CPU): with
-        # m' = q + beta/(1-beta) p = m / (1 - beta), log m = log m' + log(1 - beta), and p, q sum to 1
-        torch.add(q, p, alpha=beta / (1.0 - beta), out=m)
-        # a denormal p or q times a coefficient below 1 can round to 0: the floor keeps log m' finite (an
-        # entry below it carries less than 1e-36 of either distribution in float32)
-        m.clamp_min_(torch.finfo(m.dtype).tiny)
-        log_m = torch.log(m, out=m)
-        shift = math.log1p(-beta)
-        # KL(p || m) = sum p (log p - log m') - log(1 - beta)
-        torch.sub(tl, log_m, out=tmp)
-        kl_p, _ = _rowsum_fixing(tmp.mul_(p))
-        # KL(q || m), keeping log(q/m') for the gradient
-        log_qm = log_m.sub_(s).neg_()
-        q_log_qm = torch.mul(log_qm, q, out=tmp)
-        kl_q, _ = _rowsum_fixing(q_log_qm)
-        loss = beta * kl_p + (1 - beta) * kl_q - shift
-        # q (log(q/m) - KL(q || m)) = q log(q/m') - q sum_k q_k log(q_k/m'_k) (the log(1 - beta) cancels)
-        torch.addcmul(q_log_qm, q, kl_q.unsqueeze(-1), value=-1.0, out=grad)
-        _scale(grad, (1 - beta) / T)
+        torch.add(tl, math.log(beta), out=tmp)
+        torch.add(s, math.log1p(-beta), out=grad)
+        torch.logaddexp(tmp, grad, out=m)
+        # KL(p || m)
+        p = ws.teacher_p(T)
+        torch.sub(tl, m, out=tmp)
+        kl_p, _ = _rowdot(tmp, p, tmp)
+        # KL(q || m), keeping log(q/m) for the gradient
+        q = ws.student_q(T)
+        log_qm = m.sub_(s).neg_()  # m is not needed any more: reuse it for s - m
+        kl_q, bad = _rowdot(log_qm, q, tmp)
+        loss = beta * kl_p + (1 - beta) * kl_q
+        torch.sub(log_qm, kl_q.unsqueeze(-1), out=grad)
+        _scale(_fix_rows(grad.mul_(q), bad), (1 - beta) / T)
         return finish_chunk(loss, grad, labels, self.loss_scale)
 
     def config(self) -> dict:
@@ -288,25 +262,19 @@ class SkewKL(Divergence):
         if alpha == 0.0:
             return ForwardKL.chunk_value_and_grad(self, z, teacher, labels, ws)
         s = ws.student_logp(z, T)
-        ws.teacher_logp(teacher, T)  # after the student: a sparse teacher's tail is shaped by it
-        p, q = ws.teacher_p(T), ws.student_q(T)
-        ratio, grad = ws.buf("m"), ws.buf("grad")
-        # in probability space (a division and a log instead of a logaddexp and an exp): with
-        # m = alpha p + (1 - alpha) q, r' = p / (p + (1-alpha)/alpha q) = alpha p / m lies in [0, 1]; p has the
-        # coefficient 1 so the denominator cannot underflow to 0 where p > 0
-        torch.add(p, q, alpha=(1.0 - alpha) / alpha, out=ratio)
-        torch.div(p, ratio, out=ratio)  # NaN only where p and q both underflow to 0
-        # L = sum p log(p/m) = sum p log r' - log(alpha) (p sums to 1)
-        p_log_r = torch.log(ratio, out=grad).mul_(p)
-        loss, bad = _rowsum_fixing(p_log_r, bounded=True)
-        loss -= math.log(alpha)
-        if bad is not None:
-            ratio[bad] = finite_products(ratio[bad])  # 0/0 where p = q = 0: q r' is 0 there
-        # dL/dz = ((1 - alpha)/T) q (sum_k q_k r_k - r) = ((1 - alpha)/(alpha T)) q (sum_k q_k r'_k - r')
-        q_ratio = ratio.mul_(q)
-        mean_r = q_ratio.sum(-1)
-        torch.mul(q, mean_r.unsqueeze(-1), out=grad).sub_(q_ratio)
-        _scale(grad, (1.0 - alpha) / (alpha * T))
+        tl = ws.teacher_logp(teacher, T)
+        m, tmp, grad = ws.buf("m"), ws.buf("tmp"), ws.buf("grad")
+        torch.add(tl, math.log(alpha), out=tmp)
+        torch.add(s, math.log1p(-alpha), out=grad)
+        torch.logaddexp(tmp, grad, out=m)
+        p = ws.teacher_p(T)
+        log_r = m.sub_(tl).neg_()  # log(p/m), reusing m
+        loss, bad = _rowdot(log_r, p, tmp)
+        ratio = _fix_rows(fast_exp(log_r, log_r), bad)  # r = p/m (0 where p = 0)
+        q = ws.student_q(T)
+        mean_r, _ = _rowdot(q, ratio, tmp)
+        torch.sub(mean_r.unsqueeze(-1), ratio, out=grad)
+        _scale(grad.mul_(q), (1 - alpha) / T)
         return finish_chunk(loss, grad, labels, self.loss_scale)
 
     def config(self) -> dict:
@@ -334,24 +302,20 @@ class SkewReverseKL(Divergence):
         if alpha == 0.0:
             return ReverseKL.chunk_value_and_grad(self, z, teacher, labels, ws)
         s = ws.student_logp(z, T)
-        ws.teacher_logp(teacher, T)  # after the student: a sparse teacher's tail is shaped by it
-        p, q = ws.teacher_p(T), ws.student_q(T)
-        rho, tmp, grad = ws.buf("m"), ws.buf("tmp"), ws.buf("grad")
-        # in probability space: with m = (1 - alpha) p + alpha q, rho = q / (q + (1-alpha)/alpha p) = alpha q / m
-        # lies in [0, 1] (q has the coefficient 1: no underflow to 0 where q > 0), log(q/m) = log rho - log(alpha)
-        # and alpha q/m = rho
-        torch.add(q, p, alpha=(1.0 - alpha) / alpha, out=rho)
-        torch.div(q, rho, out=rho)  # NaN only where p and q both underflow to 0
-        q_log_rho = torch.log(rho, out=tmp).mul_(q)
-        sum_q_log_rho, _ = _rowsum_fixing(q_log_rho, bounded=True)
-        q_rho = rho.mul_(q)
-        sum_q_rho, _ = _rowsum_fixing(q_rho)
-        loss = sum_q_log_rho - math.log(alpha)  # q sums to 1
-        # dL/dz = (1/T) q (log(q/m) - alpha q/m - L + alpha sum_k q_k^2/m_k)
-        #       = (1/T) (q log rho - q rho + q (sum_k q_k rho_k - sum_k q_k log rho_k))
-        torch.sub(q_log_rho, q_rho, out=grad)
-        grad.addcmul_(q, (sum_q_rho - sum_q_log_rho).unsqueeze(-1))
-        _scale(grad, 1.0 / T)
+        tl = ws.teacher_logp(teacher, T)
+        m, tmp, grad = ws.buf("m"), ws.buf("tmp"), ws.buf("grad")
+        torch.add(tl, math.log1p(-alpha), out=tmp)
+        torch.add(s, math.log(alpha), out=grad)
+        torch.logaddexp(tmp, grad, out=m)
+        q = ws.student_q(T)
+        d = m.sub_(s).neg_()  # log(q/m)
+        loss, bad = _rowdot(d, q, tmp)
+        ratio = _fix_rows(fast_exp(d, ws.buf("ratio")), bad)  # q/m
+        mean_qr, _ = _rowdot(q, ratio, tmp)
+        # grad = q * (d - alpha * q/m - L + alpha * sum q^2/m)
+        torch.add(d, ratio, alpha=-alpha, out=grad)
+        grad.add_((alpha * mean_qr - loss).unsqueeze(-1))
+        _scale(_fix_rows(grad.mul_(q), bad), 1.0 / T)
         return finish_chunk(loss, grad, labels, self.loss_scale)
 
     def config(self) -> dict:
