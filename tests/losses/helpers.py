@@ -34,6 +34,19 @@ def make_inputs(shape: tuple[int, ...], *, scale: float = 3.0, seed: int = 0, ig
     return z.to(dtype), zt.to(dtype), labels
 
 
+def variant_inputs(shape: tuple[int, int], variant: str, *, seed: int, ignore_every: int, pad: int):
+    """``make_inputs`` for the kernel tests' variants: "peaked" (logits x10), "masked" (every
+    ``ignore_every``-th label ignored), "padded_vocab" (the last ``pad`` tokens at -inf for both, labels
+    below them); any other variant is plain."""
+    z, zt, labels = make_inputs(shape, seed=seed, scale=30.0 if variant == "peaked" else 3.0,
+                                ignore_every=ignore_every if variant == "masked" else 0)
+    if variant == "padded_vocab":
+        z[:, -pad:] = -float("inf")
+        zt[:, -pad:] = -float("inf")
+        labels = labels.clamp(max=shape[-1] - pad - 1)
+    return z, zt, labels
+
+
 @dataclass(frozen=True)
 class Case:
     id: str

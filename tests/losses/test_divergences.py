@@ -23,7 +23,7 @@ from lmdistill.losses import (
 )
 from lmdistill.losses.core import Workspace
 from tests.losses import reference as ref
-from tests.losses.helpers import CASE_IDS, CASES, make_inputs, to_np
+from tests.losses.helpers import CASE_IDS, CASES, make_inputs, to_np, variant_inputs
 
 SHAPES = [(1, 2), (7, 5), (16, 33), (2, 3, 6)]
 TEMPERATURES = [0.5, 1.0, 2.0, 4.0]
@@ -101,12 +101,7 @@ def test_chunk_kernel_matches_autograd(case, variant):
     objective = case.build(2.0)
     if not objective.has_chunk_kernel():
         pytest.skip("no analytic kernel (chunked path uses autograd)")
-    z, zt, labels = make_inputs((9, 13), seed=21, scale=30.0 if variant == "peaked" else 3.0,
-                                ignore_every=2 if variant == "masked" else 0)
-    if variant == "padded_vocab":
-        z[:, -3:] = -math.inf
-        zt[:, -3:] = -math.inf
-        labels = labels.clamp(max=9)
+    z, zt, labels = variant_inputs((9, 13), variant, seed=21, ignore_every=2, pad=3)
     ws = Workspace(9, 13, torch.float64, torch.device("cpu"))
     ws.start_chunk(9)
     loss, grad = objective.chunk_value_and_grad(z.clone(), zt, labels, ws)
