@@ -40,7 +40,7 @@ class CacheTeacherModel(_Section):
 
 
 class CacheSettings(_Section):
-    k: int = Field(32, ge=1, description="top-k entries stored per token (32 = 130 bytes/token with float16)")
+    k: int = Field(32, ge=1, description="entries stored per token: draws (sampled) or top-k (32 = 130 bytes/token with float16)")
     temperature: float = Field(1.0, gt=0, description="log-probs are stored at this temperature; objectives must use it")
     dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="dtype of the stored log-probs")
     mode: Literal["topk", "sampled"] = Field(
