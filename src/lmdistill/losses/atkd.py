@@ -156,88 +156,39 @@ class ATKD(Objective):
         """Analytic loss and gradient for one chunk (the split comes from ``context``).
 
         With q_hat, p_hat the non-gold distributions (0 on the gold entry): d TKD / dz = (q_y - p_y)(e_y - q_hat) / T
-        and d DKD / dz = (q_hat - p_hat) / T. Everything comes from the workspace's cached probabilities: the
-        non-gold masses ``1 - q_y`` and ``1 - p_y`` are summed directly over the non-gold entries (exact also
-        as the gold probability nears 1, no ``1 - x`` cancellation), and with them
-
-            DKD = sum_{j != y} p_j (log p_j - log q_j) / (1 - p_y) - log(1 - p_y) + log(1 - q_y)
-            grad_j = q_j (w_dkd - w_tkd (q_y - p_y)) / (1 - q_y) - p_j w_dkd / (1 - p_y)   (j != y)
-            grad_y = w_tkd (q_y - p_y)
-
-        (times 1/T). A chunk with a non-gold mass too small for that division to be exact (the non-gold
-        probabilities underflow) is computed in log space instead (:meth:`_chunk_log_space`).
+        and d DKD / dz = (q_hat - p_hat) / T. log(1 - q_y) and log(1 - p_y) come from a
+        masked log-sum-exp on rows where the gold probability exceeds 1/2, so they stay exact as it nears 1.
         """
         if context is None:
             context = self.batch_context(lambda: [(0, z.shape[0], teacher)], labels, z.shape[-1])
         T = self.temperature
         s = ws.student_logp(z, T)
         tl = ws.teacher_logp(teacher, T)
-        q, p = ws.student_q(T), ws.teacher_p(T)
-        valid = labels != IGNORE_INDEX
-        gold = torch.where(valid, labels, 0).unsqueeze(-1)
-        q_y, p_y = q.gather(-1, gold), p.gather(-1, gold)
-        # the non-gold masses, summed with the gold entry zeroed in the cached buffers and then put back
-        # exactly (the buffers are shared with other objectives of a mixture)
-        rest_q = q.scatter_(-1, gold, 0.0).sum(-1)
-        q.scatter_(-1, gold, q_y)
-        rest_p = p.scatter_(-1, gold, 0.0).sum(-1)
-        p.scatter_(-1, gold, p_y)
-        tiny = torch.finfo(s.dtype).tiny ** 0.5  # below this the non-gold entries may be denormal or 0
-        if bool(((torch.minimum(rest_q, rest_p) < tiny) & valid).any()):
-            return self._chunk_log_space(s, tl, labels, ws, context)
-        q_y, p_y = q_y.squeeze(-1), p_y.squeeze(-1)
-        s_y, tl_y = s.gather(-1, gold).squeeze(-1), tl.gather(-1, gold).squeeze(-1)
-        log_rest_s, log_rest_t = rest_q.log(), rest_p.log()
-        # TKD: binary KL([p_y, 1 - p_y] || [q_y, 1 - q_y]), 0 * log(0/x) = 0
-        tkd = torch.where(p_y > 0, p_y * (tl_y - s_y), 0.0) + rest_p * (log_rest_t - log_rest_s)
-        # DKD from the non-gold part of sum_j p_j (tl_j - s_j)
-        diff = torch.sub(tl, s, out=ws.buf("tmp")).mul_(p)
-        diff.scatter_(-1, gold, 0.0)
-        cross = diff.sum(-1)
-        bad = torch.isnan(cross)
-        if bool(bad.any()):  # 0 * inf where the teacher has zero probability
-            cross[bad] = finite_products(diff[bad]).sum(-1)
-        dkd = cross / rest_p - log_rest_t + log_rest_s
-        w_tkd, w_dkd = self._weights(context, valid, s.dtype)
-        loss = w_tkd * tkd + w_dkd * dkd
-        gap = q_y - p_y
-        grad = torch.mul(q, ((w_dkd - w_tkd * gap) / rest_q).unsqueeze(-1), out=ws.buf("tmp"))
-        grad.addcmul_(p, (w_dkd / rest_p).unsqueeze(-1), value=-1.0)
-        grad.scatter_(-1, gold, (w_tkd * gap).unsqueeze(-1))
-        if T != 1.0:
-            grad.div_(T)
-        return finish_chunk(loss, grad, labels, 1.0)
-
-    def _weights(self, context: ATKDSplit, valid: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Per-row weights of TKD and DKD: hard tokens (1 - lam) n / n_hard each, easy tokens lam n / n_easy DKD."""
-        hard = context.hard.to(valid.device)
-        easy = valid & ~hard
-        lam = self.easy_weight
-        hard_scale = (1.0 - lam) * context.n_valid / context.n_hard if context.n_hard else 0.0
-        easy_scale = lam * context.n_valid / context.n_easy if context.n_easy else 0.0
-        w_tkd = hard.to(dtype) * hard_scale
-        return w_tkd, w_tkd + easy.to(dtype) * easy_scale
-
-    def _chunk_log_space(self, s: Tensor, tl: Tensor, labels: Tensor, ws, context: ATKDSplit):
-        """The kernel in log space, for chunks whose non-gold probabilities underflow: log(1 - q_y) and
-        log(1 - p_y) from a masked log-sum-exp where the gold probability exceeds 1/2, and the non-gold
-        distributions as exp(log p - log(1 - p_y)), which stay exact however small 1 - p_y is."""
-        T = self.temperature
         valid = labels != IGNORE_INDEX
         gold = torch.where(valid, labels, 0).unsqueeze(-1)
         s_y, tl_y = s.gather(-1, gold).squeeze(-1), tl.gather(-1, gold).squeeze(-1)
         log_rest_s = _log_one_minus(s, s_y, gold)
         log_rest_t = _log_one_minus(tl, tl_y, gold)
         q_y, p_y = s_y.exp(), tl_y.exp()
+        # TKD: binary KL([p_y, 1 - p_y] || [q_y, 1 - q_y]), 0 * log(0/x) = 0
         rest_p = log_rest_t.exp()
         tkd = torch.where(p_y > 0, p_y * (tl_y - s_y), 0.0) + torch.where(rest_p > 0, rest_p * (log_rest_t - log_rest_s), 0.0)
+        # DKD: sum_{j != y} p_hat_j (log p_hat_j - log q_hat_j) = sum_{j != y} p_hat_j (tl_j - s_j) - log_rest_t + log_rest_s
         p_hat = fast_exp(torch.sub(tl, log_rest_t.unsqueeze(-1), out=ws.buf("p_hat")), ws.buf("p_hat"))
         p_hat.scatter_(-1, gold, 0.0)
         diff = torch.sub(tl, s, out=ws.buf("tmp"))
         torch.mul(diff, p_hat, out=diff)
         dkd = finite_products(diff).sum(-1) - log_rest_t + log_rest_s
-        w_tkd, w_dkd = self._weights(context, valid, s.dtype)
+        # weights: hard tokens (1 - lam) * n / n_hard * (TKD + DKD), easy tokens lam * n / n_easy * DKD
+        hard = context.hard.to(valid.device)
+        easy = valid & ~hard
+        lam = self.easy_weight
+        hard_scale = (1.0 - lam) * context.n_valid / context.n_hard if context.n_hard else 0.0
+        easy_scale = lam * context.n_valid / context.n_easy if context.n_easy else 0.0
+        w_tkd = hard.to(s.dtype) * hard_scale
+        w_dkd = w_tkd + easy.to(s.dtype) * easy_scale
         loss = w_tkd * tkd + w_dkd * dkd
+        # gradient: q_hat * (w_dkd - w_tkd (q_y - p_y)) - w_dkd p_hat off the gold entry; w_tkd (q_y - p_y) on it
         q_hat = fast_exp(torch.sub(s, log_rest_s.unsqueeze(-1), out=ws.buf("tmp")), ws.buf("tmp"))
         gap = q_y - p_y
         grad = q_hat.mul_((w_dkd - w_tkd * gap).unsqueeze(-1))

@@ -146,6 +146,20 @@ class SparseTeacher:
             self.tail,
         )
 
+    def normalized_log_probs(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(log p_topk [N, k], log r [N])`` in ``dtype``, both divided by ``Z = sum(exp(logprobs)) + r``
+        (the residual defaults to ``1 - sum(exp(logprobs))``; ``log r`` is -inf where there is none)."""
+        flat = self.flatten()
+        top = flat.logprobs.to(dtype)
+        top_mass_log = torch.logsumexp(top, dim=-1)
+        if flat.residual is not None:
+            residual = flat.residual.to(dtype).clamp(min=0.0)
+        else:
+            residual = (1.0 - top_mass_log.exp()).clamp(min=0.0)
+        log_residual = torch.log(residual)
+        log_total = torch.logaddexp(top_mass_log, log_residual)
+        return top - log_total.unsqueeze(-1), log_residual - log_total
+
     def to_dense_log_probs(
         self,
         vocab_size: int,
@@ -168,23 +182,17 @@ class SparseTeacher:
                 f"SparseTeacher: token ids must lie in [0, {vocab_size}); got "
                 f"[{int(indices.min())}, {int(indices.max())}]"
             )
-        top = flat.logprobs.to(dtype)
-        top_mass_log = torch.logsumexp(top, dim=-1)  # log sum exp(logprobs)
         tail = vocab_size - k
         if out is None:
-            out = torch.empty(n, vocab_size, dtype=dtype, device=top.device)
+            out = torch.empty(n, vocab_size, dtype=dtype, device=flat.logprobs.device)
         if tail == 0:
             # no token outside the top-k: the residual can only be rounding, renormalise the top-k
+            top = flat.logprobs.to(dtype)
             out.fill_(float("-inf"))
-            out.scatter_(1, indices, top - top_mass_log.unsqueeze(-1))
+            out.scatter_(1, indices, top - torch.logsumexp(top, dim=-1, keepdim=True))
             return out
-        if flat.residual is not None:
-            residual = flat.residual.to(dtype).clamp(min=0.0)
-        else:
-            residual = (1.0 - top_mass_log.exp()).clamp(min=0.0)
-        log_residual = torch.log(residual)  # -inf where there is no residual
-        log_total = torch.logaddexp(top_mass_log, log_residual)
-        uniform_log = log_residual - math.log(tail) - log_total
+        top_logp, log_r = self.normalized_log_probs(dtype)  # log_r: -inf where there is no residual
+        uniform_log = log_r - math.log(tail)
         if self.tail == "student" and student_logp is not None:
             if student_logp.shape != (n, vocab_size):
                 raise ValueError(
@@ -196,12 +204,12 @@ class SparseTeacher:
                 log_student_tail = torch.logsumexp(out, dim=-1)  # log Q_tail
                 shaped = torch.isfinite(log_student_tail)
                 # p_v = (r / Z) q_v / Q_tail; the top-k entries stay -inf until the scatter below
-                out.add_(torch.where(shaped, log_residual - log_total - log_student_tail, 0.0).unsqueeze(-1))
+                out.add_(torch.where(shaped, log_r - log_student_tail, 0.0).unsqueeze(-1))
                 if not bool(shaped.all()):
                     out[~shaped] = uniform_log[~shaped].unsqueeze(-1)
         else:
             out.copy_(uniform_log.unsqueeze(-1).expand(n, vocab_size))
-        out.scatter_(1, indices, top - log_total.unsqueeze(-1))
+        out.scatter_(1, indices, top_logp)
         return out
 
     @classmethod
@@ -632,16 +640,9 @@ def sparse_forward_kl_chunk(
         student_tail[confident] = torch.logsumexp(rows, dim=-1).exp()
         if not bool((student_tail > 0).all()):
             return None
-    top = teacher.logprobs.to(ws.dtype)
-    top_mass_log = torch.logsumexp(top, dim=-1)
-    if teacher.residual is not None:
-        residual = teacher.residual.to(ws.dtype).clamp(min=0.0)
-    else:
-        residual = (1.0 - top_mass_log.exp()).clamp(min=0.0)
-    log_total = torch.logaddexp(top_mass_log, torch.log(residual))
-    p_top_log = top - log_total.unsqueeze(-1)
+    p_top_log, log_r = teacher.normalized_log_probs(ws.dtype)
     p_top = p_top_log.exp()
-    r = residual / log_total.exp()
+    r = log_r.exp()
     # 0 log 0 = 0 for an exactly zero residual
     tail_term = torch.where(r > 0, r * (torch.log(r) - torch.log(student_tail)), torch.zeros_like(r))
     # 0 log 0 = 0 for stored entries of probability 0 (a sampled cache's filler ids have log-prob -inf)
