@@ -5,7 +5,8 @@ Part ``cache`` (default):
 
 1. writes a k=128 float16 top-k cache of the teacher over the whole KJV training split (write throughput),
    derives the k=32 and k=8 caches from it without running the teacher (``shrink_teacher_cache``), and
-   writes a sampled k=32 cache (random-sampling KD);
+   writes low-rank caches with k=128 (the ``cache.mode`` default) and k=64 principal components, a hybrid
+   k=32 cache (exact head + sampled tail) and a sampled k=32 cache (random-sampling KD);
 2. bytes per token of each cache, on disk, against dense float16 logits (2 * V bytes), also at V = 32k;
    and what a top-k cache keeps of the teacher on the validation split (targets outside the top-k,
    residual mass, perplexity of the teacher completed with a uniform tail, the only completion that does
@@ -14,9 +15,8 @@ Part ``cache`` (default):
    the training loop consumes (tokens per second of a cache-distillation step);
 4. students (the demo's 1.5M GPT-2 student and recipe; objective forward KL, or with ``--objective mix``
    0.5 forward KL + 0.5 cross-entropy) distilled from each top-k cache (default uniform tail; k=32 also
-   with the student-shaped tail), from a sampled k=32 cache (32 systematic draws per token, the default
-   ``cache.mode``) and from the live teacher, plus the label-only twin: validation perplexity on the whole
-   validation split;
+   with the student-shaped tail), from the low-rank, hybrid and sampled caches, and from the live teacher,
+   plus the label-only twin: validation perplexity on the whole validation split;
 5. step time, label-only vs cache vs live teacher, measured interleaved (one step of each in turn, so
    a changing machine load hits all alike), median over the measured rounds.
 
@@ -55,6 +55,8 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 BENCH_TEACHER_STEPS = 400
+# caches written directly by the teacher besides the top-k ones: (mode, k)
+OTHER_CACHES = [("lowrank", 128), ("lowrank", 64), ("hybrid", 32), ("sampled", 32)]
 BLOCK = 128
 BATCH = 16
 
@@ -169,8 +171,9 @@ def completion_diagnostics(teacher, data, ks: list[int]) -> list[dict[str, Any]]
              "rel": (math.exp(acc[0] / n) - full) / full * 100} for k, acc in sums.items()]
 
 
-def step_times_and_reads(caches: dict[int, Path], sampled: Path, teacher_dir: Path, out: Path, timing_rounds: int,
-                         corpus: str, objective: str) -> tuple[dict[str, float], dict[str, str], dict[str, float]]:
+def step_times_and_reads(caches: dict[int, Path], others: dict[str, Path], teacher_dir: Path, out: Path,
+                         timing_rounds: int, corpus: str,
+                         objective: str) -> tuple[dict[str, float], dict[str, str], dict[str, float]]:
     """Median step time of each step kind (interleaved rounds), its loss path, and the caches' read
     throughput (tokens/s of ``TeacherCache.signal`` on random batches of 16 blocks, memory-mapped)."""
     import numpy as np
@@ -185,7 +188,7 @@ def step_times_and_reads(caches: dict[int, Path], sampled: Path, teacher_dir: Pa
         ("label-only", None, "auto"), ("cache k=8", {"cache": str(caches[8])}, "auto"),
         ("cache k=32", {"cache": str(caches[32])}, "auto"), ("cache k=128", {"cache": str(caches[128])}, "auto"),
         ("cache k=32, student tail", {"cache": str(caches[32]), "tail": "student"}, "auto"),
-        ("cache k=32, sampled", {"cache": str(sampled)}, "auto"),
+        *[(name, {"cache": str(path)}, "auto") for name, path in others.items()],
         ("live teacher", {"path": str(teacher_dir)}, "auto"),
         ("label-only, plain loss", None, False), ("cache k=32, plain loss", {"cache": str(caches[32])}, False),
     ]
@@ -209,7 +212,7 @@ def step_times_and_reads(caches: dict[int, Path], sampled: Path, teacher_dir: Pa
     # ---- read throughput (memory-mapped, random batches of 16 blocks)
     reads = {}
     gen = np.random.default_rng(0)
-    for name, path in [(f"cache k={k}", p) for k, p in caches.items()] + [("cache k=32, sampled", sampled)]:
+    for name, path in [(f"cache k={k}", p) for k, p in caches.items()] + list(others.items()):
         cache = TeacherCache(path)
         batches = [gen.integers(0, cache.n_blocks, BATCH) for _ in range(60)]
         for b in batches[:5]:
@@ -258,17 +261,22 @@ def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, cor
         t0 = time.perf_counter()
         shrink_teacher_cache(caches[128], caches[k], k)
         shrink_seconds[k] = time.perf_counter() - t0
-    sampled = out / "cache-k32-sampled"
-    shutil.rmtree(sampled, ignore_errors=True)
-    sampled_report = write_teacher_cache(sampled, model=teacher, tokenizer=tokenizer, stream=train, block_size=BLOCK,
-                                         k=32, mode="sampled", model_name=str(teacher_dir), corpus=corpus)
+    others: dict[str, Path] = {}
+    other_write_tps: dict[str, float] = {}
+    for mode, k in OTHER_CACHES:
+        name = f"cache k={k}, {mode}"
+        others[name] = out / f"cache-k{k}-{mode}"
+        shutil.rmtree(others[name], ignore_errors=True)
+        report = write_teacher_cache(others[name], model=teacher, tokenizer=tokenizer, stream=train, block_size=BLOCK,
+                                     k=k, mode=mode, model_name=str(teacher_dir), corpus=corpus)
+        other_write_tps[name] = report.tokens_per_second
     log(f"caches written (write {write_tps:,.0f} tokens/s, teacher forward alone {forward_tps:,.0f} tokens/s); {load_note()}")
 
     # ---- students: live teacher, each cache, label-only (same recipe, seed and steps)
     variants: list[tuple[str, dict | None]] = [("live teacher", {"path": str(teacher_dir)})]
+    # low-rank (dense logits), hybrid (exact head + sampled tail), sampled (random-sampling KD)
+    variants += [(name, {"cache": str(path)}) for name, path in others.items()]
     variants += [(f"cache k={k}", {"cache": str(caches[k])}) for k in (128, 32, 8)]
-    # random-sampling KD: 32 draws from the teacher per token instead of its top 32
-    variants += [("cache k=32, sampled", {"cache": str(sampled)})]
     # the residual shared in proportion to the student's probabilities instead of the default even spread
     variants += [("cache k=32, student tail", {"cache": str(caches[32]), "tail": "student"})]
     variants += [("label-only", None)]
@@ -281,25 +289,33 @@ def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, cor
         quality[name] = {**result.final_metrics, "train_seconds": result.train_seconds,
                          "train_tokens_per_second": result.tokens_per_second}
 
-    step_s, loss_path, reads = step_times_and_reads(caches, sampled, teacher_dir, out, timing_rounds, corpus, objective)
+    step_s, loss_path, reads = step_times_and_reads(caches, others, teacher_dir, out, timing_rounds, corpus, objective)
 
     # ---- tables
     tokens_per_step = BATCH * BLOCK
     storage_rows = []
-    for name, path in [(f"cache k={k}", caches[k]) for k in (8, 32, 128)] + [("cache k=32, sampled", sampled)]:
+    fidelity_rows = []
+    for name, path in [(f"cache k={k}", caches[k]) for k in (8, 32, 128)] + list(others.items()):
         cache = TeacherCache(path, verify="first_use")
         k = cache.k
         on_disk = cache.manifest["total_bytes"] / (cache.n_blocks * BLOCK)
-        consume = tokens_per_step / step_s[name]
-        if path == sampled:
-            write = f"{sampled_report.tokens_per_second:,.0f}"
+        consume = tokens_per_step / step_s[name] if name in step_s else float("nan")
+        if name in others:
+            write = f"{other_write_tps[name]:,.0f}"
         else:
             write = f"{write_tps:,.0f}" if k == 128 else f"shrunk from k=128 in {shrink_seconds[k]:.1f}s"
+        if cache.mode == "lowrank":  # k int8 codes + a float16 scale, whatever the vocabulary
+            bpt32k = cache.bytes_per_token
+            f = cache.manifest["projection"]["fidelity"]
+            fidelity_rows.append({"cache": name[6:], "kl": f["kl_mean_nats"], "p99": f["kl_p99_nats"],
+                                  "top1": f["top1_agreement"], "tokens": f["tokens"]})
+        else:
+            bpt32k = ShardLayout.bytes_per_token(k, "float16", index_dtype(32768).name)
+        kind = "int8 codes + float16 scale" if cache.mode == "lowrank" else f"float16, {cache.manifest['index_dtype']} ids"
         storage_rows.append({
-            "cache": f"{name[6:]}, float16, {cache.manifest['index_dtype']} ids",
+            "cache": f"{name[6:]}, {kind}",
             "bpt": cache.bytes_per_token, "disk": on_disk, "dense": 2 * vocab, "ratio": 2 * vocab / cache.bytes_per_token,
-            "bpt32k": ShardLayout.bytes_per_token(k, "float16", index_dtype(32768).name),
-            "ratio32k": 2 * 32768 / ShardLayout.bytes_per_token(k, "float16", index_dtype(32768).name),
+            "bpt32k": bpt32k, "ratio32k": 2 * 32768 / bpt32k,
             "size_mb": cache.manifest["total_bytes"] / 1e6,
             "write": write, "read": reads[name], "consume": consume, "headroom": reads[name] / consume,
         })
@@ -331,12 +347,16 @@ def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, cor
     t4 = markdown(diagnostics, [("k", "k", "d"), ("outside", "val targets outside top-k", ".3f"),
                                 ("residual", "mean residual mass", ".3f"), ("ppl", "completed teacher val ppl", ".2f"),
                                 ("rel", "vs full teacher (%)", "+.1f")])
+    t5 = markdown(fidelity_rows, [("cache", "low-rank cache", ""), ("kl", "held-out KL(teacher || cache) nats/token", ".2e"),
+                                  ("p99", "99th percentile", ".2e"), ("top1", "top-1 agreement", ".4f"),
+                                  ("tokens", "held-out tokens", ",d")])
     t3 = markdown(timing_rows, [("kind", "step kind", ""), ("path", "loss path", ""), ("step", "median s/step", ".3f"),
                                 ("ratio", "vs label-only (same loss path)", ".2f")])
     n_tokens = len(data.blocks("train")) * BLOCK
     return (
         f"### Teacher cache: storage and throughput ({corpus} training split, {n_tokens:,} tokens, block {BLOCK})\n\n{t1}\n\n"
         f"Teacher forward alone: {forward_tps:,.0f} tokens/s (the write includes it).\n\n"
+        f"### What a low-rank cache keeps of this teacher (measured at build time on held-out blocks)\n\n{t5}\n\n"
         f"### What a top-k cache keeps of this teacher (validation split; k = {vocab} is the full teacher)\n\n{t4}\n\n"
         f"### Students ({objective_label(objective)}) trained {steps} steps (batch {BATCH} x {BLOCK}); whole validation "
         f"split ({quality['live teacher']['tokens']:,} tokens)\n\n{t2}\n\n"
@@ -347,11 +367,11 @@ def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, cor
 def part_timing(teacher_dir: Path, out: Path, timing_rounds: int, corpus: str, objective: str) -> str:
     """Only the step times and read throughput, on the caches a ``--part cache --keep`` run left in ``out``."""
     caches = {k: out / f"cache-k{k}" for k in (8, 32, 128)}
-    sampled = out / "cache-k32-sampled"
-    missing = [str(p) for p in [*caches.values(), sampled] if not (p / "manifest.json").exists()]
+    others = {f"cache k={k}, {mode}": out / f"cache-k{k}-{mode}" for mode, k in OTHER_CACHES}
+    missing = [str(p) for p in [*caches.values(), *others.values()] if not (p / "manifest.json").exists()]
     if missing:
         raise SystemExit(f"--part timing needs the caches of a `--part cache --keep` run with the same --output; missing: {missing}")
-    step_s, loss_path, reads = step_times_and_reads(caches, sampled, teacher_dir, out, timing_rounds, corpus, objective)
+    step_s, loss_path, reads = step_times_and_reads(caches, others, teacher_dir, out, timing_rounds, corpus, objective)
     label_s = step_s["label-only"]
     rows = [{"kind": name, "path": loss_path[name], "step": t,
              "ratio": t / (step_s["label-only, plain loss"] if "plain loss" in name else label_s),

@@ -19,6 +19,8 @@ def test_example_configs_validate(tmp_path):
     model.mkdir()
     cache = load_config(CONFIGS / "kjv_k32.yaml", [f"teacher.path={model}"], model=CacheTeacherConfig)
     assert cache.cache.k == 32 and cache.cache.dtype == "float16" and cache.data.block_size == 128
+    lowrank = load_config(CONFIGS / "kjv_lowrank.yaml", [f"teacher.path={model}"], model=CacheTeacherConfig)
+    assert lowrank.cache.mode == "lowrank" and lowrank.cache.k == 128 and lowrank.data == cache.data
     run = load_config(CONFIGS / "distill_from_cache.yaml", [f"teacher.cache={model}"], model=RunConfig)
     assert run.teacher.cache == str(model) and run.teacher.path is None
     assert run.data.block_size == cache.data.block_size and run.data.corpus == cache.data.corpus

@@ -78,6 +78,7 @@ from lmdistill.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from lmdistill.errors import ConfigError, DataError, LmdistillError
 from lmdistill.losses import SparseTeacher
 from lmdistill.losses.core import TAIL_SHAPES
+from lmdistill.teachers.lowrank import PROJECTION_NAME, LowRankProjection, build_projection, final_hidden
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +134,24 @@ def _aligned(n: int) -> int:
 
 @dataclass(frozen=True)
 class ShardLayout:
-    """Byte layout of one shard file: three arrays one after the other, each 64-byte aligned."""
+    """Byte layout of one shard file: three arrays one after the other, each 64-byte aligned: values
+    ``[n, L, value_count]`` (value dtype), integers ``[n, L, k]`` (token ids; a low-rank cache's int8 codes)
+    and one value per token ``[n, L]`` (log residual; a low-rank cache's scale)."""
 
     n_blocks: int
     block_size: int
     k: int
     value_dtype: str
     index_dtype: str
+    value_count: int | None = None  # values per token; None: k (a low-rank cache stores none)
+
+    @property
+    def values_per_token(self) -> int:
+        return self.k if self.value_count is None else self.value_count
+
+    @property
+    def values_shape(self) -> tuple[int, int, int]:
+        return (self.n_blocks, self.block_size, self.values_per_token)
 
     @property
     def value_np(self) -> np.dtype:
@@ -163,7 +175,7 @@ class ShardLayout:
 
     @property
     def indices_offset(self) -> int:
-        return _aligned(math.prod(self.logprobs_shape) * self.value_np.itemsize)
+        return _aligned(math.prod(self.values_shape) * self.value_np.itemsize)
 
     @property
     def residual_offset(self) -> int:
@@ -174,10 +186,11 @@ class ShardLayout:
         return self.residual_offset + math.prod(self.residual_shape) * self.value_np.itemsize
 
     @staticmethod
-    def bytes_per_token(k: int, value_dtype: str, index_dtype_name: str) -> int:
-        """Stored bytes per token, padding excluded: k values + k ids + 1 log residual."""
+    def bytes_per_token(k: int, value_dtype: str, index_dtype_name: str, value_count: int | None = None) -> int:
+        """Stored bytes per token, padding excluded: k values + k ids + 1 log residual (low-rank: k codes + 1 scale)."""
         value = _NUMPY_STORAGE[value_dtype].itemsize
-        return k * value + k * np.dtype(index_dtype_name).itemsize + value
+        values = k if value_count is None else value_count
+        return values * value + k * np.dtype(index_dtype_name).itemsize + value
 
 
 def _to_storage(values: torch.Tensor, value_dtype: str) -> np.ndarray:
@@ -196,12 +209,14 @@ def _from_storage(array: np.ndarray, value_dtype: str) -> torch.Tensor:
 
 def encode_shard(logprobs: torch.Tensor, indices: torch.Tensor, log_residual: torch.Tensor, layout: ShardLayout) -> bytes:
     """The bytes of one shard file from ``logprobs`` / ``indices`` ``[n, L, k]`` and ``log_residual`` ``[n, L]``."""
-    if tuple(logprobs.shape) != layout.logprobs_shape or tuple(indices.shape) != layout.logprobs_shape:
-        raise ValueError(f"shard arrays {tuple(logprobs.shape)}/{tuple(indices.shape)} do not match {layout.logprobs_shape}")
+    if tuple(logprobs.shape) != layout.values_shape or tuple(indices.shape) != layout.logprobs_shape:
+        raise ValueError(f"shard arrays {tuple(logprobs.shape)}/{tuple(indices.shape)} do not match "
+                         f"{layout.values_shape}/{layout.logprobs_shape}")
     if tuple(log_residual.shape) != layout.residual_shape:
         raise ValueError(f"log_residual {tuple(log_residual.shape)} does not match {layout.residual_shape}")
     ids = indices.detach().cpu().numpy()
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) > np.iinfo(layout.index_np).max):
+    limits = np.iinfo(layout.index_np)
+    if ids.size and (int(ids.min()) < limits.min or int(ids.max()) > limits.max):
         raise ValueError(f"token ids [{int(ids.min())}, {int(ids.max())}] do not fit {layout.index_dtype}")
     buffer = bytearray(layout.nbytes)
     view = memoryview(buffer)
@@ -220,15 +235,13 @@ def decode_shard(data: np.ndarray | bytes, layout: ShardLayout) -> tuple[np.ndar
     raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray)) else data
     if raw.size != layout.nbytes:
         raise ValueError(f"shard has {raw.size} bytes, its layout needs {layout.nbytes}")
-    n_values = math.prod(layout.logprobs_shape)
-
-    def section(offset: int, dtype: np.dtype, count: int, shape: tuple[int, ...]) -> np.ndarray:
-        return raw[offset : offset + count * dtype.itemsize].view(dtype).reshape(shape)
+    def section(offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        return raw[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
 
     return (
-        section(layout.logprobs_offset, layout.value_np, n_values, layout.logprobs_shape),
-        section(layout.indices_offset, layout.index_np, n_values, layout.logprobs_shape),
-        section(layout.residual_offset, layout.value_np, math.prod(layout.residual_shape), layout.residual_shape),
+        section(layout.logprobs_offset, layout.value_np, layout.values_shape),
+        section(layout.indices_offset, layout.index_np, layout.logprobs_shape),
+        section(layout.residual_offset, layout.value_np, layout.residual_shape),
     )
 
 
@@ -355,7 +368,73 @@ def teacher_sampled(
         return torch.cat(tops).reshape(b, length, k), torch.cat(ids).reshape(b, length, k), residual
 
 
-CACHE_MODES = ("topk", "sampled")
+def hybrid_split(top: torch.Tensor, rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of ``top`` (a row's k largest probabilities, sorted descending; float64) and ``rest`` (the
+    mass outside them), the number h of head entries kept exactly and the threshold tau of
+    :func:`teacher_hybrid`: the smallest h in [0, k) with ``top[h] <= tau_h = (mass from top[h] on) / (k - h)``.
+    h = k - 1 always qualifies (the mass outside the top k - 1 is at least its largest entry), and the entries
+    kept exactly all exceed tau. Tail masses are suffix sums, not 1 - head, which would cancel."""
+    k = top.shape[-1]
+    tail_mass = torch.flip(torch.cumsum(torch.flip(top, [-1]), -1), [-1]) + rest.unsqueeze(-1)
+    tau = tail_mass / torch.arange(k, 0, -1, dtype=top.dtype, device=top.device)
+    valid = top <= tau
+    valid[..., -1] = True
+    head = valid.to(torch.int8).argmax(-1)  # the first valid h
+    return head, tau.gather(-1, head.unsqueeze(-1)).squeeze(-1)
+
+
+def teacher_hybrid(
+    model: torch.nn.Module, input_ids: torch.Tensor, *, k: int, temperature: float, vocab_size: int,
+    generator: torch.Generator, row_chunk: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact head + sampled tail: an unbiased k-entry estimate of the teacher with less variance than k draws.
+
+    Per position, the h most likely tokens keep their exact probabilities and the remaining k - h slots go to
+    systematic draws from the tail (the other tokens), each drawn token standing for ``tau = tail mass /
+    (k - h)``; h is the smallest count for which every tail token's probability is at most tau (see
+    :func:`hybrid_split`), so a tail token is drawn at most once, with probability p_v / tau. This is threshold
+    sampling (Duffield, Lund & Thorup, "Learn more, sample less: control of volume and variance in network
+    measurement", IEEE Trans. Inf. Theory 51(5), 2005; also "Priority sampling for estimation of arbitrary
+    subset sums", arXiv:cs/0509026): every estimate ``p_hat_v`` is unbiased (``E[p_hat_v] = p_v``), sums to 1,
+    and among unbiased estimators with k expected entries it minimises the total variance. Compared with k
+    systematic draws (:func:`teacher_sampled`), likely tokens are exact instead of rounded to multiples of 1/k,
+    and a peaked row fills all k slots instead of repeating its few likely tokens. Forward KL's gradient is the
+    live teacher's in expectation, as with random-sampling KD (arXiv:2503.16870).
+    Same return layout as :func:`teacher_top_k`; the log residual is -inf.
+    """
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits[..., :vocab_size]
+        b, length, _ = logits.shape
+        flat = logits.reshape(b * length, vocab_size)
+        tops, ids = [], []
+        slots = torch.arange(k, dtype=torch.float64)
+        for start in range(0, flat.shape[0], row_chunk):
+            probs = torch.softmax(flat[start : start + row_chunk].double() / temperature, dim=-1).cpu()
+            rows = probs.shape[0]
+            top, top_ids = torch.topk(probs, k, dim=-1, sorted=True)
+            rest = probs.scatter(-1, top_ids, 0.0).sum(-1)
+            head, _ = hybrid_split(top, rest)
+            in_head = slots.unsqueeze(0) < head.unsqueeze(-1)
+            estimate = torch.zeros_like(probs).scatter_(-1, top_ids, torch.where(in_head, top, 0.0))
+            tail = probs.scatter(-1, top_ids, torch.where(in_head, 0.0, top))  # head tokens removed
+            cdf = tail.cumsum(-1)
+            draws_wanted = k - head  # >= 1
+            tau = cdf[:, -1] / draws_wanted  # the tail's own sum: the last point stays inside the tail
+            offset = torch.rand(rows, 1, generator=generator, dtype=torch.float64)
+            points = (offset + slots.unsqueeze(0)) * tau.unsqueeze(-1)
+            draws = torch.searchsorted(cdf, points, right=True).clamp_(max=vocab_size - 1)
+            used = (slots.unsqueeze(0) < draws_wanted.unsqueeze(-1)) & (tau.unsqueeze(-1) > 0)
+            estimate.scatter_add_(-1, draws, torch.where(used, tau.unsqueeze(-1), 0.0).expand(rows, k))
+            value, idx = torch.topk(estimate, k, dim=-1, sorted=True)  # distinct ids; unused slots are 0
+            tops.append(torch.log(value).float())
+            ids.append(idx)
+        residual = torch.full((b, length), float("-inf"))
+        return torch.cat(tops).reshape(b, length, k), torch.cat(ids).reshape(b, length, k), residual
+
+
+CACHE_MODES = ("topk", "sampled", "hybrid", "lowrank")
+# modes whose stored values are an unbiased estimate of the teacher (no residual; draws seeded per shard)
+SAMPLING_MODES = ("sampled", "hybrid")
 
 
 def _shard_name(index: int) -> str:
@@ -391,7 +470,8 @@ class _CacheDirectory:
     def layout(self, shard: int) -> ShardLayout:
         first = shard * self.plan["blocks_per_shard"]
         n = min(self.plan["blocks_per_shard"], self.plan["n_blocks"] - first)
-        return ShardLayout(n, self.plan["block_size"], self.plan["k"], self.plan["dtype"], self.plan["index_dtype"])
+        return ShardLayout(n, self.plan["block_size"], self.plan["k"], self.plan["dtype"], self.plan["index_dtype"],
+                           self.plan.get("value_count"))
 
     def check_existing(self) -> bool:
         """Refuse an output holding a different cache; True when this plan is already complete."""
@@ -475,9 +555,16 @@ class _CacheDirectory:
                 f"teacher cache {self.output}: shards {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
                 "are not finished; rerun the same command to complete them"
             )
-        bpt = ShardLayout.bytes_per_token(self.plan["k"], self.plan["dtype"], self.plan["index_dtype"])
+        bpt = ShardLayout.bytes_per_token(self.plan["k"], self.plan["dtype"], self.plan["index_dtype"],
+                                          self.plan.get("value_count"))
+        extra = {}
+        if self.plan.get("mode") == "lowrank":
+            projection = self.output / PROJECTION_NAME
+            _, metadata = LowRankProjection.load(projection)
+            extra["projection"] = {"file": PROJECTION_NAME, "sha256": file_sha256(projection), **metadata}
         manifest = {
             **self.plan,
+            **extra,
             "shards": records,
             "bytes_per_token": bpt,
             "total_bytes": sum(r["bytes"] for r in records),
@@ -510,6 +597,11 @@ def build_plan(
         raise ConfigError(f"cache dtype must be one of {', '.join(VALUE_DTYPES)}, got {dtype!r}")
     if not 1 <= k <= vocab_size:
         raise ConfigError(f"cache k must be between 1 and the vocabulary size {vocab_size}, got {k}")
+    if mode == "lowrank":
+        hidden = model.get_output_embeddings().weight.shape[1]
+        if k > hidden:
+            raise ConfigError(f"cache k (principal components of a lowrank cache) must be at most the teacher's hidden "
+                              f"size {hidden}, got {k}; k = {hidden} keeps the whole hidden state (int8-rounded)")
     if not temperature > 0:
         raise ConfigError(f"cache temperature must be > 0, got {temperature}")
     if mode not in CACHE_MODES:
@@ -518,7 +610,9 @@ def build_plan(
         raise ConfigError(f"blocks_per_shard must be at least 1, got {blocks_per_shard}")
     n_blocks = len(BlockDataset(stream, block_size))
     config = getattr(model, "config", None)
-    sampling = {"mode": "sampled", "seed": int(seed)} if mode == "sampled" else {}  # top-k plans stay as before
+    sampling = {"mode": mode, "seed": int(seed)} if mode in SAMPLING_MODES else {}  # top-k plans stay as before
+    if mode == "lowrank":  # k int8 codes and a scale per token, no log-probabilities
+        sampling = {"mode": mode, "value_count": 0}
     return {
         **sampling,
         "format": CACHE_FORMAT,
@@ -538,7 +632,7 @@ def build_plan(
         "k": int(k),
         "temperature": float(temperature),
         "dtype": dtype,
-        "index_dtype": index_dtype(vocab_size).name,
+        "index_dtype": "int8" if mode == "lowrank" else index_dtype(vocab_size).name,
         "blocks_per_shard": int(blocks_per_shard),
         "n_shards": math.ceil(n_blocks / blocks_per_shard),
     }
@@ -597,11 +691,21 @@ def write_teacher_cache(
         report.complete = True
         return report
     directory.start(tokenizer, write_shared=(rank == 0))
-    if barrier is not None:
-        barrier()
     model = model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     ids = stream.ids
+    projection = None
+    if mode == "lowrank":
+        projection_file = Path(output) / PROJECTION_NAME
+        if rank == 0 and not projection_file.exists():  # a resumed run keeps the projection its shards used
+            fitted, metadata = build_projection(
+                model, ids, plan["n_blocks"], block_size, k, vocab, temperature, VALUE_DTYPES[dtype], batch_size, device
+            )
+            atomic_write_bytes(projection_file, fitted.to_bytes(metadata))
+    if barrier is not None:
+        barrier()
+    if mode == "lowrank":
+        projection, _ = LowRankProjection.load(projection_file)  # every rank encodes with the same bytes
     mine = list(range(rank, plan["n_shards"], world_size))
     from tqdm.auto import tqdm
 
@@ -614,11 +718,11 @@ def write_teacher_cache(
                 continue
             layout = directory.layout(shard)
             first = shard * blocks_per_shard
-            logprobs = torch.empty(layout.logprobs_shape, dtype=torch.float32)
+            logprobs = torch.empty(layout.values_shape, dtype=torch.float32)
             indices = torch.empty(layout.logprobs_shape, dtype=torch.int64)
             log_residual = torch.empty(layout.residual_shape, dtype=torch.float32)
             # one generator per shard, seeded by the shard: any process count draws the same tokens
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + shard) if mode == "sampled" else None
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + shard) if mode in SAMPLING_MODES else None
             # Forward batches always start at the shard's first block, whatever the process count:
             # the same blocks in the same batches give bit-identical shards.
             for offset in range(0, layout.n_blocks, batch_size):
@@ -626,13 +730,18 @@ def write_teacher_cache(
                 begin = (first + offset) * block_size
                 window = np.asarray(ids[begin : begin + n * block_size], dtype=np.int64).reshape(n, block_size)
                 inputs = torch.from_numpy(window).to(device)
-                if generator is None:
+                if projection is not None:
+                    top = logprobs[:0]  # no values; the codes and scales take the other two sections
+                    idx, res = projection.encode(final_hidden(model, inputs).float().cpu())
+                elif generator is None:
                     top, idx, res = teacher_top_k(model, inputs, k=k, temperature=temperature, vocab_size=vocab)
                 else:
-                    top, idx, res = teacher_sampled(
+                    sample = teacher_sampled if mode == "sampled" else teacher_hybrid
+                    top, idx, res = sample(
                         model, inputs, k=k, temperature=temperature, vocab_size=vocab, generator=generator
                     )
-                logprobs[offset : offset + n] = top
+                if top.numel():
+                    logprobs[offset : offset + n] = top
                 indices[offset : offset + n] = idx
                 log_residual[offset : offset + n] = res
             directory.write_shard(shard, logprobs, indices, log_residual)
@@ -723,6 +832,22 @@ class TeacherCache:
         if verify == "open":
             for shard in range(len(records)):
                 self._verify(shard)
+        self.projection: LowRankProjection | None = None
+        if self.mode == "lowrank":
+            self.projection = self._load_projection()
+
+    def _load_projection(self) -> LowRankProjection:
+        """A low-rank cache's projection (always checked against the manifest's checksum: it is small)."""
+        record = self.manifest.get("projection") or {}
+        file = self.path / record.get("file", PROJECTION_NAME)
+        hint = "rerun `lmdistill cache-teacher` with the same config into a new directory to rebuild the cache"
+        if not file.exists():
+            raise DataError(f"the low-rank cache's projection {file.name} is missing", path=file, hint=hint)
+        if file_sha256(file) != record.get("sha256"):
+            raise DataError(f"the low-rank cache's projection {file.name} is corrupt (SHA-256 differs from the manifest)",
+                            path=file, hint=hint)
+        projection, _ = LowRankProjection.load(file)
+        return projection
 
     # -- shards -------------------------------------------------------------------------------------
     def _verify(self, shard: int) -> None:
@@ -740,7 +865,8 @@ class TeacherCache:
 
     def _layout(self, shard: int) -> ShardLayout:
         n = self.manifest["shards"][shard]["n_blocks"]
-        return ShardLayout(n, self.block_size, self.k, self.value_dtype, self.manifest["index_dtype"])
+        return ShardLayout(n, self.block_size, self.k, self.value_dtype, self.manifest["index_dtype"],
+                           self.manifest.get("value_count"))
 
     def shard_arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Memory-mapped (logprobs, indices, log_residual) of one shard, in storage dtypes."""
@@ -762,21 +888,66 @@ class TeacherCache:
         return logprobs[local], indices[local], residual[local]
 
     # -- teacher interface ----------------------------------------------------------------------------
-    def lookup(self, block_indices: Iterable[int] | torch.Tensor) -> SparseTeacher:
-        """The sparse teacher of the given blocks, flattened to ``[len(blocks) * L, k]`` rows."""
+    def _blocks(self, block_indices: Iterable[int] | torch.Tensor) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         if isinstance(block_indices, torch.Tensor):
             block_indices = block_indices.reshape(-1).tolist()
         parts = [self.block(int(i)) for i in block_indices]
         if not parts:
             raise ValueError("lookup needs at least one block index")
+        return parts
+
+    def coordinates(self, block_indices: Iterable[int] | torch.Tensor) -> torch.Tensor:
+        """A low-rank cache's dequantised coordinates of the given blocks, ``[len(blocks) * L, k]`` float32: the
+        "hidden states" that :attr:`projection` ``.weight`` / ``.bias`` turn into teacher logits."""
+        if self.projection is None:
+            raise LmdistillError(f"{self.path} is a {self.mode} cache; coordinates() needs a lowrank cache")
+        parts = self._blocks(block_indices)
+        codes = torch.from_numpy(np.stack([p[1] for p in parts]).astype(np.int64)).reshape(-1, self.k)
+        scale = _from_storage(np.stack([p[2] for p in parts]), self.value_dtype).reshape(-1)
+        return self.projection.coordinates(codes, scale)
+
+    def block_logits(self, block_indices: Iterable[int] | torch.Tensor) -> torch.Tensor:
+        """Dense teacher logits ``[len(blocks) * L, V]`` float32 of a low-rank cache. (Not named ``logits``: a
+        teacher with ``logits(input_ids)`` is taken for a live model, e.g. for teacher agreement in evaluation.)"""
+        z = self.coordinates(block_indices)
+        return torch.nn.functional.linear(z, self.projection.weight, self.projection.bias)
+
+    def lookup(self, block_indices: Iterable[int] | torch.Tensor) -> SparseTeacher:
+        """The sparse teacher of the given blocks, flattened to ``[len(blocks) * L, k]`` rows."""
+        if self.projection is not None:
+            raise LmdistillError(f"{self.path} is a lowrank cache: it stores no log-probabilities; use block_logits()")
+        parts = self._blocks(block_indices)
         logprobs = _from_storage(np.stack([p[0] for p in parts]), self.value_dtype).reshape(-1, self.k)
         indices = torch.from_numpy(np.stack([p[1] for p in parts]).astype(np.int64)).reshape(-1, self.k)
         log_residual = _from_storage(np.stack([p[2] for p in parts]), self.value_dtype).reshape(-1)
         residual = log_residual.float().exp()  # exp(-inf) = 0 when k = V
         return SparseTeacher(logprobs, indices, residual, self.temperature, self.tail)
 
-    def signal(self, batch: dict[str, torch.Tensor]) -> SparseTeacher:
-        """Teacher signal for a training batch (rows in the student's flattened [B*L] order)."""
+    def signal(self, batch: dict[str, torch.Tensor]) -> SparseTeacher | torch.Tensor:
+        """Teacher signal for a training batch (rows in the student's flattened [B*L] order): a sparse teacher,
+        or dense logits ``[B*L, V]`` from a low-rank cache."""
+        self._check_batch(batch)
+        if self.projection is not None:
+            return self.block_logits(batch["block_index"]).to(batch["input_ids"].device)
+        teacher = self.lookup(batch["block_index"])
+        device = batch["input_ids"].device
+        if device.type != "cpu":
+            teacher = SparseTeacher(teacher.logprobs.to(device), teacher.indices.to(device),
+                                    teacher.residual.to(device), teacher.temperature, teacher.tail)
+        return teacher
+
+    def chunked_signal(self, batch: dict[str, torch.Tensor]) -> SparseTeacher | tuple[torch.Tensor, ...]:
+        """For the chunked loss path: the sparse teacher as is, or a low-rank cache's ``(coordinates [B*L, k],
+        weight [V, k], bias [V])``, from which the loss builds teacher logits chunk by chunk (as from a live
+        teacher's hidden states)."""
+        if self.projection is None:
+            return self.signal(batch)
+        self._check_batch(batch)
+        device = batch["input_ids"].device
+        z = self.coordinates(batch["block_index"]).to(device)
+        return z, self.projection.weight.to(device), self.projection.bias.to(device)
+
+    def _check_batch(self, batch: dict[str, torch.Tensor]) -> None:
         if "block_index" not in batch:
             raise LmdistillError(
                 "a teacher cache is looked up by block, but this batch has no 'block_index': the cache works "
@@ -788,16 +959,6 @@ class TeacherCache:
                 f"batch blocks have {input_ids.shape[-1]} positions, the teacher cache {self.block_size}; "
                 f"set data.block_size: {self.block_size}"
             )
-        teacher = self.lookup(batch["block_index"])
-        device = input_ids.device
-        if device.type != "cpu":
-            teacher = SparseTeacher(teacher.logprobs.to(device), teacher.indices.to(device),
-                                    teacher.residual.to(device), teacher.temperature, teacher.tail)
-        return teacher
-
-    def chunked_signal(self, batch: dict[str, torch.Tensor]) -> SparseTeacher:
-        """Same as :meth:`signal`: the chunked loss path takes a sparse teacher as is."""
-        return self.signal(batch)
 
     # -- compatibility --------------------------------------------------------------------------------
     def mismatches(self, *, stream: TokenStream | None = None, tokenizer: Any | None = None,
@@ -829,7 +990,8 @@ class TeacherCache:
 
     @property
     def bytes_per_token(self) -> int:
-        return ShardLayout.bytes_per_token(self.k, self.value_dtype, self.manifest["index_dtype"])
+        return ShardLayout.bytes_per_token(self.k, self.value_dtype, self.manifest["index_dtype"],
+                                           self.manifest.get("value_count"))
 
     def __repr__(self) -> str:
         return (f"TeacherCache({str(self.path)!r}, k={self.k}, mode={self.mode}, blocks={self.n_blocks}x{self.block_size}, "
@@ -872,7 +1034,7 @@ def shrink_teacher_cache(source: str | Path, output: str | Path, k: int, *, show
     src = TeacherCache(source, verify="open")
     if src.mode != "topk":
         raise ConfigError(
-            f"shrink: {src.path} is a sampled cache; its draws are not a ranking, so fewer entries cannot be "
+            f"shrink: {src.path} is a {src.mode} cache, not a ranking of tokens, so fewer entries cannot be "
             "derived from it: build a new cache with the smaller k"
         )
     if not 1 <= k <= src.k:

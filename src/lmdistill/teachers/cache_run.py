@@ -40,16 +40,23 @@ class CacheTeacherModel(_Section):
 
 
 class CacheSettings(_Section):
-    k: int = Field(32, ge=1, description="entries stored per token: draws (sampled) or top-k (32 = 130 bytes/token with float16)")
+    k: int | None = Field(
+        None, ge=1,
+        description="entries per token: draws (sampled), exact head + draws (hybrid), top-k (topk): default 32, "
+        "130 bytes/token with float16; principal components (lowrank): default min(128, teacher hidden size), k + 2 bytes/token",
+    )
     temperature: float = Field(1.0, gt=0, description="log-probs are stored at this temperature; objectives must use it")
     dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="dtype of the stored log-probs")
-    mode: Literal["topk", "sampled"] = Field(
-        "sampled",
-        description="sampled: k systematic draws from the teacher per token (random-sampling KD, arXiv:2503.16870), "
-        "an unbiased estimate for forward KL / cross-entropy objectives; topk: the k most likely tokens and the "
-        "residual mass, for every objective (biased: its students are worse, see bench/cache.py)",
+    mode: Literal["topk", "sampled", "hybrid", "lowrank"] = Field(
+        "lowrank",
+        description="lowrank: the teacher's final hidden state on its top-k principal directions in int8, giving back "
+        "dense logits for every objective (fidelity measured and recorded at build time); sampled: k systematic draws "
+        "from the teacher per token (random-sampling KD, arXiv:2503.16870); hybrid: the likely tokens' exact "
+        "probabilities plus systematic draws from the rest (threshold sampling); sampled and hybrid are unbiased "
+        "estimates for forward KL / cross-entropy objectives only; topk: the k most likely tokens and the residual "
+        "mass, for every objective (biased: its students are worse, see bench/cache.py)",
     )
-    seed: int = Field(0, description="seed of the draws (mode: sampled)")
+    seed: int = Field(0, description="seed of the draws (modes sampled and hybrid)")
     blocks_per_shard: int = Field(256, ge=1)
     batch_size: int = Field(16, ge=1, description="blocks per teacher forward pass")
     split: Literal["train", "validation", "test"] = "train"
@@ -94,15 +101,17 @@ def build_teacher_cache(config: CacheTeacherConfig, *, show_progress: bool = Tru
     rows = model.get_output_embeddings().weight.shape[0]
     vocab = check_vocab_compatible(tokenizer, tokenizer, teacher_rows=rows, student_rows=rows).real_vocab_size
     c = config.cache
-    if c.k > vocab:
-        raise ConfigError(f"cache.k = {c.k} exceeds the vocabulary size {vocab}")
+    hidden = model.get_output_embeddings().weight.shape[1]
+    k = c.k if c.k is not None else (min(128, hidden) if c.mode == "lowrank" else 32)
+    if k > vocab:
+        raise ConfigError(f"cache.k = {k} exceeds the vocabulary size {vocab}")
     report = write_teacher_cache(
         config.output,
         model=model,
         tokenizer=tokenizer,
         stream=data.streams[c.split],
         block_size=config.data.block_size,
-        k=c.k,
+        k=k,
         temperature=c.temperature,
         dtype=c.dtype,
         mode=c.mode,
@@ -130,7 +139,9 @@ def build_teacher_cache(config: CacheTeacherConfig, *, show_progress: bool = Tru
         "block_size": cache.block_size,
         "k": cache.k,
         "dtype": cache.value_dtype,
+        "mode": cache.mode,
         "bytes_per_token": cache.bytes_per_token,
+        **({"fidelity": cache.manifest["projection"]["fidelity"]} if cache.mode == "lowrank" else {}),
         "dense_fp16_bytes_per_token": 2 * cache.vocab_size,
         "total_bytes": cache.manifest["total_bytes"],
         "shards_written_here": len(report.shards_written),

@@ -132,16 +132,17 @@ SAMPLED_CACHE_OBJECTIVES = ("forward_kl", "cross_entropy")
 
 
 def check_sampled_cache_objective(teacher: object, objective: object) -> None:
-    """A sampled cache (random-sampling KD) estimates the teacher without bias only for objectives linear in
-    the teacher's probabilities; refuse the others (reverse KL would even be infinite: every undrawn token has
-    teacher probability 0)."""
-    if getattr(teacher, "mode", "topk") != "sampled":
+    """A sampled or hybrid cache (random-sampling KD, threshold sampling) estimates the teacher without bias
+    only for objectives linear in the teacher's probabilities; refuse the others (reverse KL would even be
+    infinite: every undrawn token has teacher probability 0)."""
+    mode = getattr(teacher, "mode", "topk")
+    if mode not in ("sampled", "hybrid"):  # top-k and low-rank caches serve every objective
         return
     parts = [part for part, _ in getattr(objective, "parts", [(objective, 1.0)])]
     wrong = sorted({part.name for part in parts if part.name not in SAMPLED_CACHE_OBJECTIVES})
     if wrong:
         raise ConfigError(
-            f"teacher.cache {getattr(teacher, 'path', '')} is a sampled cache (cache.mode: sampled), an unbiased "
+            f"teacher.cache {getattr(teacher, 'path', '')} is a {mode} cache (cache.mode: {mode}), an unbiased "
             f"estimate only for {', '.join(SAMPLED_CACHE_OBJECTIVES)} (and mixes of them); objective part(s) "
             f"{', '.join(wrong)} need a top-k cache (cache.mode: topk) or a live teacher (teacher.path)"
         )
