@@ -11,7 +11,7 @@ Part ``cache`` (default):
    and what a top-k cache keeps of the teacher on the validation split (targets outside the top-k,
    residual mass, perplexity of the teacher completed with a uniform tail, the only completion that does
    not depend on a student);
-3. read throughput of ``TeacherCache.signal`` (random batches of 16 blocks, memory-mapped) against what
+3. read throughput of ``TeacherCache.chunked_signal`` (random batches of 16 blocks, memory-mapped) against what
    the training loop consumes (tokens per second of a cache-distillation step);
 4. students (the demo's 1.5M GPT-2 student and recipe; objective forward KL, or with ``--objective mix``
    0.5 forward KL + 0.5 cross-entropy) distilled from each top-k cache (default uniform tail; k=32 also
@@ -175,7 +175,9 @@ def step_times_and_reads(caches: dict[int, Path], others: dict[str, Path], teach
                          timing_rounds: int, corpus: str,
                          objective: str) -> tuple[dict[str, float], dict[str, str], dict[str, float]]:
     """Median step time of each step kind (interleaved rounds), its loss path, and the caches' read
-    throughput (tokens/s of ``TeacherCache.signal`` on random batches of 16 blocks, memory-mapped)."""
+    throughput (tokens/s of ``TeacherCache.chunked_signal``, what a training step on the default chunked path
+    reads, on random batches of 16 blocks, memory-mapped; for sparse caches it equals ``signal``, for a
+    low-rank cache it is the coordinates, whose logits the loss builds chunk by chunk)."""
     import numpy as np
     import torch
 
@@ -216,10 +218,10 @@ def step_times_and_reads(caches: dict[int, Path], others: dict[str, Path], teach
         cache = TeacherCache(path)
         batches = [gen.integers(0, cache.n_blocks, BATCH) for _ in range(60)]
         for b in batches[:5]:
-            cache.signal({"input_ids": torch.zeros(BATCH, BLOCK, dtype=torch.long), "block_index": torch.from_numpy(b)})
+            cache.chunked_signal({"input_ids": torch.zeros(BATCH, BLOCK, dtype=torch.long), "block_index": torch.from_numpy(b)})
         t0 = time.perf_counter()
         for b in batches:
-            cache.signal({"input_ids": torch.zeros(BATCH, BLOCK, dtype=torch.long), "block_index": torch.from_numpy(b)})
+            cache.chunked_signal({"input_ids": torch.zeros(BATCH, BLOCK, dtype=torch.long), "block_index": torch.from_numpy(b)})
         reads[name] = len(batches) * BATCH * BLOCK / (time.perf_counter() - t0)
 
     return step_s, loss_path, reads

@@ -203,3 +203,21 @@ def test_cache_teacher_command_defaults_to_lowrank_with_at_most_the_hidden_size(
     hidden = json.loads((trained_teacher / "config.json").read_text())["n_embd"]
     assert summary["mode"] == "lowrank" and summary["k"] == min(128, hidden) == hidden
     assert summary["bytes_per_token"] == hidden + 2 and summary["fidelity"]["kl_mean_nats"] < 1e-3
+
+
+def test_resume_recomputes_shards_made_with_another_projection(tmp_path, teacher_model, few_data, small_tokenizer):
+    """A killed build resumes with the projection its shards used; if the projection is replaced, shards recorded
+    with the old one are recomputed rather than mixed with the new one."""
+    out = tmp_path / "c"
+    _write(out, teacher_model, few_data, small_tokenizer, k=8)
+    first = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").unlink()  # as if killed before the manifest
+    assert not _write(out, teacher_model, few_data, small_tokenizer, k=8).shards_written  # all shards reused
+    (out / "manifest.json").unlink()
+    (out / "projection.safetensors").unlink()  # a new projection (here: refitted with the same data)
+    record = json.loads((out / "shard-00000.json").read_text())
+    record["projection_sha256"] = "0" * 64  # the record of a shard encoded with another projection
+    (out / "shard-00000.json").write_text(json.dumps(record))
+    report = _write(out, teacher_model, few_data, small_tokenizer, k=8)
+    assert report.shards_written == [0]
+    assert json.loads((out / "manifest.json").read_text())["shards"] == first["shards"]

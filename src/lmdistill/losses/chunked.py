@@ -72,9 +72,13 @@ class _Runner:
             t_hidden, t_weight = teacher[0], teacher[1]
             t_bias = teacher[2] if len(teacher) > 2 else None
             h = t_hidden[start:stop]
-            if ws is not None and t_bias is None and h.dtype == ws.dtype and t_weight.dtype == ws.dtype:
-                out = ws.buf("teacher_logits")
-                return torch.mm(h, t_weight.T, out=out)
+            if ws is not None and h.dtype == ws.dtype and t_weight.dtype == ws.dtype and (
+                t_bias is None or t_bias.dtype == ws.dtype
+            ):
+                out = ws.buf("teacher_logits")  # reused: a fresh [chunk, V] tensor per chunk costs page faults
+                if t_bias is None:
+                    return torch.mm(h, t_weight.T, out=out)
+                return torch.addmm(t_bias, h, t_weight.T, out=out)
             return F.linear(h, t_weight, t_bias)
         return teacher[start:stop]
 

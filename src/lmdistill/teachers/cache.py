@@ -10,15 +10,22 @@ outside the top-k evenly by default (``teacher.tail: uniform``), or in proportio
 probabilities (``tail: student``: the divergence of the top-k plus one "rest" bucket, which teaches the
 student how much mass lies outside the teacher's top-k but not how to shape it); see that class.
 
-Two kinds of content (``mode`` in the plan and manifest; absent = ``topk``):
+Four kinds of content (``mode`` in the plan and manifest; absent = ``topk``):
 
+* ``lowrank`` (the ``lmdistill cache-teacher`` default): the teacher's final hidden state on its k principal
+  directions, int8 codes and one scale per position, plus ``projection.safetensors`` (the directions and
+  the teacher's output layer projected onto them). Training gets *dense* teacher logits back, so every
+  objective accepts it at any temperature; its fidelity (held-out KL) is measured at build time and stored
+  in the manifest. See :mod:`lmdistill.teachers.lowrank`.
 * ``topk``: the k most likely tokens' log-probabilities and the log of the mass left outside them. Every
   objective accepts it, but it is a biased picture of the teacher (the student never sees the tail's shape).
-* ``sampled`` (the ``lmdistill cache-teacher`` default): k systematic draws from the teacher per position,
+* ``sampled``: k systematic draws from the teacher per position,
   stored as log(count / k) for the drawn ids (-inf fillers keep the ids distinct) and no residual: random-
   sampling KD (arXiv:2503.16870; see :func:`teacher_sampled`), an unbiased estimate of the teacher for
   objectives linear in its probabilities (forward KL, cross-entropy); training refuses other objectives.
   Draws are seeded per shard, so any number of processes writes the same bytes.
+* ``hybrid``: the likely tokens' exact probabilities and systematic draws from the rest (threshold sampling,
+  :func:`teacher_hybrid`); unbiased like ``sampled``, with less variance, same objectives.
 
 Indexing
 --------
@@ -36,7 +43,9 @@ Layout on disk
       plan.json            what is being built (teacher identity and weights hash, tokenizer
                            fingerprint, data stream key, block size, k, temperature, dtypes, sharding)
       tokenizer/           the teacher's tokenizer (runs that name no tokenizer use it)
+      projection.safetensors  (lowrank only) principal directions and projected output layer
       shard-00000.bin      blocks [0, N): logprobs [n, L, k] | token ids [n, L, k] | log residual [n, L]
+                           (lowrank: no logprobs | int8 codes [n, L, k] | scale [n, L])
       shard-00000.json     that shard's size and SHA-256 (written after the .bin)
       ...
 
@@ -44,7 +53,8 @@ Per token: k log-probabilities in float16 (or bfloat16 / float32), k token ids i
 integer type that holds the vocabulary (uint8 / uint16 / uint32), and the log of the residual mass in
 the value dtype (log space keeps small residuals precise in 16 bits; -inf when k = V). The default
 k = 32 with float16 and uint16 ids costs 32*2 + 32*2 + 2 = 130 bytes per token at any vocabulary up to
-65,536 tokens, against 2*V bytes for dense float16 logits (65,536 bytes at V = 32k).
+65,536 tokens, against 2*V bytes for dense float16 logits (65,536 bytes at V = 32k). A low-rank cache
+stores k int8 codes and a float16 scale: k + 2 bytes per token (130 at its default k = 128), at any vocabulary.
 
 Robustness: each shard is written to a temporary file and renamed into place, then its checksum file
 is written the same way; a killed run restarted with the same plan skips every shard whose checksum
@@ -466,6 +476,9 @@ class _CacheDirectory:
         self.output = Path(output)
         self.plan = plan
         self.plan_sha256 = plan_content_sha256(plan)
+        # what else a shard was computed with (a low-rank cache's projection): a shard recorded with other
+        # inputs is recomputed on resume
+        self.inputs: dict[str, str] = {}
 
     def layout(self, shard: int) -> ShardLayout:
         first = shard * self.plan["blocks_per_shard"]
@@ -515,7 +528,8 @@ class _CacheDirectory:
             record = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             return None
-        if record.get("plan_sha256") != self.plan_sha256 or bin_path.stat().st_size != record.get("bytes"):
+        stale = any(record.get(key) != value for key, value in self.inputs.items())
+        if record.get("plan_sha256") != self.plan_sha256 or stale or bin_path.stat().st_size != record.get("bytes"):
             log.warning("teacher cache: %s does not match its checksum record; recomputing it", bin_path.name)
             return None
         if verify and file_sha256(bin_path) != record.get("sha256"):
@@ -537,6 +551,7 @@ class _CacheDirectory:
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
             "plan_sha256": self.plan_sha256,
+            **self.inputs,
         }
         atomic_write_bytes(self.output / f"{name}.json", _json_bytes(record))
         return record
@@ -706,6 +721,7 @@ def write_teacher_cache(
         barrier()
     if mode == "lowrank":
         projection, _ = LowRankProjection.load(projection_file)  # every rank encodes with the same bytes
+        directory.inputs["projection_sha256"] = file_sha256(projection_file)
     mine = list(range(rank, plan["n_shards"], world_size))
     from tqdm.auto import tqdm
 
