@@ -168,6 +168,8 @@ def launch(job: dict) -> dict:
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, cwd=ROOT
     )
+    if proc.returncode == -9:  # SIGKILL: on this kind of run, the kernel's out-of-memory killer
+        return {"error": "killed by SIGKILL (out of memory: the kernel's OOM killer)"}
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}

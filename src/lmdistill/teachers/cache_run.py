@@ -45,8 +45,14 @@ class CacheSettings(_Section):
         description="entries per token: draws (sampled), exact head + draws (hybrid), top-k (topk): default 32, "
         "130 bytes/token with float16; principal components (lowrank): default min(128, teacher hidden size), k + 2 bytes/token",
     )
-    temperature: float = Field(1.0, gt=0, description="log-probs are stored at this temperature; objectives must use it")
-    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="dtype of the stored log-probs")
+    temperature: float = Field(
+        1.0, gt=0,
+        description="log-probs are stored at this temperature and objectives must use it (lowrank: stores logits, "
+        "any objective temperature works; this one is only the temperature of the fidelity check)",
+    )
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="dtype of the stored log-probs (lowrank: of the per-token scale)"
+    )
     mode: Literal["topk", "sampled", "hybrid", "lowrank"] = Field(
         "lowrank",
         description="lowrank: the teacher's final hidden state on its top-k principal directions in int8, giving back "
