@@ -340,6 +340,16 @@ def teacher_top_k(
         )
 
 
+def _probability_rows(model: torch.nn.Module, input_ids: torch.Tensor, temperature: float, vocab_size: int,
+                      row_chunk: int) -> Iterable[torch.Tensor]:
+    """The teacher's float64 ``softmax(logits / T)`` over the real vocabulary for ``input_ids`` ``[B, L]``,
+    flattened to rows and yielded ``row_chunk`` rows at a time (bounds the float64 copies)."""
+    logits = model(input_ids=input_ids).logits[..., :vocab_size]
+    flat = logits.reshape(-1, vocab_size)
+    for start in range(0, flat.shape[0], row_chunk):
+        yield torch.softmax(flat[start : start + row_chunk].double() / temperature, dim=-1).cpu()
+
+
 def teacher_sampled(
     model: torch.nn.Module, input_ids: torch.Tensor, *, k: int, temperature: float, vocab_size: int,
     generator: torch.Generator, row_chunk: int = 1024,
@@ -359,13 +369,10 @@ def teacher_sampled(
     Same return layout as :func:`teacher_top_k`; the log residual is -inf.
     """
     with torch.no_grad():
-        logits = model(input_ids=input_ids).logits[..., :vocab_size]
-        b, length, _ = logits.shape
-        flat = logits.reshape(b * length, vocab_size)
+        b, length = input_ids.shape
         tops, ids = [], []
         steps = torch.arange(k, dtype=torch.float64) / k
-        for start in range(0, flat.shape[0], row_chunk):
-            probs = torch.softmax(flat[start : start + row_chunk].double() / temperature, dim=-1).cpu()
+        for probs in _probability_rows(model, input_ids, temperature, vocab_size, row_chunk):
             cdf = probs.cumsum(-1)
             cdf /= cdf[:, -1:].clone()  # exactly 1 at the end, so every point falls on a token
             offset = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64) / k
@@ -413,13 +420,10 @@ def teacher_hybrid(
     Same return layout as :func:`teacher_top_k`; the log residual is -inf.
     """
     with torch.no_grad():
-        logits = model(input_ids=input_ids).logits[..., :vocab_size]
-        b, length, _ = logits.shape
-        flat = logits.reshape(b * length, vocab_size)
+        b, length = input_ids.shape
         tops, ids = [], []
         slots = torch.arange(k, dtype=torch.float64)
-        for start in range(0, flat.shape[0], row_chunk):
-            probs = torch.softmax(flat[start : start + row_chunk].double() / temperature, dim=-1).cpu()
+        for probs in _probability_rows(model, input_ids, temperature, vocab_size, row_chunk):
             rows = probs.shape[0]
             top, top_ids = torch.topk(probs, k, dim=-1, sorted=True)
             rest = probs.scatter(-1, top_ids, 0.0).sum(-1)
