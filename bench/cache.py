@@ -57,6 +57,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 BENCH_TEACHER_STEPS = 400
 # caches written directly by the teacher besides the top-k ones: (mode, k)
 OTHER_CACHES = [("lowrank", 128), ("lowrank", 64), ("hybrid", 32), ("sampled", 32)]
+
+
+def other_cache_paths(out: Path) -> dict[str, Path]:
+    """Name -> directory of each of :data:`OTHER_CACHES` under ``out``."""
+    return {f"cache k={k}, {mode}": out / f"cache-k{k}-{mode}" for mode, k in OTHER_CACHES}
 BLOCK = 128
 BATCH = 16
 
@@ -235,7 +240,7 @@ def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, cor
     from lmdistill.data.tokenizer import load_tokenizer
     from lmdistill.models.loading import load_causal_lm
     from lmdistill.teachers.cache import TeacherCache, ShardLayout, index_dtype, shrink_teacher_cache, write_teacher_cache
-    from lmdistill.train.run import build_trainer, run_training
+    from lmdistill.train.run import run_training
 
     tokenizer = load_tokenizer(teacher_dir)
     data = prepare_data(corpus, block_size=BLOCK, tokenizer=tokenizer)
@@ -263,13 +268,11 @@ def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, cor
         t0 = time.perf_counter()
         shrink_teacher_cache(caches[128], caches[k], k)
         shrink_seconds[k] = time.perf_counter() - t0
-    others: dict[str, Path] = {}
+    others = other_cache_paths(out)
     other_write_tps: dict[str, float] = {}
-    for mode, k in OTHER_CACHES:
-        name = f"cache k={k}, {mode}"
-        others[name] = out / f"cache-k{k}-{mode}"
-        shutil.rmtree(others[name], ignore_errors=True)
-        report = write_teacher_cache(others[name], model=teacher, tokenizer=tokenizer, stream=train, block_size=BLOCK,
+    for (mode, k), (name, path) in zip(OTHER_CACHES, others.items()):
+        shutil.rmtree(path, ignore_errors=True)
+        report = write_teacher_cache(path, model=teacher, tokenizer=tokenizer, stream=train, block_size=BLOCK,
                                      k=k, mode=mode, model_name=str(teacher_dir), corpus=corpus)
         other_write_tps[name] = report.tokens_per_second
     log(f"caches written (write {write_tps:,.0f} tokens/s, teacher forward alone {forward_tps:,.0f} tokens/s); {load_note()}")
@@ -301,7 +304,7 @@ def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, cor
         cache = TeacherCache(path, verify="first_use")
         k = cache.k
         on_disk = cache.manifest["total_bytes"] / (cache.n_blocks * BLOCK)
-        consume = tokens_per_step / step_s[name] if name in step_s else float("nan")
+        consume = tokens_per_step / step_s[name]
         if name in others:
             write = f"{other_write_tps[name]:,.0f}"
         else:
@@ -369,7 +372,7 @@ def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, cor
 def part_timing(teacher_dir: Path, out: Path, timing_rounds: int, corpus: str, objective: str) -> str:
     """Only the step times and read throughput, on the caches a ``--part cache --keep`` run left in ``out``."""
     caches = {k: out / f"cache-k{k}" for k in (8, 32, 128)}
-    others = {f"cache k={k}, {mode}": out / f"cache-k{k}-{mode}" for mode, k in OTHER_CACHES}
+    others = other_cache_paths(out)
     missing = [str(p) for p in [*caches.values(), *others.values()] if not (p / "manifest.json").exists()]
     if missing:
         raise SystemExit(f"--part timing needs the caches of a `--part cache --keep` run with the same --output; missing: {missing}")

@@ -11,6 +11,16 @@ import torch
 BLOCK = 32
 
 
+def write_cache(path: Path, model, data, tokenizer, **kw):
+    """A teacher cache of ``data``'s training split with the tests' defaults (k = 8, 64 blocks per shard)."""
+    from lmdistill.teachers.cache import write_teacher_cache
+
+    kw.setdefault("k", 8)
+    kw.setdefault("blocks_per_shard", 64)
+    return write_teacher_cache(path, model=model, tokenizer=tokenizer, stream=data.streams["train"], block_size=BLOCK,
+                               model_name="tiny", **kw)
+
+
 def train_tiny_lm(path: Path, tokenizer, blocks, *, layers: int = 2, hidden: int = 48, steps: int = 60,
                   seed: int = 0) -> Path:
     """A tiny GPT-2 trained for a few steps on real blocks, saved with its tokenizer (safetensors)."""

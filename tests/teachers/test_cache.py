@@ -29,17 +29,13 @@ from lmdistill.teachers.cache import (
     write_teacher_cache,
 )
 from tests.conftest import save_tiny_model
-from tests.teachers.conftest import BLOCK
+from tests.teachers.conftest import BLOCK, write_cache
 
 WORKER = Path(__file__).with_name("cache_worker.py")
 ROOT = Path(__file__).parents[2]
 
 
-def _write(path, model, data, tokenizer, **kw):
-    kw.setdefault("k", 8)
-    kw.setdefault("blocks_per_shard", 64)
-    return write_teacher_cache(path, model=model, tokenizer=tokenizer, stream=data.streams["train"], block_size=BLOCK,
-                               model_name="tiny", **kw)
+_write = write_cache
 
 
 @pytest.fixture(scope="module")

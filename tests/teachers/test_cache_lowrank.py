@@ -5,6 +5,7 @@ determinism across process counts, and the errors (corrupt projection, non-linea
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,16 +17,13 @@ from hypothesis import strategies as st
 from lmdistill.data.blocks import collate
 from lmdistill.errors import ConfigError, DataError, LmdistillError
 from lmdistill.losses import build_objective, fused_linear_distill
-from lmdistill.teachers.cache import TeacherCache, write_teacher_cache
+from lmdistill.teachers.cache import TeacherCache
 from lmdistill.teachers.lowrank import CODE_MAX, fit_projection
 from lmdistill.train.run import check_sampled_cache_objective
-from tests.teachers.conftest import BLOCK
+from tests.teachers.conftest import BLOCK, write_cache
 
 
-def _write(path, model, data, tokenizer, **kw):
-    kw.setdefault("blocks_per_shard", 64)
-    return write_teacher_cache(path, model=model, tokenizer=tokenizer, stream=data.streams["train"], block_size=BLOCK,
-                               model_name="tiny", mode="lowrank", **kw)
+_write = partial(write_cache, mode="lowrank")
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ they refuse."""
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +24,12 @@ from lmdistill.teachers.cache import (
     shrink_teacher_cache,
     teacher_hybrid,
     teacher_sampled,
-    write_teacher_cache,
 )
 from lmdistill.train.run import check_sampled_cache_objective
-from tests.teachers.conftest import BLOCK
+from tests.teachers.conftest import write_cache
 
 
-def _write(path, model, data, tokenizer, **kw):
-    kw.setdefault("k", 8)
-    kw.setdefault("blocks_per_shard", 64)
-    kw.setdefault("mode", "sampled")
-    return write_teacher_cache(path, model=model, tokenizer=tokenizer, stream=data.streams["train"], block_size=BLOCK,
-                               model_name="tiny", **kw)
+_write = partial(write_cache, mode="sampled")  # calls may name another mode
 
 
 @pytest.fixture(scope="module")

@@ -82,6 +82,16 @@ def _fix_rows(t: Tensor, *masks: Tensor | None) -> Tensor:
     return t
 
 
+def _log_mixture(ws: Workspace, tl: Tensor, s: Tensor, log_w_teacher: float, log_w_student: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``log(w_t p + w_s q)`` from the chunk's log-probabilities, in the workspace buffer ``m``; returns
+    ``(m, tmp, grad)``, the two other buffers free again for the caller."""
+    m, tmp, grad = ws.buf("m"), ws.buf("tmp"), ws.buf("grad")
+    torch.add(tl, log_w_teacher, out=tmp)
+    torch.add(s, log_w_student, out=grad)
+    torch.logaddexp(tmp, grad, out=m)
+    return m, tmp, grad
+
+
 def _scale(t: Tensor, factor: float) -> Tensor:
     return t if factor == 1.0 else t.mul_(factor)
 
@@ -191,10 +201,7 @@ class GeneralizedJSD(Divergence):
             return ReverseKL.chunk_value_and_grad(self, z, teacher, labels, ws)
         s = ws.student_logp(z, T)
         tl = ws.teacher_logp(teacher, T)
-        m, tmp, grad = ws.buf("m"), ws.buf("tmp"), ws.buf("grad")
-        torch.add(tl, math.log(beta), out=tmp)
-        torch.add(s, math.log1p(-beta), out=grad)
-        torch.logaddexp(tmp, grad, out=m)
+        m, tmp, grad = _log_mixture(ws, tl, s, math.log(beta), math.log1p(-beta))
         # KL(p || m)
         p = ws.teacher_p(T)
         torch.sub(tl, m, out=tmp)
@@ -227,8 +234,8 @@ class TotalVariation(Divergence):
 
     def chunk_value_and_grad(self, z, teacher, labels, ws, context=None):
         T = self.temperature
-        s = ws.student_logp(z, T)
-        tl = ws.teacher_logp(teacher, T)
+        ws.student_logp(z, T)  # cached: student_q and teacher_p exponentiate these log-probabilities
+        ws.teacher_logp(teacher, T)
         q, p, diff, grad = ws.student_q(T), ws.teacher_p(T), ws.buf("d"), ws.buf("tmp")
         torch.sub(q, p, out=diff)
         loss = torch.abs(diff, out=grad).sum(-1).mul_(0.5)  # abs + sum: cheaper than vector_norm on CPU
@@ -263,10 +270,7 @@ class SkewKL(Divergence):
             return ForwardKL.chunk_value_and_grad(self, z, teacher, labels, ws)
         s = ws.student_logp(z, T)
         tl = ws.teacher_logp(teacher, T)
-        m, tmp, grad = ws.buf("m"), ws.buf("tmp"), ws.buf("grad")
-        torch.add(tl, math.log(alpha), out=tmp)
-        torch.add(s, math.log1p(-alpha), out=grad)
-        torch.logaddexp(tmp, grad, out=m)
+        m, tmp, grad = _log_mixture(ws, tl, s, math.log(alpha), math.log1p(-alpha))
         p = ws.teacher_p(T)
         log_r = m.sub_(tl).neg_()  # log(p/m), reusing m
         loss, bad = _rowdot(log_r, p, tmp)
@@ -303,10 +307,7 @@ class SkewReverseKL(Divergence):
             return ReverseKL.chunk_value_and_grad(self, z, teacher, labels, ws)
         s = ws.student_logp(z, T)
         tl = ws.teacher_logp(teacher, T)
-        m, tmp, grad = ws.buf("m"), ws.buf("tmp"), ws.buf("grad")
-        torch.add(tl, math.log1p(-alpha), out=tmp)
-        torch.add(s, math.log(alpha), out=grad)
-        torch.logaddexp(tmp, grad, out=m)
+        m, tmp, grad = _log_mixture(ws, tl, s, math.log1p(-alpha), math.log(alpha))
         q = ws.student_q(T)
         d = m.sub_(s).neg_()  # log(q/m)
         loss, bad = _rowdot(d, q, tmp)

@@ -88,7 +88,13 @@ from lmdistill.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from lmdistill.errors import ConfigError, DataError, LmdistillError
 from lmdistill.losses import SparseTeacher
 from lmdistill.losses.core import TAIL_SHAPES
-from lmdistill.teachers.lowrank import PROJECTION_NAME, LowRankProjection, build_projection, final_hidden
+from lmdistill.teachers.lowrank import (
+    PROJECTION_NAME,
+    LowRankProjection,
+    build_projection,
+    final_hidden,
+    projection_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -577,10 +583,9 @@ class _CacheDirectory:
         bpt = ShardLayout.bytes_per_token(self.plan["k"], self.plan["dtype"], self.plan["index_dtype"],
                                           self.plan.get("value_count"))
         extra = {}
-        if self.plan.get("mode") == "lowrank":
-            projection = self.output / PROJECTION_NAME
-            _, metadata = LowRankProjection.load(projection)
-            extra["projection"] = {"file": PROJECTION_NAME, "sha256": file_sha256(projection), **metadata}
+        if self.plan.get("mode") == "lowrank":  # its hash was taken when the shards' writers loaded it
+            metadata = projection_metadata(self.output / PROJECTION_NAME)
+            extra["projection"] = {"file": PROJECTION_NAME, "sha256": self.inputs["projection_sha256"], **metadata}
         manifest = {
             **self.plan,
             **extra,
@@ -724,8 +729,9 @@ def write_teacher_cache(
     if barrier is not None:
         barrier()
     if mode == "lowrank":
-        projection, _ = LowRankProjection.load(projection_file)  # every rank encodes with the same bytes
-        directory.inputs["projection_sha256"] = file_sha256(projection_file)
+        data = projection_file.read_bytes()  # every rank encodes with the same bytes
+        projection = LowRankProjection.from_bytes(data)
+        directory.inputs["projection_sha256"] = hashlib.sha256(data).hexdigest()
     mine = list(range(rank, plan["n_shards"], world_size))
     from tqdm.auto import tqdm
 
@@ -863,11 +869,11 @@ class TeacherCache:
         hint = "rerun `lmdistill cache-teacher` with the same config into a new directory to rebuild the cache"
         if not file.exists():
             raise DataError(f"the low-rank cache's projection {file.name} is missing", path=file, hint=hint)
-        if file_sha256(file) != record.get("sha256"):
+        data = file.read_bytes()
+        if hashlib.sha256(data).hexdigest() != record.get("sha256"):
             raise DataError(f"the low-rank cache's projection {file.name} is corrupt (SHA-256 differs from the manifest)",
                             path=file, hint=hint)
-        projection, _ = LowRankProjection.load(file)
-        return projection
+        return LowRankProjection.from_bytes(data)
 
     # -- shards -------------------------------------------------------------------------------------
     def _verify(self, shard: int) -> None:
@@ -922,7 +928,7 @@ class TeacherCache:
         if self.projection is None:
             raise LmdistillError(f"{self.path} is a {self.mode} cache; coordinates() needs a lowrank cache")
         parts = self._blocks(block_indices)
-        codes = torch.from_numpy(np.stack([p[1] for p in parts]).astype(np.int64)).reshape(-1, self.k)
+        codes = torch.from_numpy(np.stack([p[1] for p in parts])).reshape(-1, self.k)  # int8, dequantised below
         scale = _from_storage(np.stack([p[2] for p in parts]), self.value_dtype).reshape(-1)
         return self.projection.coordinates(codes, scale)
 

@@ -82,14 +82,20 @@ class LowRankProjection:
         return save(tensors, metadata={"lmdistill": json.dumps(metadata, sort_keys=True)})
 
     @classmethod
-    def load(cls, path: Path) -> tuple["LowRankProjection", dict[str, Any]]:
-        """Read a projection (safetensors: no pickle) and its metadata."""
-        from safetensors import safe_open
+    def from_bytes(cls, data: bytes) -> "LowRankProjection":
+        """A projection from its safetensors bytes (no pickle)."""
+        from safetensors.torch import load
 
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {name: f.get_tensor(name) for name in ("mean", "basis", "sigma", "weight", "bias")}
-            metadata = json.loads((f.metadata() or {}).get("lmdistill", "{}"))
-        return cls(**tensors), metadata
+        tensors = load(data)
+        return cls(**{name: tensors[name] for name in ("mean", "basis", "sigma", "weight", "bias")})
+
+
+def projection_metadata(path: Path) -> dict[str, Any]:
+    """The metadata of a saved projection (fidelity, fit blocks, ...), from its header alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("lmdistill", "{}"))
 
 
 def output_layer(model: torch.nn.Module, vocab_size: int) -> tuple[Tensor, Tensor | None]:

@@ -24,7 +24,6 @@ from lmdistill.errors import ConfigError
 from lmdistill.losses import build_objective
 from lmdistill.models.loading import build_from_preset, count_parameters, load_causal_lm
 from lmdistill.models.vocab import check_vocab_compatible
-from lmdistill.teachers.cache import SAMPLING_MODES
 from lmdistill.teachers.live import LiveTeacher
 from lmdistill.train.trainer import Trainer, TrainResult
 
@@ -136,6 +135,8 @@ def check_sampled_cache_objective(teacher: object, objective: object) -> None:
     """A sampled or hybrid cache (random-sampling KD, threshold sampling) estimates the teacher without bias
     only for objectives linear in the teacher's probabilities; refuse the others (reverse KL would even be
     infinite: every undrawn token has teacher probability 0)."""
+    from lmdistill.teachers.cache import SAMPLING_MODES
+
     mode = getattr(teacher, "mode", "topk")
     if mode not in SAMPLING_MODES:  # top-k and low-rank caches serve every objective
         return
