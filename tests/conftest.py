@@ -12,6 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the compiled loss kernels cost a compile per shape; tests/losses/test_fused.py turns them on and checks them
+os.environ.setdefault("LMDISTILL_COMPILE", "0")
 
 
 @pytest.fixture(scope="session")

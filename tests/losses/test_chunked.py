@@ -15,7 +15,7 @@ from lmdistill.losses import (
     fused_linear_distill,
     reduce_tokens,
 )
-from tests.losses.helpers import CASE_IDS, CASES
+from tests.losses.helpers import CASES
 
 N, H, V, HT = 45, 8, 23, 6
 

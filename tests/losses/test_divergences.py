@@ -22,7 +22,6 @@ from lmdistill.losses import (
     reduce_tokens,
 )
 from lmdistill.losses.core import Workspace
-from tests.losses import reference as ref
 from tests.losses.helpers import CASE_IDS, CASES, make_inputs, to_np, variant_inputs
 
 SHAPES = [(1, 2), (7, 5), (16, 33), (2, 3, 6)]

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from lmdistill.losses import ATKD, SinKD, SparseTeacher, TrilateralFusion, fused_linear_distill, reduce_tokens
-from tests.losses.helpers import CASE_IDS, CASES, make_inputs
+from tests.losses.helpers import CASES, make_inputs
 
 EXTRA = [("atkd", lambda T: ATKD(temperature=T)), ("sinkd", lambda T: SinKD(temperature=T, group_size=4)),
          ("tgeo", lambda T: TrilateralFusion(kd={"name": "forward_kl", "temperature": T}))]

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lmdistill.data.documents import Document
 from lmdistill.eval.lm import add_token_sums

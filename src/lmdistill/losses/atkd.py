@@ -22,6 +22,7 @@ from lmdistill.losses.core import (
     student_log_probs,
     teacher_log_probs,
 )
+from lmdistill.losses.fused import fused_atkd_grad, fused_atkd_rows
 
 __all__ = ["ATKD", "ATKDSplit", "decoupled_kd_parts"]
 
@@ -158,44 +159,59 @@ class ATKD(Objective):
         With q_hat, p_hat the non-gold distributions (0 on the gold entry): d TKD / dz = (q_y - p_y)(e_y - q_hat) / T
         and d DKD / dz = (q_hat - p_hat) / T. log(1 - q_y) and log(1 - p_y) come from a
         masked log-sum-exp on rows where the gold probability exceeds 1/2, so they stay exact as it nears 1.
+        With a dense float32 teacher on CPU the passes over the chunk are the compiled kernels of
+        :mod:`lmdistill.losses.fused` (log-sum-exps of the non-gold entries on every row); the per-row terms
+        below are shared by both paths.
         """
         if context is None:
             context = self.batch_context(lambda: [(0, z.shape[0], teacher)], labels, z.shape[-1])
         T = self.temperature
-        s = ws.student_logp(z, T)
-        tl = ws.teacher_logp(teacher, T)
         valid = labels != IGNORE_INDEX
         gold = torch.where(valid, labels, 0).unsqueeze(-1)
-        s_y, tl_y = s.gather(-1, gold).squeeze(-1), tl.gather(-1, gold).squeeze(-1)
-        log_rest_s = _log_one_minus(s, s_y, gold)
-        log_rest_t = _log_one_minus(tl, tl_y, gold)
+        # the compiled kernels of lmdistill.losses.fused where they apply (dense float32 teacher on CPU)
+        fused = fused_atkd_rows(z, teacher, T, gold)
+        if fused is not None:
+            norms, s_y, tl_y, log_rest_s, log_rest_t = fused
+        else:
+            s, tl = ws.student_logp(z, T), ws.teacher_logp(teacher, T)
+            s_y, tl_y = s.gather(-1, gold).squeeze(-1), tl.gather(-1, gold).squeeze(-1)
+            log_rest_s = _log_one_minus(s, s_y, gold)
+            log_rest_t = _log_one_minus(tl, tl_y, gold)
         q_y, p_y = s_y.exp(), tl_y.exp()
         # TKD: binary KL([p_y, 1 - p_y] || [q_y, 1 - q_y]), 0 * log(0/x) = 0
         rest_p = log_rest_t.exp()
         tkd = torch.where(p_y > 0, p_y * (tl_y - s_y), 0.0) + torch.where(rest_p > 0, rest_p * (log_rest_t - log_rest_s), 0.0)
-        # DKD: sum_{j != y} p_hat_j (log p_hat_j - log q_hat_j) = sum_{j != y} p_hat_j (tl_j - s_j) - log_rest_t + log_rest_s
-        p_hat = fast_exp(torch.sub(tl, log_rest_t.unsqueeze(-1), out=ws.buf("p_hat")), ws.buf("p_hat"))
-        p_hat.scatter_(-1, gold, 0.0)
-        diff = torch.sub(tl, s, out=ws.buf("tmp"))
-        torch.mul(diff, p_hat, out=diff)
-        dkd = finite_products(diff).sum(-1) - log_rest_t + log_rest_s
         # weights: hard tokens (1 - lam) * n / n_hard * (TKD + DKD), easy tokens lam * n / n_easy * DKD
         hard = context.hard.to(valid.device)
         easy = valid & ~hard
         lam = self.easy_weight
         hard_scale = (1.0 - lam) * context.n_valid / context.n_hard if context.n_hard else 0.0
         easy_scale = lam * context.n_valid / context.n_easy if context.n_easy else 0.0
-        w_tkd = hard.to(s.dtype) * hard_scale
-        w_dkd = w_tkd + easy.to(s.dtype) * easy_scale
-        loss = w_tkd * tkd + w_dkd * dkd
+        w_tkd = hard.to(z.dtype) * hard_scale
+        w_dkd = w_tkd + easy.to(z.dtype) * easy_scale
         # gradient: q_hat * (w_dkd - w_tkd (q_y - p_y)) - w_dkd p_hat off the gold entry; w_tkd (q_y - p_y) on it
-        q_hat = fast_exp(torch.sub(s, log_rest_s.unsqueeze(-1), out=ws.buf("tmp")), ws.buf("tmp"))
         gap = q_y - p_y
-        grad = q_hat.mul_((w_dkd - w_tkd * gap).unsqueeze(-1))
-        grad.addcmul_(p_hat, w_dkd.unsqueeze(-1), value=-1.0)
-        grad.scatter_(-1, gold, (w_tkd * gap).unsqueeze(-1))
-        if T != 1.0:
-            grad.div_(T)
+        grad = ws.buf("tmp")
+        dkd_sum = None
+        if fused is not None:
+            dkd_sum = fused_atkd_grad(z, teacher, T, norms, gold, log_rest_s, log_rest_t, w_dkd - w_tkd * gap, w_dkd,
+                                      w_tkd * gap, grad)
+        if dkd_sum is None:
+            s, tl = ws.student_logp(z, T), ws.teacher_logp(teacher, T)
+            # DKD: sum_{j != y} p_hat_j (log p_hat_j - log q_hat_j) = sum_{j != y} p_hat_j (tl_j - s_j) - log_rest_t + log_rest_s
+            p_hat = fast_exp(torch.sub(tl, log_rest_t.unsqueeze(-1), out=ws.buf("p_hat")), ws.buf("p_hat"))
+            p_hat.scatter_(-1, gold, 0.0)
+            diff = torch.sub(tl, s, out=grad)
+            torch.mul(diff, p_hat, out=diff)
+            dkd_sum = finite_products(diff).sum(-1)
+            q_hat = fast_exp(torch.sub(s, log_rest_s.unsqueeze(-1), out=grad), grad)
+            grad = q_hat.mul_((w_dkd - w_tkd * gap).unsqueeze(-1))
+            grad.addcmul_(p_hat, w_dkd.unsqueeze(-1), value=-1.0)
+            grad.scatter_(-1, gold, (w_tkd * gap).unsqueeze(-1))
+            if T != 1.0:
+                grad.div_(T)
+        dkd = dkd_sum - log_rest_t + log_rest_s
+        loss = w_tkd * tkd + w_dkd * dkd
         return finish_chunk(loss, grad, labels, 1.0)
 
     def slice_context(self, context: ATKDSplit, start: int, stop: int) -> ATKDSplit:

@@ -24,6 +24,8 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Union
 import torch
 from torch import Tensor
 
+from lmdistill.losses.fused import fused_dense_chunk
+
 IGNORE_INDEX = -100
 TAIL_SHAPES = ("student", "uniform")
 
@@ -401,7 +403,9 @@ class Workspace:
         if full is None:
             full = torch.empty(self.rows, self.vocab_size, dtype=self.dtype, device=self.device)
             self._buffers[name] = full
-        return full[: self.current_rows]
+        # the buffer itself when the chunk is whole: a compiled kernel writes into a graph input in place,
+        # but into a view of one through an extra copy (see lmdistill.losses.fused)
+        return full if self.current_rows == self.rows else full[: self.current_rows]
 
     def student_logp(self, z: Tensor, temperature: float) -> Tensor:
         key = ("student", temperature)
@@ -567,6 +571,31 @@ class Divergence(Objective):
 
     def divergence(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
         raise NotImplementedError
+
+    #: the compiled dense-teacher kernel of :mod:`lmdistill.losses.fused` computing this divergence, if any
+    fused_kind: ClassVar[str | None] = None
+
+    def fused_spec(self) -> tuple[str, tuple[float, ...]] | None:
+        """``(kernel name, extra parameters)`` of the compiled kernel for this instance, or ``None``."""
+        return None if self.fused_kind is None else (self.fused_kind, ())
+
+    def chunk_value_and_grad(
+        self, z: Tensor, teacher: Teacher | None, labels: Tensor, ws: Workspace, context: Any = None
+    ) -> tuple[Tensor, Tensor] | None:
+        """The compiled kernel for a dense teacher where it applies (:mod:`lmdistill.losses.fused`), else
+        :meth:`eager_chunk`; both compute the same loss and gradient."""
+        spec = self.fused_spec()
+        if spec is not None:
+            fused = fused_dense_chunk(spec[0], z, teacher, self.temperature, ws.buf("tmp"), *spec[1])
+            if fused is not None:
+                return finish_chunk(*fused, labels, self.loss_scale)
+        return self.eager_chunk(z, teacher, labels, ws, context)
+
+    def eager_chunk(
+        self, z: Tensor, teacher: Teacher | None, labels: Tensor, ws: Workspace, context: Any = None
+    ) -> tuple[Tensor, Tensor] | None:
+        """The chunk's loss and gradient from PyTorch operations on ``ws`` buffers (``None``: use autograd)."""
+        return None
 
     def per_token(
         self, student_logits: Tensor, teacher: Teacher | None, labels: Tensor | None, *, context: Any = None

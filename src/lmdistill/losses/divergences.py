@@ -114,11 +114,12 @@ class ForwardKL(Divergence):
     """
 
     name = "forward_kl"
+    fused_kind = "forward_kl"
 
     def divergence(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
         return kl_from_log_probs(t_logp, s_logp)
 
-    def chunk_value_and_grad(self, z, teacher, labels, ws, context=None):
+    def eager_chunk(self, z, teacher, labels, ws, context=None):
         T = self.temperature
         if isinstance(teacher, SparseTeacher):
             # a cache's top-k with the student-shaped tail: no dense teacher needed
@@ -145,11 +146,12 @@ class ReverseKL(Divergence):
     """
 
     name = "reverse_kl"
+    fused_kind = "reverse_kl"
 
     def divergence(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
         return kl_from_log_probs(s_logp, t_logp)
 
-    def chunk_value_and_grad(self, z, teacher, labels, ws, context=None):
+    def eager_chunk(self, z, teacher, labels, ws, context=None):
         T = self.temperature
         s = ws.student_logp(z, T)
         tl = ws.teacher_logp(teacher, T)
@@ -193,12 +195,17 @@ class GeneralizedJSD(Divergence):
         m_logp = log_mix(t_logp, s_logp, beta)
         return beta * kl_from_log_probs(t_logp, m_logp) + (1 - beta) * kl_from_log_probs(s_logp, m_logp)
 
-    def chunk_value_and_grad(self, z, teacher, labels, ws, context=None):
+    def fused_spec(self) -> tuple[str, tuple[float, ...]] | None:
+        if self.beta in (0.0, 1.0):
+            return ("forward_kl" if self.beta == 0.0 else "reverse_kl", ())
+        return ("jsd", (self.beta,))
+
+    def eager_chunk(self, z, teacher, labels, ws, context=None):
         beta, T = self.beta, self.temperature
         if beta == 0.0:
-            return ForwardKL.chunk_value_and_grad(self, z, teacher, labels, ws)
+            return ForwardKL.eager_chunk(self, z, teacher, labels, ws)
         if beta == 1.0:
-            return ReverseKL.chunk_value_and_grad(self, z, teacher, labels, ws)
+            return ReverseKL.eager_chunk(self, z, teacher, labels, ws)
         s = ws.student_logp(z, T)
         tl = ws.teacher_logp(teacher, T)
         m, tmp, grad = _log_mixture(ws, tl, s, math.log(beta), math.log1p(-beta))
@@ -228,11 +235,12 @@ class TotalVariation(Divergence):
     """
 
     name = "tvd"
+    fused_kind = "tvd"
 
     def divergence(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
         return 0.5 * (s_logp.exp() - t_logp.exp()).abs().sum(-1)
 
-    def chunk_value_and_grad(self, z, teacher, labels, ws, context=None):
+    def eager_chunk(self, z, teacher, labels, ws, context=None):
         T = self.temperature
         ws.student_logp(z, T)  # cached: student_q and teacher_p exponentiate these log-probabilities
         ws.teacher_logp(teacher, T)
@@ -264,10 +272,13 @@ class SkewKL(Divergence):
     def divergence(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
         return kl_from_log_probs(t_logp, log_mix(t_logp, s_logp, self.alpha))
 
-    def chunk_value_and_grad(self, z, teacher, labels, ws, context=None):
+    def fused_spec(self) -> tuple[str, tuple[float, ...]] | None:
+        return ("skew_kl", (self.alpha,)) if self.alpha > 0 else ("forward_kl", ())
+
+    def eager_chunk(self, z, teacher, labels, ws, context=None):
         alpha, T = self.alpha, self.temperature
         if alpha == 0.0:
-            return ForwardKL.chunk_value_and_grad(self, z, teacher, labels, ws)
+            return ForwardKL.eager_chunk(self, z, teacher, labels, ws)
         s = ws.student_logp(z, T)
         tl = ws.teacher_logp(teacher, T)
         m, tmp, grad = _log_mixture(ws, tl, s, math.log(alpha), math.log1p(-alpha))
@@ -301,10 +312,13 @@ class SkewReverseKL(Divergence):
     def divergence(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
         return kl_from_log_probs(s_logp, log_mix(t_logp, s_logp, 1.0 - self.alpha))
 
-    def chunk_value_and_grad(self, z, teacher, labels, ws, context=None):
+    def fused_spec(self) -> tuple[str, tuple[float, ...]] | None:
+        return ("skew_reverse_kl", (self.alpha,)) if self.alpha > 0 else ("reverse_kl", ())
+
+    def eager_chunk(self, z, teacher, labels, ws, context=None):
         alpha, T = self.alpha, self.temperature
         if alpha == 0.0:
-            return ReverseKL.chunk_value_and_grad(self, z, teacher, labels, ws)
+            return ReverseKL.eager_chunk(self, z, teacher, labels, ws)
         s = ws.student_logp(z, T)
         tl = ws.teacher_logp(teacher, T)
         m, tmp, grad = _log_mixture(ws, tl, s, math.log1p(-alpha), math.log(alpha))

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lmdistill.errors import ConfigError
 from lmdistill.losses.atkd import ATKD
-from lmdistill.losses.core import IGNORE_INDEX, Objective, Teacher, Workspace
+from lmdistill.losses.core import Objective, Teacher, Workspace
 from lmdistill.losses.divergences import (
     CrossEntropy,
     ForwardKL,

@@ -19,6 +19,7 @@ from lmdistill.losses.core import (
     student_log_probs,
     teacher_log_probs,
 )
+from lmdistill.losses.fused import fused_l1_cost, fused_l1_cost_grad
 
 __all__ = ["SinKD", "sinkhorn_log_plan"]
 
@@ -147,11 +148,12 @@ class SinKD(Objective):
     def chunk_value_and_grad(self, z, teacher, labels, ws: Workspace, context=None):
         """Loss and gradient for a chunk of whole blocks, without autograd over ``[chunk, V]`` tensors.
 
-        The cost matrices come from ``cdist`` on the probabilities (no graph); only the Sinkhorn iterations on
+        The cost matrices are the L1 distances of the probabilities (no graph); only the Sinkhorn iterations on
         the small ``[blocks, group, group]`` costs are differentiated with autograd, and the cost gradient
-        ``G`` is taken back to the student's probabilities with ``cdist``'s own backward
-        (``dL/dq_iv = sum_j G_ij sign(q_iv - p_jv)``), then through the softmax. The two ``cdist`` passes,
-        each ``group`` times the vocabulary per row, dominate the time: see ``bench/losses.py``.
+        ``G`` is taken back to the student's probabilities (``dL/dq_iv = sum_j G_ij sign(q_iv - p_jv)``), then
+        through the softmax. Those two passes, each ``group`` times the vocabulary per row, dominate the time:
+        they use the compiled kernels of :mod:`lmdistill.losses.fused` where those apply (float32 on CPU),
+        else ``cdist`` and its backward; see ``bench/losses.py``.
         """
         if self.group_size is None:
             return None  # couples the whole call: the chunked path refuses it before asking
@@ -171,13 +173,19 @@ class SinKD(Objective):
         q_blocks, p_blocks, log_mass, counts = _blocks(q, p, valid, group)
         n_groups = q_blocks.shape[0]
         with torch.no_grad():
-            cost = torch.cdist(q_blocks, p_blocks, p=1)
+            cost = fused_l1_cost(q_blocks, p_blocks)
+            if cost is None:
+                cost = torch.cdist(q_blocks, p_blocks, p=1)
         with torch.enable_grad():
             leaf = cost.detach().requires_grad_(True)
             rows = self._loss_from_cost(leaf, log_mass, counts, valid)
             (g_cost,) = torch.autograd.grad(rows.sum(), leaf)
         loss = rows.detach()
-        g_q = torch.ops.aten._cdist_backward(g_cost.contiguous(), q_blocks, p_blocks, 1.0, cost)
+        # into a reused buffer (cdist's backward allocates its result: the same memory, fresh per chunk)
+        target = ws.buf("sinkd_grad").view_as(q_blocks) if n_groups * group == n else torch.empty_like(q_blocks)
+        g_q = fused_l1_cost_grad(g_cost, q_blocks, p_blocks, target)
+        if g_q is None:
+            g_q = torch.ops.aten._cdist_backward(g_cost.contiguous(), q_blocks, p_blocks, 1.0, cost)
         q_g = g_q.reshape(n_groups * group, vocab)[:n].mul_(q)
         # through the softmax: dL/dz = (1/T) q (g - sum_k q_k g_k)
         grad = q_g.addcmul_(q, q_g.sum(-1, keepdim=True), value=-1.0)

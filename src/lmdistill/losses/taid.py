@@ -20,6 +20,7 @@ from lmdistill.losses.core import (
     student_log_probs,
     teacher_log_probs,
 )
+from lmdistill.losses.fused import fused_applies, fused_dense_chunk
 
 __all__ = ["TAID"]
 
@@ -111,6 +112,14 @@ class TAID(Objective):
 
     def chunk_value_and_grad(self, z, teacher, labels, ws, context=None):
         T, t = self.temperature, self.t
+        if self.form == "kl" and t > 0.0 and fused_applies(z, teacher):
+            # the target softmax((1 - t) s + t tl) is the softmax of the logit interpolation (1 - t) z + t z_T
+            # (the log-softmaxes' row constants cancel), so this is forward KL to that interpolation: one
+            # element-wise pass builds it, then the compiled forward-KL kernel (None: not applicable)
+            mixed = teacher if t >= 1.0 else torch.mul(z, 1.0 - t, out=ws.buf("taid_mixed")).add_(teacher, alpha=t)
+            fused = fused_dense_chunk("forward_kl", z, mixed, T, ws.buf("tmp"))
+            if fused is not None:
+                return finish_chunk(*fused, labels, 1.0)
         s = ws.student_logp(z, T)
         tl = ws.teacher_logp(teacher, T)
         target = ws.buf("m")
