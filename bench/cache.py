@@ -64,6 +64,7 @@ def other_cache_paths(out: Path) -> dict[str, Path]:
     return {f"cache k={k}, {mode}": out / f"cache-k{k}-{mode}" for mode, k in OTHER_CACHES}
 BLOCK = 128
 BATCH = 16
+TIMED_STEPS = 2  # consecutive timed steps per visit of a step kind (after one untimed step)
 
 
 def load_note() -> str:
@@ -179,7 +180,7 @@ def completion_diagnostics(teacher, data, ks: list[int]) -> list[dict[str, Any]]
 def step_times_and_reads(caches: dict[int, Path], others: dict[str, Path], teacher_dir: Path, out: Path,
                          timing_rounds: int, corpus: str,
                          objective: str) -> tuple[dict[str, float], dict[str, str], dict[str, float]]:
-    """Median step time of each step kind (interleaved rounds), its loss path, and the caches' read
+    """Median step time of each step kind (interleaved rounds of back-to-back steps), its loss path, and the caches' read
     throughput (tokens/s of ``TeacherCache.chunked_signal``, what a training step on the default chunked path
     reads, on random batches of 16 blocks, memory-mapped; for sparse caches it equals ``signal``, for a
     low-rank cache it is the coordinates, whose logits the loss builds chunk by chunk)."""
@@ -204,14 +205,22 @@ def step_times_and_reads(caches: dict[int, Path], others: dict[str, Path], teach
         cfg = student_config(out / "timing" / name.replace(" ", "_").replace(",", "").replace("=", ""), teacher_dir,
                              section, steps=10**6, chunked=chunked, corpus=corpus, objective=objective)
         trainers.append((name, build_trainer(cfg, show_progress=False)[0]))
-    log(f"timing {len(trainers)} step kinds interleaved, {timing_rounds} rounds after 3 warm-up; {load_note()}")
+    from lmdistill.losses.fused import compile_enabled
+
+    kernels = "compiled loss kernels" if compile_enabled() else "eager loss kernels (LMDISTILL_COMPILE=0)"
+    log(f"timing {len(trainers)} step kinds interleaved, {timing_rounds} rounds after 3 warm-up, {kernels}; {load_note()}")
+    # each visit: one untimed step (it reloads the caches the other kinds' models evicted; a real run takes
+    # its steps back to back), then TIMED_STEPS consecutive timed steps
     times: dict[str, list[float]] = {name: [] for name, _ in trainers}
+    step = 0
     for r in range(3 + timing_rounds):
         for name, trainer in trainers:
-            t0 = time.perf_counter()
-            trainer.train_step(r)
-            if r >= 3:
-                times[name].append(time.perf_counter() - t0)
+            for i in range(1 + TIMED_STEPS if r >= 3 else 1):
+                t0 = time.perf_counter()
+                trainer.train_step(step)
+                step += 1
+                if r >= 3 and i > 0:
+                    times[name].append(time.perf_counter() - t0)
     step_s = {name: statistics.median(v) for name, v in times.items()}
     loss_path = {name: "chunked" if trainer.use_chunked else "plain (full logits)" for name, trainer in trainers}
     del trainers
@@ -365,7 +374,7 @@ def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, cor
         f"### What a top-k cache keeps of this teacher (validation split; k = {vocab} is the full teacher)\n\n{t4}\n\n"
         f"### Students ({objective_label(objective)}) trained {steps} steps (batch {BATCH} x {BLOCK}); whole validation "
         f"split ({quality['live teacher']['tokens']:,} tokens)\n\n{t2}\n\n"
-        f"### Step time, interleaved ({timing_rounds} rounds)\n\n{t3}\n"
+        f"### Step time, interleaved ({timing_rounds} rounds of 1 untimed + {TIMED_STEPS} timed steps per kind)\n\n{t3}\n"
     )
 
 
@@ -387,7 +396,8 @@ def part_timing(teacher_dir: Path, out: Path, timing_rounds: int, corpus: str, o
                   "headroom": r / (BATCH * BLOCK / step_s[name])} for name, r in reads.items()]
     reads_table = markdown(read_rows, [("k", "cache", ""), ("read", "read tokens/s", ",.0f"),
                                        ("consume", "training consumes tokens/s", ",.0f"), ("headroom", "read / consumption", ".0f")])
-    return (f"### Step time, interleaved ({timing_rounds} rounds; {objective_label(objective)})\n\n{table}\n\n"
+    return (f"### Step time, interleaved ({timing_rounds} rounds of 1 untimed + {TIMED_STEPS} timed steps per kind; "
+            f"{objective_label(objective)})\n\n{table}\n\n"
             f"### Cache reads vs training consumption\n\n{reads_table}\n")
 
 
@@ -486,7 +496,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="student steps (demo recipe: 300)")
     parser.add_argument("--objective", choices=sorted(OBJECTIVES), default="forward_kl",
                         help="distillation objective of the students (label-only twin: cross-entropy)")
-    parser.add_argument("--timing-rounds", type=int, default=20)
+    parser.add_argument("--timing-rounds", type=int, default=10)
     parser.add_argument("--reference-steps", type=int, default=100)
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--stride", type=int, default=96)

@@ -17,7 +17,8 @@ dense teacher logits) are not counted; gradients, logits, softmaxes and buffers 
 predicted peak (4x the 32k one for 128k) exceeds ``--mem-budget-gb`` or the available memory is skipped
 with the reason printed; nothing is extrapolated into the table.
 
-Usage: ``python bench/losses.py`` (all), ``--vocabs 32768`` (quick), ``--objectives forward_kl,jsd``.
+Usage: ``python bench/losses.py`` (all), ``--vocabs 32768`` (quick), ``--objectives forward_kl,jsd``;
+``LMDISTILL_COMPILE=0 python bench/losses.py`` times the chunked path's eager kernels instead of the compiled ones.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ OBJECTIVES: dict[str, tuple[object, float | None]] = {
     "taid": ("taid", None),
     "atkd": ("atkd", None),
     "sinkd(group 64)": ({"name": "sinkd", "group_size": 64}, None),
+    "sinkd(group 16)": ({"name": "sinkd", "group_size": 16}, None),
     "cross_entropy": ("cross_entropy", None),
     "0.5 fkl + 0.5 ce": ({"mix": [{"name": "forward_kl", "weight": 0.5}, {"name": "cross_entropy", "weight": 0.5}]}, None),
 }
@@ -231,6 +233,10 @@ def main() -> None:
     print(f"# lmdistill loss benchmark: tokens={args.tokens}, hidden={args.hidden}, fp32, torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs, torch threads {args.threads or torch.get_num_threads()}")
     print(f"# load average at start: {load_average()} (other processes share the CPUs: compare within a table)")
+    from lmdistill.losses.fused import ENV_VAR, compile_enabled
+
+    print(f"# chunked path: {'compiled kernels' if compile_enabled() else 'eager kernels'} ({ENV_VAR}={os.environ.get(ENV_VAR, '1')}; "
+          "compiled once per worker in the warm-up, not timed)")
     print(f"# peak = extra resident memory of one forward+backward, inputs excluded; time = min of {args.repeats} runs")
     if not args.no_floor_ratio:
         print("# (x floor) = time / mean of two floor timings (matmul alone) taken in the same process just before and after")

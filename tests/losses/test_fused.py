@@ -224,13 +224,13 @@ def test_atkd_compiled_kernels_match_float64(compiled, variant):
     objective = build_objective({"name": "atkd", "temperature": T})
     calls = []
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("fused_atkd_rows", "fused_atkd_grad"):
+        for name in ("fused_gold_log_prob", "fused_atkd_rows", "fused_atkd_grad"):
             original = getattr(atkd, name)
             mp.setattr(atkd, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
         ws = Workspace(ROWS, VOCAB, torch.float32, torch.device("cpu"))
         ws.start_chunk(ROWS)
         loss, grad = (x.clone() for x in objective.chunk_value_and_grad(z.clone(), zt, labels, ws))
-    assert calls == ["fused_atkd_rows", "fused_atkd_grad"]
+    assert calls == ["fused_gold_log_prob", "fused_atkd_rows", "fused_atkd_grad"]  # split, then the chunk
     want, want_grad = reference(objective, z, zt, labels)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(fused.ENV_VAR, "0")

@@ -22,7 +22,7 @@ from lmdistill.losses.core import (
     student_log_probs,
     teacher_log_probs,
 )
-from lmdistill.losses.fused import fused_atkd_grad, fused_atkd_rows
+from lmdistill.losses.fused import fused_atkd_grad, fused_atkd_rows, fused_gold_log_prob
 
 __all__ = ["ATKD", "ATKDSplit", "decoupled_kd_parts"]
 
@@ -107,9 +107,12 @@ class ATKD(Objective):
     def uncertainty(self, teacher: Teacher, labels: Tensor, vocab_size: int) -> Tensor:
         """Teacher uncertainty ``1 - p_y`` per row (0 for ignored rows)."""
         dtype = compute_dtype(teacher if isinstance(teacher, Tensor) else teacher.logprobs)
-        t_logp = teacher_log_probs(teacher, self.temperature, vocab_size, dtype)
         valid = labels != IGNORE_INDEX
-        gold = t_logp.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
+        safe = torch.where(valid, labels, 0)
+        gold = fused_gold_log_prob(teacher, self.temperature, safe)
+        if gold is None:
+            t_logp = teacher_log_probs(teacher, self.temperature, vocab_size, dtype)
+            gold = t_logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
         return torch.where(valid, -torch.expm1(gold), torch.zeros((), dtype=dtype))
 
     def batch_context(

@@ -403,9 +403,7 @@ class Workspace:
         if full is None:
             full = torch.empty(self.rows, self.vocab_size, dtype=self.dtype, device=self.device)
             self._buffers[name] = full
-        # the buffer itself when the chunk is whole: a compiled kernel writes into a graph input in place,
-        # but into a view of one through an extra copy (see lmdistill.losses.fused)
-        return full if self.current_rows == self.rows else full[: self.current_rows]
+        return full[: self.current_rows]
 
     def student_logp(self, z: Tensor, temperature: float) -> Tensor:
         key = ("student", temperature)
