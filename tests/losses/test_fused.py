@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmdistill.losses import build_objective, fused_linear_distill, reduce_tokens
-from lmdistill.losses import atkd, fused, sinkd, taid
+from lmdistill.losses import atkd, core, fused, sinkd, taid
 from lmdistill.losses.core import Workspace
 from tests.losses.helpers import variant_inputs
 
@@ -38,6 +38,16 @@ def assert_as_close_as_eager(got, eager, exact):
         err = float((got_t.double() - exact_t).abs().max())
         eager_err = float((eager_t.double() - exact_t).abs().max())
         assert err <= 4 * eager_err + 1e-6 * max(1.0, float(exact_t.abs().max())), (err, eager_err)
+
+
+def spy_on(mp, module, names, calls):
+    """Replace ``module.<name>`` for each name by a wrapper recording ``(name, ran)``, ``ran`` = not None."""
+    for name in names:
+        def wrapper(*args, _name=name, _fn=getattr(module, name)):
+            result = _fn(*args)
+            calls.append((_name, result is not None))
+            return result
+        mp.setattr(module, name, wrapper)
 
 
 def reference(objective, z, zt, labels):
@@ -85,12 +95,11 @@ def test_taid_uses_the_forward_kl_kernel_on_the_interpolated_logits(compiled, t)
     objective.t = t
     calls = []
     with pytest.MonkeyPatch.context() as mp:
-        original = taid.fused_dense_chunk
-        mp.setattr(taid, "fused_dense_chunk", lambda *a: calls.append(a[0]) or original(*a))
+        spy_on(mp, taid, ["fused_dense_chunk"], calls)
         ws = Workspace(ROWS, VOCAB, torch.float32, torch.device("cpu"))
         ws.start_chunk(ROWS)
         loss, grad = objective.chunk_value_and_grad(z.clone(), zt, labels, ws)
-    assert calls == ["forward_kl"]
+    assert calls == [("fused_dense_chunk", True)]
     want, want_grad = reference(objective, z, zt, labels)
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-7)
@@ -119,21 +128,13 @@ def test_chunked_path_with_compiled_kernels_equals_float64_plain(compiled):
     labels[::5] = -100
     objective = build_objective({"name": "forward_kl", "temperature": T})
     calls = []
-    original = fused.fused_dense_chunk
-
-    def counting(*args, **kwargs):
-        result = original(*args, **kwargs)
-        calls.append(result is not None)
-        return result
-
-    import lmdistill.losses.core as core
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(core, "fused_dense_chunk", counting)
+        spy_on(mp, core, ["fused_dense_chunk"], calls)
         h32 = hidden.clone().requires_grad_(True)
         w32 = weight.clone().requires_grad_(True)
         loss = fused_linear_distill(h32, w32, teacher, labels, objective, chunk_size=32)
         loss.backward()
-    assert calls == [True, True, True]
+    assert calls == [("fused_dense_chunk", True)] * 3
     h64 = hidden.double().requires_grad_(True)
     w64 = weight.double().requires_grad_(True)
     t_logits = teacher[0].double() @ teacher[1].double().T + teacher[2].double()
@@ -187,17 +188,8 @@ def test_sinkd_compiled_costs_match_float64(compiled, rows):
     z, zt = z.float(), zt.float()
     objective = build_objective({"name": "sinkd", "temperature": T, "group_size": 8, "iterations": 10})
     calls = []
-
-    def spy(name, fn):
-        def wrapper(*args):
-            result = fn(*args)
-            calls.append((name, result is not None))
-            return result
-        return wrapper
-
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("fused_l1_cost", "fused_l1_cost_grad"):
-            mp.setattr(sinkd, name, spy(name, getattr(sinkd, name)))
+        spy_on(mp, sinkd, ["fused_l1_cost", "fused_l1_cost_grad"], calls)
         ws = Workspace(rows, VOCAB, torch.float32, torch.device("cpu"))
         ws.start_chunk(rows)
         loss, grad = objective.chunk_value_and_grad(z.clone(), zt, labels, ws)
@@ -224,13 +216,12 @@ def test_atkd_compiled_kernels_match_float64(compiled, variant):
     objective = build_objective({"name": "atkd", "temperature": T})
     calls = []
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("fused_gold_log_prob", "fused_atkd_rows", "fused_atkd_grad"):
-            original = getattr(atkd, name)
-            mp.setattr(atkd, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+        spy_on(mp, atkd, ["fused_gold_log_prob", "fused_atkd_rows", "fused_atkd_grad"], calls)
         ws = Workspace(ROWS, VOCAB, torch.float32, torch.device("cpu"))
         ws.start_chunk(ROWS)
         loss, grad = (x.clone() for x in objective.chunk_value_and_grad(z.clone(), zt, labels, ws))
-    assert calls == ["fused_gold_log_prob", "fused_atkd_rows", "fused_atkd_grad"]  # split, then the chunk
+    # the split, then the chunk, all compiled
+    assert calls == [("fused_gold_log_prob", True), ("fused_atkd_rows", True), ("fused_atkd_grad", True)]
     want, want_grad = reference(objective, z, zt, labels)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(fused.ENV_VAR, "0")

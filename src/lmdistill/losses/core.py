@@ -24,7 +24,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Union
 import torch
 from torch import Tensor
 
-from lmdistill.losses.fused import fused_dense_chunk
+from lmdistill.losses.fused import fused_applies, fused_dense_chunk
 
 IGNORE_INDEX = -100
 TAIL_SHAPES = ("student", "uniform")
@@ -583,7 +583,7 @@ class Divergence(Objective):
         """The compiled kernel for a dense teacher where it applies (:mod:`lmdistill.losses.fused`), else
         :meth:`eager_chunk`; both compute the same loss and gradient."""
         spec = self.fused_spec()
-        if spec is not None:
+        if spec is not None and fused_applies(z, teacher):
             fused = fused_dense_chunk(spec[0], z, teacher, self.temperature, ws.buf("tmp"), *spec[1])
             if fused is not None:
                 return finish_chunk(*fused, labels, self.loss_scale)

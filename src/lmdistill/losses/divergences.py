@@ -4,9 +4,10 @@ Each objective has two equivalent implementations:
 
 * :meth:`divergence` / :meth:`per_token`: plain differentiable PyTorch on full ``[N, V]`` tensors (the
   reference path, used with autograd);
-* :meth:`chunk_value_and_grad`: the loss and its analytic gradient w.r.t. the student logits for one chunk of
-  rows, written into reusable buffers (the fast path of :func:`lmdistill.losses.fused_linear_distill`).
-  The formulas are derived in each docstring; tests check them against autograd.
+* :meth:`eager_chunk`: the loss and its analytic gradient w.r.t. the student logits for one chunk of rows,
+  written into reusable buffers (the fast path of :func:`lmdistill.losses.fused_linear_distill`; with a dense
+  float32 teacher on CPU, :meth:`Divergence.chunk_value_and_grad` runs the same formulas compiled, see
+  :mod:`lmdistill.losses.fused`). The formulas are derived in each docstring; tests check them against autograd.
 
 For a loss L(q) with q = softmax(z / T), the chain rule through the softmax gives
 ``dL/dz_j = (1/T) q_j (dL/dq_j - sum_k q_k dL/dq_k)``; every gradient below is that identity applied.

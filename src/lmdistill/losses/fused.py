@@ -67,14 +67,19 @@ def _scaled(z: Tensor, t: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
     return z * inv_t, t.float() * inv_t
 
 
+def _max_and_log_z(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Row maximum and ``log sum exp(x - max)``, ``[rows, 1]`` each."""
+    m = x.amax(-1, keepdim=True)
+    return m, (x - m).exp().sum(-1, keepdim=True).log()
+
+
 def _log_normalizers(z: Tensor, t: Tensor, inv_t: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Row maxima and ``log sum exp(x - max)`` of the student's and the teacher's scaled logits, ``[rows, 1]``
     each (one compiled graph of row reductions only: nothing ``[rows, V]`` is written). Kept apart so that
     ``log p = (x - max) - log Z`` rounds like a log-softmax: ``max + log Z`` rounded first would cost the
     near-zero log-probabilities of confident rows an ulp of the logit's magnitude."""
     s, tt = _scaled(z, t, inv_t)
-    ms, mt = s.amax(-1, keepdim=True), tt.amax(-1, keepdim=True)
-    return ms, (s - ms).exp().sum(-1, keepdim=True).log(), mt, (tt - mt).exp().sum(-1, keepdim=True).log()
+    return (*_max_and_log_z(s), *_max_and_log_z(tt))
 
 
 def _log_probs(z: Tensor, t: Tensor, inv_t: float, norms: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -297,8 +302,8 @@ def fused_l1_cost_grad(g_cost: Tensor, q: Tensor, p: Tensor, out: Tensor) -> Ten
     """The compiled :func:`_l1_cost_grad` into ``out``, or ``None`` (use cdist's backward)."""
     if not (fused_applies(q, p) and p.dtype == torch.float32 and "l1_cost" not in _failed):
         return None
-    ran = _guarded("l1_cost", lambda: _compiled_fn("l1_cost_grad", _l1_cost_grad)(g_cost.to(q.dtype), q, p, out) or True)
-    return None if ran is None else out
+    _guarded("l1_cost", lambda: _compiled_fn("l1_cost_grad", _l1_cost_grad)(g_cost, q, p, out))
+    return None if "l1_cost" in _failed else out
 
 
 # ------------------------------------------------------------------------------------------------ ATKD's parts
@@ -311,9 +316,8 @@ def _atkd_rows(z: Tensor, t: Tensor, norms: tuple, inv_t: float, gold: Tensor) -
     """``log(1 - q_y)`` and ``log(1 - p_y)`` as log-sum-exps of the non-gold entries (exact as the gold
     probability nears 1), ``[rows, 1]`` each."""
     sl, tl = _log_probs(z, t, inv_t, norms)
-    s_rest, t_rest = _non_gold(sl, gold), _non_gold(tl, gold)
-    ms, mt = s_rest.amax(-1, keepdim=True), t_rest.amax(-1, keepdim=True)
-    return ms + (s_rest - ms).exp().sum(-1, keepdim=True).log(), mt + (t_rest - mt).exp().sum(-1, keepdim=True).log()
+    (ms, lzs), (mt, lzt) = _max_and_log_z(_non_gold(sl, gold)), _max_and_log_z(_non_gold(tl, gold))
+    return ms + lzs, mt + lzt
 
 
 def _atkd_grad(z: Tensor, t: Tensor, norms: tuple, inv_t: float, gold: Tensor, log_rest_s: Tensor,
@@ -330,8 +334,8 @@ def _atkd_grad(z: Tensor, t: Tensor, norms: tuple, inv_t: float, gold: Tensor, l
 
 def _gold_log_prob(x: Tensor, inv_t: float, gold: Tensor) -> Tensor:
     x = x.float() * inv_t
-    m = x.amax(-1, keepdim=True)
-    return (x.gather(-1, gold) - m) - (x - m).exp().sum(-1, keepdim=True).log()
+    m, lz = _max_and_log_z(x)
+    return (x.gather(-1, gold) - m) - lz
 
 
 def fused_gold_log_prob(logits: Tensor, temperature: float, gold: Tensor) -> Tensor | None:

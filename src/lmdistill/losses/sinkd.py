@@ -19,7 +19,7 @@ from lmdistill.losses.core import (
     student_log_probs,
     teacher_log_probs,
 )
-from lmdistill.losses.fused import fused_l1_cost, fused_l1_cost_grad
+from lmdistill.losses.fused import fused_applies, fused_l1_cost, fused_l1_cost_grad
 
 __all__ = ["SinKD", "sinkhorn_log_plan"]
 
@@ -181,9 +181,11 @@ class SinKD(Objective):
             rows = self._loss_from_cost(leaf, log_mass, counts, valid)
             (g_cost,) = torch.autograd.grad(rows.sum(), leaf)
         loss = rows.detach()
-        # into a reused buffer (cdist's backward allocates its result: the same memory, fresh per chunk)
-        target = ws.buf("sinkd_grad").view_as(q_blocks) if n_groups * group == n else torch.empty_like(q_blocks)
-        g_q = fused_l1_cost_grad(g_cost, q_blocks, p_blocks, target)
+        g_q = None
+        if fused_applies(q_blocks, p_blocks):
+            # into a reused buffer (cdist's backward allocates its result: the same memory, fresh per chunk)
+            target = ws.buf("sinkd_grad").view_as(q_blocks) if n_groups * group == n else torch.empty_like(q_blocks)
+            g_q = fused_l1_cost_grad(g_cost, q_blocks, p_blocks, target)
         if g_q is None:
             g_q = torch.ops.aten._cdist_backward(g_cost.contiguous(), q_blocks, p_blocks, 1.0, cost)
         q_g = g_q.reshape(n_groups * group, vocab)[:n].mul_(q)
