@@ -15,7 +15,9 @@ Part ``cache`` (default):
    the training loop consumes (tokens per second of a cache-distillation step);
 4. students (the demo's 1.5M GPT-2 student and recipe; objective forward KL, or with ``--objective mix``
    0.5 forward KL + 0.5 cross-entropy) distilled from each top-k cache (default uniform tail; k=32 also
-   with the student-shaped tail), from the low-rank, hybrid and sampled caches, and from the live teacher,
+   with the student-shaped tail), from the low-rank, hybrid and sampled caches (the default low-rank cache
+   also with its logits rebuilt by a float32 product instead of the default, bfloat16 on CPUs that multiply
+   it natively; the rounding's KL is printed beside the projection's), and from the live teacher,
    plus the label-only twin: validation perplexity on the whole validation split;
 5. step time, label-only vs cache vs live teacher, measured interleaved (one step of each in turn, so
    a changing machine load hits all alike), median over the measured rounds.
@@ -62,6 +64,33 @@ OTHER_CACHES = [("lowrank", 128), ("lowrank", 64), ("hybrid", 32), ("sampled", 3
 def other_cache_paths(out: Path) -> dict[str, Path]:
     """Name -> directory of each of :data:`OTHER_CACHES` under ``out``."""
     return {f"cache k={k}, {mode}": out / f"cache-k{k}-{mode}" for mode, k in OTHER_CACHES}
+
+
+# the default low-rank cache with its logits rebuilt by a float32 product instead of the default ("auto":
+# bfloat16 where the CPU multiplies it natively), for the price of that rounding in quality and time
+FP32_LOWRANK = "cache k=128, lowrank, fp32 product"
+
+
+def fp32_lowrank_section(others: dict[str, Path]) -> dict:
+    return {"cache": str(others["cache k=128, lowrank"]), "logits_dtype": "float32"}
+
+
+def product_rounding_kl(path: Path, n_blocks: int = 256) -> tuple[str, float, float]:
+    """The dtype of a low-rank cache's default logits product here, and the mean and 99th percentile KL per token
+    of the float32 product's distribution to it (0 when that dtype is float32), on the cache's first blocks."""
+    import torch
+
+    from lmdistill.teachers.cache import TeacherCache
+
+    default, fp32 = TeacherCache(path, verify="first_use"), TeacherCache(path, verify="first_use", logits_dtype="float32")
+    blocks = torch.arange(min(n_blocks, default.n_blocks))
+    with torch.no_grad():
+        ref = torch.log_softmax(fp32.block_logits(blocks).double(), -1)
+        got = torch.log_softmax(default.block_logits(blocks).double(), -1)
+        kl = (ref.exp() * (ref - got)).sum(-1)
+    return str(default.logits_layer()[0]).replace("torch.", ""), float(kl.mean()), float(kl.quantile(0.99))
+
+
 BLOCK = 128
 BATCH = 16
 TIMED_STEPS = 2  # consecutive timed steps per visit of a step kind (after one untimed step)
@@ -197,6 +226,7 @@ def step_times_and_reads(caches: dict[int, Path], others: dict[str, Path], teach
         ("cache k=32", {"cache": str(caches[32])}, "auto"), ("cache k=128", {"cache": str(caches[128])}, "auto"),
         ("cache k=32, student tail", {"cache": str(caches[32]), "tail": "student"}, "auto"),
         *[(name, {"cache": str(path)}, "auto") for name, path in others.items()],
+        (FP32_LOWRANK, fp32_lowrank_section(others), "auto"),
         ("live teacher", {"path": str(teacher_dir)}, "auto"),
         ("label-only, plain loss", None, False), ("cache k=32, plain loss", {"cache": str(caches[32])}, False),
     ]
@@ -290,6 +320,7 @@ def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, cor
     variants: list[tuple[str, dict | None]] = [("live teacher", {"path": str(teacher_dir)})]
     # low-rank (dense logits), hybrid (exact head + sampled tail), sampled (random-sampling KD)
     variants += [(name, {"cache": str(path)}) for name, path in others.items()]
+    variants += [(FP32_LOWRANK, fp32_lowrank_section(others))]
     variants += [(f"cache k={k}", {"cache": str(caches[k])}) for k in (128, 32, 8)]
     # the residual shared in proportion to the student's probabilities instead of the default even spread
     variants += [("cache k=32, student tail", {"cache": str(caches[32]), "tail": "student"})]
@@ -321,8 +352,10 @@ def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, cor
         if cache.mode == "lowrank":  # k int8 codes + a float16 scale, whatever the vocabulary
             bpt32k = cache.bytes_per_token
             f = cache.manifest["projection"]["fidelity"]
+            product, rounding_kl, rounding_p99 = product_rounding_kl(path)
             fidelity_rows.append({"cache": name[6:], "kl": f["kl_mean_nats"], "p99": f["kl_p99_nats"],
-                                  "top1": f["top1_agreement"], "tokens": f["tokens"]})
+                                  "top1": f["top1_agreement"], "tokens": f["tokens"], "product": product,
+                                  "rkl": rounding_kl, "rp99": rounding_p99})
         else:
             bpt32k = ShardLayout.bytes_per_token(k, "float16", index_dtype(32768).name)
         kind = "int8 codes + float16 scale" if cache.mode == "lowrank" else f"float16, {cache.manifest['index_dtype']} ids"
@@ -363,14 +396,17 @@ def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, cor
                                 ("rel", "vs full teacher (%)", "+.1f")])
     t5 = markdown(fidelity_rows, [("cache", "low-rank cache", ""), ("kl", "held-out KL(teacher || cache) nats/token", ".2e"),
                                   ("p99", "99th percentile", ".2e"), ("top1", "top-1 agreement", ".4f"),
-                                  ("tokens", "held-out tokens", ",d")])
+                                  ("tokens", "held-out tokens", ",d"), ("product", "logits product here", ""),
+                                  ("rkl", "its rounding: KL(fp32 product || it) nats/token", ".2e"),
+                                  ("rp99", "99th percentile", ".2e")])
     t3 = markdown(timing_rows, [("kind", "step kind", ""), ("path", "loss path", ""), ("step", "median s/step", ".3f"),
                                 ("ratio", "vs label-only (same loss path)", ".2f")])
     n_tokens = len(data.blocks("train")) * BLOCK
     return (
         f"### Teacher cache: storage and throughput ({corpus} training split, {n_tokens:,} tokens, block {BLOCK})\n\n{t1}\n\n"
         f"Teacher forward alone: {forward_tps:,.0f} tokens/s (the write includes it).\n\n"
-        f"### What a low-rank cache keeps of this teacher (measured at build time on held-out blocks)\n\n{t5}\n\n"
+        f"### What a low-rank cache keeps of this teacher (measured at build time on held-out blocks; the product's "
+        f"rounding on the cache's first 256 blocks)\n\n{t5}\n\n"
         f"### What a top-k cache keeps of this teacher (validation split; k = {vocab} is the full teacher)\n\n{t4}\n\n"
         f"### Students ({objective_label(objective)}) trained {steps} steps (batch {BATCH} x {BLOCK}); whole validation "
         f"split ({quality['live teacher']['tokens']:,} tokens)\n\n{t2}\n\n"

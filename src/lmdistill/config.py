@@ -86,6 +86,13 @@ class TeacherConfig(Section):
         "probabilities (the divergence of the top-k + one 'rest' bucket); see lmdistill.losses.SparseTeacher",
     )
 
+    logits_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="with a low-rank cache: the dtype of the matrix product that rebuilds the teacher's logits "
+        "(inputs and result; the losses still compute in float32); auto = bfloat16 where the device multiplies "
+        "bfloat16 natively (CPUs with AVX512-BF16 or AMX, CUDA GPUs with bf16), else float32",
+    )
+
     _path_exists = field_validator("path")(lambda v: require_existing(v, "teacher path"))
     _cache_exists = field_validator("cache")(lambda v: require_existing(v, "teacher cache"))
 
@@ -93,6 +100,9 @@ class TeacherConfig(Section):
     def _one_source(self) -> TeacherConfig:
         if (self.path is None) == (self.cache is None):
             raise ValueError("give exactly one of 'path' (a live teacher) or 'cache' (an offline teacher cache)")
+        if self.path is not None and self.logits_dtype != "auto":
+            raise ValueError("'logits_dtype' applies to low-rank teacher caches (teacher.cache); a live teacher's "
+                             "precision is 'dtype'")
         return self
 
 

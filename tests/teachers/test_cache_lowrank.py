@@ -96,11 +96,14 @@ def test_cache_stores_k_codes_and_a_scale_and_gives_back_the_teacher(full_rank_c
         cache.lookup(idx)
 
 
+@pytest.mark.parametrize("logits_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("objective", ["forward_kl", "reverse_kl", {"name": "jsd", "beta": 0.5}, "atkd"])
-def test_both_loss_paths_see_the_same_teacher(full_rank_cache, few_data, objective):
+def test_both_loss_paths_see_the_same_teacher(full_rank_cache, few_data, objective, logits_dtype):
     """signal() (dense logits, plain path) and chunked_signal() ((z, W, b), fused path) give the same loss and
-    student gradients, for objectives sampled caches must refuse; the objective check lets all of them through."""
-    cache = TeacherCache(full_rank_cache)
+    student gradients, for objectives sampled caches must refuse; the objective check lets all of them through.
+    With bfloat16 logits both paths round the same products (the chunked one per chunk, into its buffer)."""
+    cache = TeacherCache(full_rank_cache, logits_dtype=logits_dtype)
+    assert cache.chunked_signal(_batch(few_data, [1]))[0].dtype == getattr(torch, logits_dtype)
     check_sampled_cache_objective(cache, build_objective(objective))
     batch = _batch(few_data, [1, 2, 3])
     labels = batch["labels"].reshape(-1)
@@ -135,6 +138,31 @@ def test_two_processes_write_what_one_process_writes(tmp_path, teacher_model, fe
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]] and len(a["shards"]) > 1
     assert a["projection"]["sha256"] == b["projection"]["sha256"]
     assert a["bytes_per_token"] == 10
+
+
+def test_logits_dtype_auto_follows_the_hardware_and_bfloat16_rounds_within_its_bound(full_rank_cache, few_data, monkeypatch):
+    """"auto" rebuilds in bfloat16 only where the device multiplies it natively; the bfloat16 logits are the
+    float64 product to within bfloat16's rounding of each input and of the result (relative 2^-8 each)."""
+    import lmdistill.teachers.cache as cache_module
+
+    batch = _batch(few_data, [0, 4])
+    for native, want in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(cache_module, "native_bf16_matmul", lambda device, native=native: native)
+        cache = TeacherCache(full_rank_cache)  # auto
+        assert cache.logits_layer()[0] == want and cache.signal(batch).dtype == want
+        assert all(t.dtype == want for t in cache.chunked_signal(batch))
+    cache = TeacherCache(full_rank_cache, logits_dtype="bfloat16")
+    z = cache.coordinates(batch["block_index"]).double()
+    w, b = cache.projection.weight.double(), cache.projection.bias.double()
+    exact = z @ w.T + b
+    # each input rounded (relative 2^-8 at most), then the sum rounded once more
+    bound = 2.0**-8 * (2 * (z.abs() @ w.abs().T) + b.abs()) + 2.0**-8 * exact.abs() * 1.01 + 1e-6
+    err = (cache.signal(batch).double() - exact).abs()
+    assert bool((err <= bound).all()), float((err / bound).max())
+    # really rounded to bfloat16 (a float32 product would be ~2^-20 off)
+    assert float(err.max()) > 2.0**-12 * float(exact.abs().max()), float(err.max())
+    with pytest.raises(ConfigError, match="logits_dtype must be one of"):
+        TeacherCache(full_rank_cache, logits_dtype="float16")
 
 
 def test_corrupt_projection_is_named(tmp_path, full_rank_cache):

@@ -50,3 +50,12 @@ def test_teacher_needs_exactly_one_source(tmp_path):
         load_config(None, ["teacher={dtype: float32}"])
     with pytest.raises(ConfigError, match="exactly one of 'path'"):
         load_config(None, [f"teacher={{path: {tmp_path}, cache: {tmp_path}}}"])
+
+
+def test_logits_dtype_is_for_caches_and_named_when_wrong(tmp_path):
+    with pytest.raises(ConfigError, match="'logits_dtype' applies to low-rank teacher caches"):
+        load_config(None, [f"teacher={{path: {tmp_path}, logits_dtype: bfloat16}}"])
+    with pytest.raises(ConfigError, match="logits_dtype"):
+        load_config(None, [f"teacher={{cache: {tmp_path}, logits_dtype: float16}}"])
+    assert load_config(None, [f"teacher={{cache: {tmp_path}, logits_dtype: float32}}"]).teacher.logits_dtype == "float32"
+    assert load_config(None, [f"teacher={{cache: {tmp_path}}}"]).teacher.logits_dtype == "auto"

@@ -72,10 +72,13 @@ class _Runner:
             t_hidden, t_weight = teacher[0], teacher[1]
             t_bias = teacher[2] if len(teacher) > 2 else None
             h = t_hidden[start:stop]
-            if ws is not None and h.dtype == ws.dtype and t_weight.dtype == ws.dtype and (
-                t_bias is None or t_bias.dtype == ws.dtype
+            # the product in the teacher's dtype when hidden, weight and bias share one: float32, or bfloat16 /
+            # float16 (a low-rank cache's logits_dtype; the losses upcast the result)
+            if ws is not None and h.dtype == t_weight.dtype and (t_bias is None or t_bias.dtype == h.dtype) and (
+                h.dtype == ws.dtype or h.dtype in (torch.bfloat16, torch.float16)
             ):
-                out = ws.buf("teacher_logits")  # reused: a fresh [chunk, V] tensor per chunk costs page faults
+                # reused: a fresh [chunk, V] tensor per chunk costs page faults
+                out = ws.buf("teacher_logits" if h.dtype == ws.dtype else f"teacher_logits_{h.dtype}", h.dtype)
                 if t_bias is None:
                     return torch.mm(h, t_weight.T, out=out)
                 return torch.addmm(t_bias, h, t_weight.T, out=out)

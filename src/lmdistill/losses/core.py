@@ -397,11 +397,12 @@ class Workspace:
         self.current_rows = rows
         self._cache.clear()
 
-    def buf(self, name: str) -> Tensor:
-        """A ``[current_rows, V]`` view of the persistent buffer ``name`` (contents undefined)."""
+    def buf(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
+        """A ``[current_rows, V]`` view of the persistent buffer ``name`` (contents undefined), in the work dtype
+        unless ``dtype`` is given."""
         full = self._buffers.get(name)
         if full is None:
-            full = torch.empty(self.rows, self.vocab_size, dtype=self.dtype, device=self.device)
+            full = torch.empty(self.rows, self.vocab_size, dtype=dtype or self.dtype, device=self.device)
             self._buffers[name] = full
         return full[: self.current_rows]
 

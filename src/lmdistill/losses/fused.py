@@ -279,16 +279,17 @@ def _l1_cost(q: Tensor, p: Tensor) -> Tensor:
 
 
 def _l1_cost_grad(g_cost: Tensor, q: Tensor, p: Tensor, out: Tensor) -> None:
-    """``out[b, i, v] = sum_j g_cost[b, i, j] sign(q[b, i, v] - p[b, j, v])``: d/dq of ``sum g_cost * cost``."""
+    """``out[b, i, v] = q[b, i, v] sum_j g_cost[b, i, j] sign(q[b, i, v] - p[b, j, v])``: d/dq of
+    ``sum g_cost * cost``, times ``q`` (the first factor of the softmax's Jacobian, applied in the same loop)."""
     if not torch.compiler.is_compiling():
-        out.copy_(torch.ops.aten._cdist_backward(g_cost.contiguous(), q, p, 1.0, torch.cdist(q, p, p=1)))
+        out.copy_(torch.ops.aten._cdist_backward(g_cost.contiguous(), q, p, 1.0, torch.cdist(q, p, p=1))).mul_(q)
         return
     # one term per column j, added as a balanced tree: Inductor emits one element-wise loop whose additions
     # are independent (a sum over j would be one dependent chain per element, bound by the add latency)
     terms = [g_cost[:, :, j, None] * torch.sign(q - p[:, j, None, :]) for j in range(q.shape[1])]
     while len(terms) > 1:
         terms = [terms[i] + terms[i + 1] for i in range(0, len(terms) - 1, 2)] + terms[len(terms) - len(terms) % 2:]
-    out.copy_(terms[0])
+    out.copy_(terms[0] * q)
 
 
 def fused_l1_cost(q: Tensor, p: Tensor) -> Tensor | None:
@@ -299,7 +300,8 @@ def fused_l1_cost(q: Tensor, p: Tensor) -> Tensor | None:
 
 
 def fused_l1_cost_grad(g_cost: Tensor, q: Tensor, p: Tensor, out: Tensor) -> Tensor | None:
-    """The compiled :func:`_l1_cost_grad` into ``out``, or ``None`` (use cdist's backward)."""
+    """The compiled :func:`_l1_cost_grad` (the cost gradient times ``q``) into ``out``, or ``None`` (use cdist's
+    backward)."""
     if not (fused_applies(q, p) and p.dtype == torch.float32 and "l1_cost" not in _failed):
         return None
     _guarded("l1_cost", lambda: _compiled_fn("l1_cost_grad", _l1_cost_grad)(g_cost, q, p, out))

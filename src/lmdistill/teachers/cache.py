@@ -93,10 +93,13 @@ from lmdistill.teachers.lowrank import (
     LowRankProjection,
     build_projection,
     final_hidden,
+    native_bf16_matmul,
     projection_metadata,
 )
 
 log = logging.getLogger(__name__)
+
+LOGITS_DTYPES = ("auto", "float32", "bfloat16")  # a low-rank cache's logits product (TeacherCache.logits_layer)
 
 CACHE_FORMAT = 1  # bump when the layout or the meaning of a stored value changes
 CACHE_KIND = "lmdistill-teacher-cache"
@@ -804,12 +807,17 @@ class TeacherCache:
     Sizes are always checked at open, so a truncated shard fails immediately either way.
     """
 
-    def __init__(self, path: str | Path, *, verify: VerifyMode = "open", tail: str = "uniform") -> None:
+    def __init__(self, path: str | Path, *, verify: VerifyMode = "open", tail: str = "uniform",
+                 logits_dtype: str = "auto") -> None:
         if verify not in ("open", "first_use"):
             raise ConfigError(f"verify must be 'open' or 'first_use', got {verify!r}")
         if tail not in TAIL_SHAPES:
             raise ConfigError(f"tail must be one of {', '.join(TAIL_SHAPES)}, got {tail!r}")
+        if logits_dtype not in LOGITS_DTYPES:
+            raise ConfigError(f"logits_dtype must be one of {', '.join(LOGITS_DTYPES)}, got {logits_dtype!r}")
         self.tail = tail  # how the losses share the residual mass (see SparseTeacher)
+        self.logits_dtype = logits_dtype  # a low-rank cache's logits product (see logits_layer)
+        self._layers: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self.path = Path(path)
         manifest_path = self.path / MANIFEST_NAME
         if not manifest_path.exists():
@@ -932,11 +940,36 @@ class TeacherCache:
         scale = _from_storage(np.stack([p[2] for p in parts]), self.value_dtype).reshape(-1)
         return self.projection.coordinates(codes, scale)
 
-    def block_logits(self, block_indices: Iterable[int] | torch.Tensor) -> torch.Tensor:
-        """Dense teacher logits ``[len(blocks) * L, V]`` float32 of a low-rank cache. (Not named ``logits``: a
-        teacher with ``logits(input_ids)`` is taken for a live model, e.g. for teacher agreement in evaluation.)"""
-        z = self.coordinates(block_indices)
-        return torch.nn.functional.linear(z, self.projection.weight, self.projection.bias)
+    def logits_layer(self, device: torch.device | str = "cpu") -> tuple[torch.dtype, torch.Tensor, torch.Tensor]:
+        """A low-rank cache's ``(dtype, weight [V, k], bias [V])`` on ``device``: the projected output layer in the
+        dtype of the product that rebuilds the teacher's logits (:attr:`logits_dtype`; ``"auto"`` = bfloat16
+        where ``device`` multiplies it natively, else float32).
+
+        Why bfloat16: the product has the size of the student's output layer, and with the compiled losses it
+        is most of a cached step's extra time (float32 [256, 128] @ [128, 8192] with the bias: 4.2 ms per chunk,
+        bfloat16 1.8 ms, on this project's AVX512-BF16 CPU). The price is rounding: bfloat16 keeps 8
+        significant bits, and rounding the result dominates (the product accumulates in float32). On the bench
+        cache (bench/cache.py, k = 128) it adds a mean KL of about 4e-5 nats per token against the float32
+        product, of the order of the projection's own error recorded in the manifest (``projection.fidelity``,
+        6e-5 there); ``bench/cache.py`` prints both and the students' perplexities. ``float32`` rules it out."""
+        if self.projection is None:
+            raise LmdistillError(f"{self.path} is a {self.mode} cache; logits_layer() needs a lowrank cache")
+        device = torch.device(device)
+        dtype = torch.float32
+        if self.logits_dtype == "bfloat16" or (self.logits_dtype == "auto" and native_bf16_matmul(device)):
+            dtype = torch.bfloat16
+        key = (str(device), dtype)
+        if key not in self._layers:  # converted once, not per step
+            self._layers[key] = (self.projection.weight.to(device, dtype), self.projection.bias.to(device, dtype))
+        return (dtype, *self._layers[key])
+
+    def block_logits(self, block_indices: Iterable[int] | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Dense teacher logits ``[len(blocks) * L, V]`` of a low-rank cache on ``device``, in the dtype of
+        :meth:`logits_layer`. (Not named ``logits``: a teacher with ``logits(input_ids)`` is taken for a live
+        model, e.g. for teacher agreement in evaluation.)"""
+        dtype, weight, bias = self.logits_layer(device)
+        z = self.coordinates(block_indices).to(device, dtype)
+        return torch.nn.functional.linear(z, weight, bias)
 
     def lookup(self, block_indices: Iterable[int] | torch.Tensor) -> SparseTeacher:
         """The sparse teacher of the given blocks, flattened to ``[len(blocks) * L, k]`` rows."""
@@ -954,7 +987,7 @@ class TeacherCache:
         or dense logits ``[B*L, V]`` from a low-rank cache."""
         self._check_batch(batch)
         if self.projection is not None:
-            return self.block_logits(batch["block_index"]).to(batch["input_ids"].device)
+            return self.block_logits(batch["block_index"], batch["input_ids"].device)
         teacher = self.lookup(batch["block_index"])
         device = batch["input_ids"].device
         if device.type != "cpu":
@@ -970,8 +1003,8 @@ class TeacherCache:
             return self.signal(batch)
         self._check_batch(batch)
         device = batch["input_ids"].device
-        z = self.coordinates(batch["block_index"]).to(device)
-        return z, self.projection.weight.to(device), self.projection.bias.to(device)
+        dtype, weight, bias = self.logits_layer(device)
+        return self.coordinates(batch["block_index"]).to(device, dtype), weight, bias
 
     def _check_batch(self, batch: dict[str, torch.Tensor]) -> None:
         if "block_index" not in batch:
@@ -1026,11 +1059,11 @@ class TeacherCache:
 
 def open_teacher_cache(
     path: str | Path, *, stream: TokenStream, tokenizer: Any, block_size: int, verify: VerifyMode = "open",
-    tail: str = "uniform",
+    tail: str = "uniform", logits_dtype: str = "auto",
 ) -> TeacherCache:
     """Open a teacher cache for a training run, refusing one built for other data, another tokenizer or
     another block size (the message names each difference and how to fix it)."""
-    cache = TeacherCache(path, verify=verify, tail=tail)
+    cache = TeacherCache(path, verify=verify, tail=tail, logits_dtype=logits_dtype)
     problems = cache.mismatches(stream=stream, tokenizer=tokenizer, block_size=block_size)
     if problems:
         raise ConfigError(f"teacher cache {cache.path} does not match this run:\n  - " + "\n  - ".join(problems))

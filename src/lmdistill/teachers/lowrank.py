@@ -90,6 +90,20 @@ class LowRankProjection:
         return cls(**{name: tensors[name] for name in ("mean", "basis", "sigma", "weight", "bias")})
 
 
+def native_bf16_matmul(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices natively, i.e. faster than float32: a CUDA GPU with bf16
+    support, or an x86 CPU with AVX512-BF16 or AMX instructions (elsewhere oneDNN emulates bf16 products, or
+    the platform is not checked here: float32 is the safe answer)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:  # torch's private CPU feature queries; treat their absence as "no"
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def projection_metadata(path: Path) -> dict[str, Any]:
     """The metadata of a saved projection (fidelity, fit blocks, ...), from its header alone."""
     from safetensors import safe_open

@@ -121,7 +121,8 @@ def build_models(
         ).real_vocab_size
         # The cache checks its manifest (tokenizer, data, block size) against this run and refuses a mismatch.
         teacher = open_teacher_cache(
-            teacher_cfg.cache, stream=cache_stream, tokenizer=tokenizer, block_size=block_size, tail=teacher_cfg.tail
+            teacher_cfg.cache, stream=cache_stream, tokenizer=tokenizer, block_size=block_size, tail=teacher_cfg.tail,
+            logits_dtype=teacher_cfg.logits_dtype,
         )
     log.info("student: %.2fM parameters", count_parameters(student) / 1e6)
     return Models(student=student, teacher=teacher, teacher_model=teacher_model, vocab_size=vocab_size)
