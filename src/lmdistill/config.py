@@ -103,6 +103,9 @@ class TeacherConfig(Section):
         if self.path is not None and self.logits_dtype != "auto":
             raise ValueError("'logits_dtype' applies to low-rank teacher caches (teacher.cache); a live teacher's "
                              "precision is 'dtype'")
+        if self.cache is not None and self.dtype != "float32":
+            raise ValueError("'dtype' is the precision a live teacher (teacher.path) is loaded in; a cache has no "
+                             "model to load (for a low-rank cache's logits product use 'logits_dtype')")
         return self
 
 

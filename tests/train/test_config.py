@@ -59,3 +59,5 @@ def test_logits_dtype_is_for_caches_and_named_when_wrong(tmp_path):
         load_config(None, [f"teacher={{cache: {tmp_path}, logits_dtype: float16}}"])
     assert load_config(None, [f"teacher={{cache: {tmp_path}, logits_dtype: float32}}"]).teacher.logits_dtype == "float32"
     assert load_config(None, [f"teacher={{cache: {tmp_path}}}"]).teacher.logits_dtype == "auto"
+    with pytest.raises(ConfigError, match="'dtype' is the precision a live teacher"):
+        load_config(None, [f"teacher={{cache: {tmp_path}, dtype: bfloat16}}"])
