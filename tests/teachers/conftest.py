@@ -79,3 +79,17 @@ def teacher_model(trained_teacher: Path):
     from lmdistill.models.loading import load_causal_lm
 
     return load_causal_lm(trained_teacher).eval()
+
+
+def run_config(tmp: Path, corpus: Path, cache_dir: Path, student: Path, teacher: dict, **train) -> dict:
+    """A distillation run config (forward KL + CE, 4 steps) of ``student`` on ``corpus`` with ``teacher``."""
+    return {
+        "output_dir": str(tmp),
+        "data": {"corpus": str(corpus), "block_size": BLOCK, "cache_dir": str(cache_dir)},
+        "student": {"path": str(student)},
+        "teacher": teacher,
+        "objective": {"mix": [{"name": "forward_kl", "weight": 0.5}, {"name": "cross_entropy", "weight": 0.5}]},
+        "train": {"steps": 4, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "log_every": 1, **train},
+        "eval": {"every": 1000, "max_batches": 2, "batch_size": 8},
+        "checkpoint": {"every": 1000, "keep": 1},
+    }

@@ -29,7 +29,7 @@ from lmdistill.teachers.cache import (
     write_teacher_cache,
 )
 from tests.conftest import save_tiny_model
-from tests.teachers.conftest import BLOCK, write_cache
+from tests.teachers.conftest import BLOCK, run_config, write_cache
 
 WORKER = Path(__file__).with_name("cache_worker.py")
 ROOT = Path(__file__).parents[2]
@@ -299,19 +299,6 @@ def test_temperature_is_stored_and_enforced(tmp_path, teacher_model, few_data, s
 
 
 # ------------------------------------------------------------------------------------ trainer
-def _run_config(tmp: Path, corpus: Path, cache_dir: Path, student: Path, teacher: dict, **train) -> dict:
-    return {
-        "output_dir": str(tmp),
-        "data": {"corpus": str(corpus), "block_size": BLOCK, "cache_dir": str(cache_dir)},
-        "student": {"path": str(student)},
-        "teacher": teacher,
-        "objective": {"mix": [{"name": "forward_kl", "weight": 0.5}, {"name": "cross_entropy", "weight": 0.5}]},
-        "train": {"steps": 4, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "log_every": 1, **train},
-        "eval": {"every": 1000, "max_batches": 2, "batch_size": 8},
-        "checkpoint": {"every": 1000, "keep": 1},
-    }
-
-
 @pytest.mark.slow
 def test_training_from_a_k_equal_vocab_cache_equals_the_live_teacher(
     tmp_path, trained_teacher, teacher_model, few_data, few_chapters, small_tokenizer, cache_dir
@@ -325,18 +312,18 @@ def test_training_from_a_k_equal_vocab_cache_equals_the_live_teacher(
     losses = {}
     for name, teacher in (("live", {"path": str(trained_teacher)}), ("cache", {"cache": str(cache)})):
         for chunked in (False, True):
-            cfg = validate_config(_run_config(tmp_path / f"{name}-{chunked}", few_chapters, cache_dir, student, teacher,
+            cfg = validate_config(run_config(tmp_path / f"{name}-{chunked}", few_chapters, cache_dir, student, teacher,
                                               chunked_loss=chunked, chunk_size=48))
             trainer, _ = build_trainer(cfg, show_progress=False)
             losses[name, chunked] = [trainer.train_step(s) for s in range(cfg.train.steps)]
     for chunked in (False, True):
         assert losses["cache", chunked] == pytest.approx(losses["live", chunked], rel=1e-5)
     # the whole run (train + save + evaluation without teacher agreement) works from a cache alone
-    cfg = validate_config(_run_config(tmp_path / "full", few_chapters, cache_dir, student, {"cache": str(cache)}))
+    cfg = validate_config(run_config(tmp_path / "full", few_chapters, cache_dir, student, {"cache": str(cache)}))
     result = run_training(cfg, show_progress=False)
     assert math.isfinite(result.final_metrics["loss"]) and "kl_to_teacher" not in result.final_metrics
     # a run whose data do not match the cache is refused before training
-    bad = _run_config(tmp_path / "bad", few_chapters, cache_dir, student, {"cache": str(cache)})
+    bad = run_config(tmp_path / "bad", few_chapters, cache_dir, student, {"cache": str(cache)})
     bad["data"]["block_size"] = 16
     with pytest.raises(ConfigError, match="block size"):
         build_trainer(validate_config(bad), show_progress=False)

@@ -20,7 +20,8 @@ from lmdistill.losses import build_objective, fused_linear_distill
 from lmdistill.teachers.cache import TeacherCache
 from lmdistill.teachers.lowrank import CODE_MAX, fit_projection
 from lmdistill.train.run import check_sampled_cache_objective
-from tests.teachers.conftest import BLOCK, write_cache
+from tests.conftest import save_tiny_model
+from tests.teachers.conftest import BLOCK, run_config, write_cache
 
 
 _write = partial(write_cache, mode="lowrank")
@@ -164,6 +165,24 @@ def test_logits_dtype_auto_follows_the_hardware_and_bfloat16_rounds_within_its_b
     assert float(err.max()) > 2.0**-12 * float(exact.abs().max()), float(err.max())
     with pytest.raises(ConfigError, match="logits_dtype must be one of"):
         TeacherCache(full_rank_cache, logits_dtype="float16")
+
+
+def test_a_run_rebuilds_the_teacher_logits_in_its_configured_dtype(tmp_path, full_rank_cache, few_chapters, cache_dir,
+                                                                   small_tokenizer):
+    """teacher.logits_dtype reaches the cache a training run opens; both dtypes train to nearly the same losses."""
+    from lmdistill.config import validate_config
+    from lmdistill.train.run import build_trainer
+
+    student = save_tiny_model(tmp_path / "student", small_tokenizer, layers=1, hidden=32, seed=3)
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        teacher = {"cache": str(full_rank_cache), "logits_dtype": dtype}
+        cfg = validate_config(run_config(tmp_path / dtype, few_chapters, cache_dir, student, teacher, chunk_size=48))
+        trainer, _ = build_trainer(cfg, show_progress=False)
+        assert trainer.teacher.logits_layer()[0] == getattr(torch, dtype)
+        losses[dtype] = [trainer.train_step(s) for s in range(3)]
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=1e-2)
+    assert losses["bfloat16"] != losses["float32"]  # the product really differs
 
 
 def test_corrupt_projection_is_named(tmp_path, full_rank_cache):
