@@ -44,11 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     kernels = "compiled loss kernels" if fused.compile_enabled() else "eager loss kernels (LMDISTILL_COMPILE=0)"
     print(f"Teacher: {teacher_note}. {kernels}. At start: {bench_cache.load_note()}", flush=True)
     rows = []
-    runs = [(f"sinkd(group {g}) + CE", {"path": str(teacher_dir)}, sinkd_objective(g)) for g in groups]
-    runs.append(("label-only (CE)", None, None))
-    for name, teacher, objective in runs:
-        cfg = bench_cache.student_config(args.output / name.split(" ")[0].replace("(", "_").replace(")", ""),
-                                         teacher_dir, teacher, args.steps)
+    # (name, run directory, teacher section, objective)
+    runs = [(f"sinkd(group {g}) + CE", f"sinkd-group{g}", {"path": str(teacher_dir)}, sinkd_objective(g)) for g in groups]
+    runs.append(("label-only (CE)", "label-only", None, None))
+    for name, run_dir, teacher, objective in runs:
+        cfg = bench_cache.student_config(args.output / run_dir, teacher_dir, teacher, args.steps)
         if objective is not None:
             cfg.objective = objective
         bench_cache.log(f"student: {name}, {args.steps} steps; {bench_cache.load_note()}")
