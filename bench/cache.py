@@ -136,8 +136,9 @@ OBJECTIVES = {
 
 
 def student_config(output: Path, teacher_dir: Path, teacher: dict | None, steps: int, chunked: bool | str = "auto",
-                   corpus: str = "kjv", objective: str = "forward_kl"):
-    """The demo student recipe (1.5M GPT-2, seed 0; objective forward KL or 0.5 forward KL + 0.5 CE) with a
+                   corpus: str = "kjv", objective: str | dict = "forward_kl"):
+    """The demo student recipe (1.5M GPT-2, seed 0; objective forward KL or 0.5 forward KL + 0.5 CE, keys of
+    :data:`OBJECTIVES`, or any objective config given as a dict) with a
     teacher section, or its label-only twin. ``chunked``: train.chunked_loss (default "auto", the library's
     default: the chunked loss whenever the objective and models allow it)."""
     from lmdistill.config import validate_config
@@ -148,7 +149,7 @@ def student_config(output: Path, teacher_dir: Path, teacher: dict | None, steps:
     raw["data"]["corpus"] = corpus
     if teacher is not None:
         raw["teacher"] = teacher
-        raw["objective"] = OBJECTIVES[objective]
+        raw["objective"] = OBJECTIVES[objective] if isinstance(objective, str) else objective
     else:
         raw["tokenizer"] = {"path": str(teacher_dir)}
     raw["train"].update(steps=steps, chunked_loss=chunked, log_every=max(1, steps // 10))

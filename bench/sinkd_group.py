@@ -48,9 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = [(f"sinkd(group {g}) + CE", f"sinkd-group{g}", {"path": str(teacher_dir)}, sinkd_objective(g)) for g in groups]
     runs.append(("label-only (CE)", "label-only", None, None))
     for name, run_dir, teacher, objective in runs:
-        cfg = bench_cache.student_config(args.output / run_dir, teacher_dir, teacher, args.steps)
-        if objective is not None:
-            cfg.objective = objective
+        cfg = bench_cache.student_config(args.output / run_dir, teacher_dir, teacher, args.steps,
+                                         objective=objective or "forward_kl")  # label-only: no objective used
         bench_cache.log(f"student: {name}, {args.steps} steps; {bench_cache.load_note()}")
         started = time.perf_counter()
         result = run_training(cfg, show_progress=False)

@@ -77,8 +77,7 @@ class _Runner:
             if ws is not None and h.dtype == t_weight.dtype and (t_bias is None or t_bias.dtype == h.dtype) and (
                 h.dtype == ws.dtype or h.dtype in (torch.bfloat16, torch.float16)
             ):
-                # reused: a fresh [chunk, V] tensor per chunk costs page faults
-                out = ws.buf("teacher_logits" if h.dtype == ws.dtype else f"teacher_logits_{h.dtype}", h.dtype)
+                out = ws.buf("teacher_logits", h.dtype)  # reused: a fresh [chunk, V] tensor per chunk costs page faults
                 if t_bias is None:
                     return torch.mm(h, t_weight.T, out=out)
                 return torch.addmm(t_bias, h, t_weight.T, out=out)

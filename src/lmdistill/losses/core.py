@@ -389,7 +389,7 @@ class Workspace:
         self.vocab_size = vocab_size
         self.dtype = dtype
         self.device = device
-        self._buffers: dict[str, Tensor] = {}
+        self._buffers: dict[tuple[str, torch.dtype], Tensor] = {}
         self._cache: dict[tuple, Tensor] = {}
         self.current_rows = rows
 
@@ -399,11 +399,12 @@ class Workspace:
 
     def buf(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
         """A ``[current_rows, V]`` view of the persistent buffer ``name`` (contents undefined), in the work dtype
-        unless ``dtype`` is given."""
-        full = self._buffers.get(name)
+        unless ``dtype`` is given (one buffer per name and dtype)."""
+        key = (name, dtype or self.dtype)
+        full = self._buffers.get(key)
         if full is None:
-            full = torch.empty(self.rows, self.vocab_size, dtype=dtype or self.dtype, device=self.device)
-            self._buffers[name] = full
+            full = torch.empty(self.rows, self.vocab_size, dtype=key[1], device=self.device)
+            self._buffers[key] = full
         return full[: self.current_rows]
 
     def student_logp(self, z: Tensor, temperature: float) -> Tensor:

@@ -49,6 +49,7 @@ __all__ = [
     "fused_gold_log_prob",
     "fused_l1_cost",
     "fused_l1_cost_grad",
+    "l1_cost_grad_eager",
 ]
 
 log = logging.getLogger(__name__)
@@ -278,11 +279,18 @@ def _l1_cost(q: Tensor, p: Tensor) -> Tensor:
     return (q.unsqueeze(-2) - p.unsqueeze(-3)).abs().sum(-1)
 
 
+def l1_cost_grad_eager(g_cost: Tensor, q: Tensor, p: Tensor, cost: Tensor | None = None) -> Tensor:
+    """What :func:`_l1_cost_grad` writes, from ``cdist``'s backward (a new tensor; ``cost``: the L1 costs if
+    already computed)."""
+    cost = torch.cdist(q, p, p=1) if cost is None else cost
+    return torch.ops.aten._cdist_backward(g_cost.contiguous(), q, p, 1.0, cost).mul_(q)
+
+
 def _l1_cost_grad(g_cost: Tensor, q: Tensor, p: Tensor, out: Tensor) -> None:
     """``out[b, i, v] = q[b, i, v] sum_j g_cost[b, i, j] sign(q[b, i, v] - p[b, j, v])``: d/dq of
     ``sum g_cost * cost``, times ``q`` (the first factor of the softmax's Jacobian, applied in the same loop)."""
     if not torch.compiler.is_compiling():
-        out.copy_(torch.ops.aten._cdist_backward(g_cost.contiguous(), q, p, 1.0, torch.cdist(q, p, p=1))).mul_(q)
+        out.copy_(l1_cost_grad_eager(g_cost, q, p))
         return
     # one term per column j, added as a balanced tree: Inductor emits one element-wise loop whose additions
     # are independent (a sum over j would be one dependent chain per element, bound by the add latency)

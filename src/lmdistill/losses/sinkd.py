@@ -19,7 +19,7 @@ from lmdistill.losses.core import (
     student_log_probs,
     teacher_log_probs,
 )
-from lmdistill.losses.fused import fused_applies, fused_l1_cost, fused_l1_cost_grad
+from lmdistill.losses.fused import fused_applies, fused_l1_cost, fused_l1_cost_grad, l1_cost_grad_eager
 
 __all__ = ["SinKD", "sinkhorn_log_plan"]
 
@@ -198,7 +198,7 @@ class SinKD(Objective):
             target = ws.buf("sinkd_grad").view_as(q_blocks) if n_groups * group == n else torch.empty_like(q_blocks)
             q_g = fused_l1_cost_grad(g_cost, q_blocks, p_blocks, target)
         if q_g is None:
-            q_g = torch.ops.aten._cdist_backward(g_cost.contiguous(), q_blocks, p_blocks, 1.0, cost).mul_(q_blocks)
+            q_g = l1_cost_grad_eager(g_cost, q_blocks, p_blocks, cost)
         q_g = q_g.reshape(n_groups * group, vocab)[:n]
         grad = q_g.addcmul_(q, q_g.sum(-1, keepdim=True), value=-1.0)
         return finish_chunk(loss, grad, labels, 1.0)

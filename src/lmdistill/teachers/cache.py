@@ -817,7 +817,7 @@ class TeacherCache:
             raise ConfigError(f"logits_dtype must be one of {', '.join(LOGITS_DTYPES)}, got {logits_dtype!r}")
         self.tail = tail  # how the losses share the residual mass (see SparseTeacher)
         self.logits_dtype = logits_dtype  # a low-rank cache's logits product (see logits_layer)
-        self._layers: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._layers: dict[torch.device, tuple[torch.dtype, torch.Tensor, torch.Tensor]] = {}
         self.path = Path(path)
         manifest_path = self.path / MANIFEST_NAME
         if not manifest_path.exists():
@@ -955,13 +955,13 @@ class TeacherCache:
         if self.projection is None:
             raise LmdistillError(f"{self.path} is a {self.mode} cache; logits_layer() needs a lowrank cache")
         device = torch.device(device)
-        dtype = torch.float32
-        if self.logits_dtype == "bfloat16" or (self.logits_dtype == "auto" and native_bf16_matmul(device)):
-            dtype = torch.bfloat16
-        key = (str(device), dtype)
-        if key not in self._layers:  # converted once, not per step
-            self._layers[key] = (self.projection.weight.to(device, dtype), self.projection.bias.to(device, dtype))
-        return (dtype, *self._layers[key])
+        layer = self._layers.get(device)
+        if layer is None:  # resolved and converted once per device, not per step
+            bf16 = self.logits_dtype == "bfloat16" or (self.logits_dtype == "auto" and native_bf16_matmul(device))
+            dtype = torch.bfloat16 if bf16 else torch.float32
+            layer = self._layers[device] = (dtype, self.projection.weight.to(device, dtype),
+                                            self.projection.bias.to(device, dtype))
+        return layer
 
     def block_logits(self, block_indices: Iterable[int] | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """Dense teacher logits ``[len(blocks) * L, V]`` of a low-rank cache on ``device``, in the dtype of
