@@ -47,7 +47,7 @@ def grads(loss, tensors):
 OBJECTIVES = [(c.id, c.build) for c in CASES] + [
     ("atkd", lambda T: ATKD(temperature=T)),
     ("sinkd", lambda T: SinKD(temperature=T, group_size=4)),
-    ("tgeo", lambda T: TrilateralFusion(kd={"name": "jsd", "beta": 0.3, "temperature": T})),
+    ("tgeo", lambda T: TrilateralFusion(kd=build_objective({"name": "jsd", "beta": 0.3, "temperature": T}))),
     ("mix_kernels", lambda T: build_objective({"mix": [{"name": "forward_kl", "weight": 0.7, "temperature": T},
                                                       {"name": "skew_reverse_kl", "weight": 0.2}, {"name": "ce", "weight": 0.1}]})),
     ("mix_autograd", lambda T: build_objective({"mix": [{"name": "atkd", "weight": 0.5, "temperature": T},

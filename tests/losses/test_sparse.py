@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from lmdistill.losses import ATKD, SinKD, SparseTeacher, TrilateralFusion, fused_linear_distill, reduce_tokens
+from lmdistill.losses import ATKD, SinKD, SparseTeacher, TrilateralFusion, fused_linear_distill, build_objective, reduce_tokens
 from tests.losses.helpers import CASES, make_inputs
 
 EXTRA = [("atkd", lambda T: ATKD(temperature=T)), ("sinkd", lambda T: SinKD(temperature=T, group_size=4)),
-         ("tgeo", lambda T: TrilateralFusion(kd={"name": "forward_kl", "temperature": T}))]
+         ("tgeo", lambda T: TrilateralFusion(kd=build_objective({"name": "forward_kl", "temperature": T})))]
 ALL = [(c.id, c.build) for c in CASES] + EXTRA
 
 

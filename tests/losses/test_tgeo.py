@@ -13,7 +13,7 @@ from tests.losses.helpers import make_inputs, to_np
 
 def test_fused_loss_is_the_ratio_mix_and_does_not_train_the_network():
     z, zt, labels = make_inputs((12, 9), seed=1, ignore_every=4)
-    fusion = TrilateralFusion(kd={"name": "forward_kl", "temperature": 2.0})
+    fusion = TrilateralFusion(kd=build_objective({"name": "forward_kl", "temperature": 2.0}))
     z = z.requires_grad_(True)
     per_token = fusion.per_token(z, zt, labels)
     a = fusion.ratio(fusion.features(z, zt, labels)).detach()
@@ -61,7 +61,7 @@ def test_meta_loss_gradient_is_the_exact_one_step_hypergradient(with_bias, spars
     val_hidden = torch.randn(m, h, generator=g, dtype=torch.float64)
     val_labels = torch.randint(0, v, (m,), generator=g)
     val_labels[::5] = -100
-    fusion = TrilateralFusion(kd={"name": "jsd", "beta": 0.3}, hidden_size=4, seed=3)
+    fusion = TrilateralFusion(kd=build_objective({"name": "jsd", "beta": 0.3}), hidden_size=4, seed=3)
     fusion.net.double()
 
     surrogate = fusion.meta_loss(hidden, weight, teacher, labels, val_hidden, val_labels, lr=lr, output_bias=bias,
@@ -102,7 +102,7 @@ def _meta_train(teacher_quality: str) -> float:
     else:
         teacher = torch.randn(n, v, generator=g) * 3.0  # unrelated to the labels
     weight = torch.zeros(v, h)
-    fusion = TrilateralFusion(kd="forward_kl", seed=1)
+    fusion = TrilateralFusion(kd=build_objective("forward_kl"), seed=1)
     optimizer = torch.optim.Adam(fusion.parameters(), lr=0.05)
     for _ in range(30):
         optimizer.zero_grad()

@@ -19,7 +19,6 @@ from lmdistill.errors import ConfigError, DataError, LmdistillError
 from lmdistill.losses import build_objective, fused_linear_distill
 from lmdistill.teachers.cache import TeacherCache
 from lmdistill.teachers.lowrank import CODE_MAX, fit_projection
-from lmdistill.train.run import check_sampled_cache_objective
 from tests.conftest import save_tiny_model
 from tests.teachers.conftest import BLOCK, run_config, write_cache
 
@@ -105,7 +104,7 @@ def test_both_loss_paths_see_the_same_teacher(full_rank_cache, few_data, objecti
     With bfloat16 logits both paths round the same products (the chunked one per chunk, into its buffer)."""
     cache = TeacherCache(full_rank_cache, logits_dtype=logits_dtype)
     assert cache.chunked_signal(_batch(few_data, [1]))[0].dtype == getattr(torch, logits_dtype)
-    check_sampled_cache_objective(cache, build_objective(objective))
+    cache.check_objective(build_objective(objective))
     batch = _batch(few_data, [1, 2, 3])
     labels = batch["labels"].reshape(-1)
     gen = torch.Generator().manual_seed(0)

@@ -25,7 +25,6 @@ from lmdistill.teachers.cache import (
     teacher_hybrid,
     teacher_sampled,
 )
-from lmdistill.train.run import check_sampled_cache_objective
 from tests.teachers.conftest import write_cache
 
 
@@ -117,14 +116,14 @@ def test_two_processes_draw_what_one_process_draws(tmp_path, teacher_model, few_
 
 def test_objectives_other_than_forward_kl_and_cross_entropy_are_refused(unbiased_cache):
     cache = TeacherCache(unbiased_cache)
-    check_sampled_cache_objective(cache, build_objective("forward_kl"))
-    check_sampled_cache_objective(cache, build_objective(
+    cache.check_objective(build_objective("forward_kl"))
+    cache.check_objective(build_objective(
         {"mix": [{"name": "forward_kl", "weight": 0.5}, {"name": "cross_entropy", "weight": 0.5}]}))
     with pytest.raises(ConfigError, match=rf"{cache.mode} cache .* objective part\(s\) reverse_kl need a top-k cache"):
-        check_sampled_cache_objective(cache, build_objective(
+        cache.check_objective(build_objective(
             {"mix": [{"name": "forward_kl", "weight": 0.5}, {"name": "reverse_kl", "weight": 0.5}]}))
     with pytest.raises(ConfigError, match=f"{cache.mode} cache"):
-        check_sampled_cache_objective(cache, build_objective({"name": "jsd", "beta": 0.5}))
+        cache.check_objective(build_objective({"name": "jsd", "beta": 0.5}))
 
 
 def test_a_sampled_cache_cannot_be_shrunk(tmp_path, unbiased_cache):

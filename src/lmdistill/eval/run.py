@@ -7,8 +7,7 @@ from lmdistill.data.tokenizer import load_tokenizer
 from lmdistill.errors import ConfigError
 from lmdistill.eval.lm import evaluate_lm
 from lmdistill.models.loading import load_causal_lm
-from lmdistill.models.vocab import check_vocab_compatible
-from lmdistill.teachers.live import LiveTeacher
+from lmdistill.teachers.live import load_live_teacher
 
 
 def evaluate_model(
@@ -29,14 +28,9 @@ def evaluate_model(
     live = None
     vocab = len(tokenizer)
     if teacher is not None:
-        t_model = load_causal_lm(teacher)
-        alignment = check_vocab_compatible(
-            load_tokenizer(teacher), tokenizer,
-            teacher_rows=t_model.get_output_embeddings().weight.shape[0],
-            student_rows=model.get_output_embeddings().weight.shape[0],
-        )
-        live = LiveTeacher(t_model, alignment)
-        vocab = alignment.real_vocab_size
+        live = load_live_teacher(teacher, tokenizer=load_tokenizer(teacher), student_tokenizer=tokenizer,
+                                 student_rows=model.get_output_embeddings().weight.shape[0])
+        vocab = live.alignment.real_vocab_size
     stream = data.streams[split]
     metrics = evaluate_lm(
         model, data.blocks(split), bytes_per_token=stream.bytes_per_target,

@@ -94,7 +94,7 @@ def task_evaluator(
 
     def evaluate(trainer: Trainer) -> dict[str, float]:
         acc = trainer.accelerator
-        teacher = trainer.teacher if hasattr(trainer.teacher, "logits") else None  # agreement needs a live teacher
+        teacher = trainer.teacher if trainer.teacher is not None and trainer.teacher.scores_text else None
         sums = response_token_sums(
             acc.unwrap_model(trainer.model), examples, pad_id=pad_id, max_length=max_length, batch_size=batch_size,
             vocab_size=trainer.vocab_size, teacher=teacher, rank=acc.process_index, world_size=acc.num_processes,

@@ -14,20 +14,24 @@ Quick use::
     ...
     objective.on_step_end(loss.item(), step, total_steps)                        # TAID advances its schedule
 
-Conventions (dtypes, masking, temperature, sparse teachers) are described in :mod:`lmdistill.losses.core`.
+Conventions (dtypes, masking, temperature) are described in :mod:`lmdistill.losses.core`; the forms a teacher's
+signal takes (dense logits, sparse top-k or sampled, hidden states, low-rank codes) and which objectives accept
+which, in :mod:`lmdistill.losses.signals`.
 """
 
+from lmdistill.constants import IGNORE_INDEX
 from lmdistill.losses.atkd import ATKD, ATKDSplit, decoupled_kd_parts
 from lmdistill.losses.chunked import default_chunk_size, fused_linear_distill
-from lmdistill.losses.core import (
-    IGNORE_INDEX,
-    Divergence,
-    Objective,
+from lmdistill.losses.core import Divergence, Objective, OuterStep, reduce_tokens, valid_mask
+from lmdistill.losses.signals import (
+    SIGNAL_KINDS,
+    HiddenStates,
+    LowRankCodes,
     SparseTeacher,
     Teacher,
-    reduce_tokens,
+    TeacherSignal,
+    signal_kind,
     teacher_log_probs,
-    valid_mask,
 )
 from lmdistill.losses.divergences import (
     CrossEntropy,
@@ -60,8 +64,12 @@ __all__ = [
     "Divergence",
     "ForwardKL",
     "GeneralizedJSD",
+    "HiddenStates",
+    "LowRankCodes",
     "Mixture",
     "Objective",
+    "OuterStep",
+    "SIGNAL_KINDS",
     "ReverseKL",
     "SinKD",
     "SkewKL",
@@ -69,6 +77,7 @@ __all__ = [
     "SparseTeacher",
     "TAID",
     "Teacher",
+    "TeacherSignal",
     "TotalVariation",
     "TrilateralFusion",
     "build_objective",
@@ -81,6 +90,7 @@ __all__ = [
     "objective_names",
     "reduce_tokens",
     "reverse_kl",
+    "signal_kind",
     "sinkhorn_log_plan",
     "skew_kl",
     "skew_reverse_kl",

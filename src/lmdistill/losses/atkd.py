@@ -9,10 +9,9 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
+from lmdistill.constants import IGNORE_INDEX
 from lmdistill.losses.core import (
-    IGNORE_INDEX,
     Objective,
-    Teacher,
     compute_dtype,
     fast_exp,
     finish_chunk,
@@ -20,6 +19,10 @@ from lmdistill.losses.core import (
     flatten_inputs,
     kl_from_log_probs,
     student_log_probs,
+)
+from lmdistill.losses.signals import (
+    Teacher,
+    signal_values,
     teacher_log_probs,
 )
 from lmdistill.losses.fused import fused_atkd_grad, fused_atkd_rows, fused_gold_log_prob
@@ -106,7 +109,7 @@ class ATKD(Objective):
 
     def uncertainty(self, teacher: Teacher, labels: Tensor, vocab_size: int) -> Tensor:
         """Teacher uncertainty ``1 - p_y`` per row (0 for ignored rows)."""
-        dtype = compute_dtype(teacher if isinstance(teacher, Tensor) else teacher.logprobs)
+        dtype = compute_dtype(signal_values(teacher))
         valid = labels != IGNORE_INDEX
         safe = torch.where(valid, labels, 0)
         gold = fused_gold_log_prob(teacher, self.temperature, safe)
@@ -141,7 +144,7 @@ class ATKD(Objective):
         vocab = logits.shape[-1]
         if context is None:
             context = self.batch_context(lambda: [(0, logits.shape[0], teacher)], flat_labels, vocab)
-        dtype = compute_dtype(logits, teacher if isinstance(teacher, Tensor) else teacher.logprobs)
+        dtype = compute_dtype(logits, signal_values(teacher))
         valid = flat_labels != IGNORE_INDEX
         safe_labels = torch.where(valid, flat_labels, 0)
         s_logp = student_log_probs(logits, self.temperature, dtype)

@@ -15,25 +15,21 @@ otherwise its :meth:`per_token` is differentiated with autograd on the chunk, wh
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Union
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from lmdistill.constants import IGNORE_INDEX
 from lmdistill.losses.core import (
-    IGNORE_INDEX,
     Objective,
-    SparseTeacher,
-    Teacher,
     Workspace,
     iter_chunks,
 )
+from lmdistill.losses.signals import Teacher, TeacherSignal, as_chunk_signal, chunk_rows
 
-__all__ = ["fused_linear_distill", "default_chunk_size", "ChunkTeacher"]
-
-# (hidden [N, H_t], weight [V, H_t]) or (hidden, weight, bias [V]): a teacher whose logits are computed per chunk
-ChunkTeacher = Union[Tensor, SparseTeacher, tuple]
+__all__ = ["fused_linear_distill", "default_chunk_size"]
 
 # The chunk's matrix products read the whole output layer once per chunk, so their arithmetic intensity
 # is about 2 x rows flops per weight element read: 256 rows keep them compute-bound (as fast as one big
@@ -51,7 +47,7 @@ def default_chunk_size(vocab_size: int, rows: int) -> int:
 class _Runner:
     """Everything one fused call needs, so the autograd function only passes tensors around."""
 
-    def __init__(self, teacher: ChunkTeacher | None, labels: Tensor, objective: Objective, chunk: int,
+    def __init__(self, teacher: TeacherSignal | None, labels: Tensor, objective: Objective, chunk: int,
                  normalizer: float, context: Any, keep_per_token: bool) -> None:
         self.teacher = teacher
         self.labels = labels
@@ -63,26 +59,7 @@ class _Runner:
         self.per_token: Tensor | None = None
 
     def teacher_rows(self, start: int, stop: int, ws: Workspace | None) -> Teacher | None:
-        teacher = self.teacher
-        if teacher is None:
-            return None
-        if isinstance(teacher, SparseTeacher):
-            return teacher.rows(start, stop)
-        if isinstance(teacher, tuple):
-            t_hidden, t_weight = teacher[0], teacher[1]
-            t_bias = teacher[2] if len(teacher) > 2 else None
-            h = t_hidden[start:stop]
-            # the product in the teacher's dtype when hidden, weight and bias share one: float32, or bfloat16 /
-            # float16 (a low-rank cache's logits_dtype; the losses upcast the result)
-            if ws is not None and h.dtype == t_weight.dtype and (t_bias is None or t_bias.dtype == h.dtype) and (
-                h.dtype == ws.dtype or h.dtype in (torch.bfloat16, torch.float16)
-            ):
-                out = ws.buf("teacher_logits", h.dtype)  # reused: a fresh [chunk, V] tensor per chunk costs page faults
-                if t_bias is None:
-                    return torch.mm(h, t_weight.T, out=out)
-                return torch.addmm(t_bias, h, t_weight.T, out=out)
-            return F.linear(h, t_weight, t_bias)
-        return teacher[start:stop]
+        return None if self.teacher is None else chunk_rows(self.teacher, start, stop, ws)
 
     def iter_teacher(self) -> Iterator[tuple[int, int, Teacher]]:
         for start, stop in iter_chunks(self.labels.shape[0], self.chunk):
@@ -186,7 +163,7 @@ class _FusedLinearDistill(torch.autograd.Function):
 def fused_linear_distill(
     student_hidden: Tensor,
     student_weight: Tensor,
-    teacher: ChunkTeacher | None,
+    teacher: TeacherSignal | tuple | None,
     labels: Tensor,
     objective: Objective,
     *,
@@ -200,9 +177,10 @@ def fused_linear_distill(
     Args:
         student_hidden: ``[N, H]`` final hidden states (or ``[..., H]``, flattened).
         student_weight: ``[V, H]`` output-layer weight (``lm_head.weight``).
-        teacher: dense teacher logits ``[N, V]``; or ``(teacher_hidden [N, H_t], teacher_weight [V, H_t])``
-            (optionally with a bias as third element), whose logits are computed chunk by chunk too; or a
-            :class:`SparseTeacher`; or ``None`` for objectives that need no teacher. The teacher is constant
+        teacher: a teacher signal (:mod:`lmdistill.losses.signals`): dense teacher logits ``[N, V]``;
+            :class:`HiddenStates` / :class:`LowRankCodes` or a plain ``(teacher_hidden [N, H_t], teacher_weight
+            [V, H_t][, bias])`` tuple, whose logits are computed chunk by chunk too; a :class:`SparseTeacher`;
+            or ``None`` for objectives that need no teacher. The teacher is constant
             (no gradient flows to it).
         labels: ``[N]`` long, ``-100`` = ignored position.
         objective: any :class:`Objective` (temperature and parameters are its own). Stateful objectives
@@ -274,37 +252,9 @@ def _matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def _check_teacher(teacher: ChunkTeacher | None, n: int, vocab: int, objective: Objective) -> ChunkTeacher | None:
+def _check_teacher(teacher: TeacherSignal | tuple | None, n: int, vocab: int, objective: Objective) -> TeacherSignal | None:
     if teacher is None:
         if objective.requires_teacher:
             raise ValueError(f"objective '{objective.name}' needs a teacher")
         return None
-    if isinstance(teacher, SparseTeacher):
-        teacher = teacher.flatten()
-        if teacher.num_rows != n:
-            raise ValueError(f"sparse teacher has {teacher.num_rows} rows but the student has {n}")
-        return teacher
-    if isinstance(teacher, (tuple, list)):
-        if len(teacher) not in (2, 3):
-            raise ValueError("a teacher given by its output layer is (hidden, weight) or (hidden, weight, bias)")
-        t_hidden = teacher[0].reshape(-1, teacher[0].shape[-1]).detach()
-        t_weight = teacher[1].detach()
-        if t_hidden.shape[0] != n:
-            raise ValueError(f"teacher hidden states have {t_hidden.shape[0]} rows but the student has {n}")
-        if t_weight.dim() != 2 or t_weight.shape != (vocab, t_hidden.shape[1]):
-            raise ValueError(
-                f"teacher weight {tuple(t_weight.shape)} must be [V={vocab}, H_t={t_hidden.shape[1]}]; "
-                "slice padded vocabularies to the shared real tokens first"
-            )
-        t_bias = teacher[2].detach() if len(teacher) == 3 and teacher[2] is not None else None
-        common = torch.promote_types(t_hidden.dtype, t_weight.dtype)
-        if t_bias is not None:
-            common = torch.promote_types(common, t_bias.dtype)
-        # e.g. bf16 hidden states from an autocast forward with an fp32 output layer: upcast once, exactly
-        t_hidden, t_weight = t_hidden.to(common), t_weight.to(common)
-        t_bias = None if t_bias is None else t_bias.to(common)
-        return (t_hidden, t_weight) if t_bias is None else (t_hidden, t_weight, t_bias)
-    dense = teacher.reshape(-1, teacher.shape[-1]).detach()
-    if dense.shape != (n, vocab):
-        raise ValueError(f"teacher logits {tuple(teacher.shape)} must be [N={n}, V={vocab}]")
-    return dense
+    return as_chunk_signal(teacher, n, vocab)

@@ -24,16 +24,27 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Union
 import torch
 from torch import Tensor
 
+from lmdistill.constants import IGNORE_INDEX
 from lmdistill.losses.fused import fused_applies, fused_dense_chunk
+from lmdistill.losses.signals import (
+    EXACT_KINDS,
+    SparseTeacher,
+    Teacher,
+    check_sparse_temperature,
+    flatten_teacher,
+    log_softmax_at,
+    signal_values,
+    teacher_log_probs,
+    teacher_log_probs_into,
+)
 
-IGNORE_INDEX = -100
-TAIL_SHAPES = ("student", "uniform")
 
 __all__ = [
     "IGNORE_INDEX",
     "SparseTeacher",
     "Teacher",
     "Objective",
+    "OuterStep",
     "Divergence",
     "reduce_tokens",
     "valid_mask",
@@ -46,189 +57,6 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class SparseTeacher:
-    """A teacher given as its top-k log-probabilities (e.g. read from an offline cache).
-
-    Attributes:
-        logprobs: ``[N, k]`` teacher log-probabilities *at the distillation temperature* (any float dtype).
-        indices: ``[N, k]`` long token ids of those entries; distinct within a row.
-        residual: optional ``[N]`` probability mass **not** covered by the top-k entries. When omitted it is
-            taken as ``max(0, 1 - sum(exp(logprobs)))``.
-        temperature: optional temperature the log-probs were computed at; when given, an objective with a
-            different temperature refuses the teacher instead of silently mixing temperatures.
-
-    How the missing mass is treated (``tail``; one scheme for every objective). The teacher is completed to a
-    full distribution over the student's ``V`` tokens: the top-k entries keep their probabilities and the
-    residual mass ``r`` goes to the ``V - k`` other tokens, shaped by ``tail``:
-
-    * ``"uniform"`` (the default): spread uniformly, ``p_v = r / ((V - k) Z)`` (the maximum-entropy
-      completion). It is the default because its students are better: from a k = 32 top-k cache of the KJV demo
-      teacher, a student reached 118.8 validation perplexity with it and 127.7 with ``"student"``
-      (``bench/cache.py``); a flat tail target still carries the tail's total mass to every tail token.
-    * ``"student"``: in proportion to the **student's own (detached) probabilities** ``q`` on
-      those tokens,
-
-          p_v = exp(logprobs_v) / Z                       for v in the top-k
-          p_v = (r / Z) * q_v / Q_tail                    otherwise,  Q_tail = sum of q over the non-top-k tokens
-
-      For every objective that sums ``phi(q_v, p_v)`` with ``phi`` positively homogeneous of degree 1 (every
-      f-divergence: forward/reverse KL, JSD, TVD, skew KL/RKL, and TAID's KL to its interpolated target), this
-      gives exactly the value and the gradient of the divergence between the two distributions *coarse-grained*
-      to k + 1 categories (the top-k tokens and one "everything else" bucket holding ``r`` and ``Q_tail``):
-      the cache says how much mass the teacher puts outside its top-k, not how it is shared, so the student is
-      taught that total and left free in its shape. Rows whose student puts no mass on the tail fall back to
-      the uniform shape. Teacher-only statistics computed without a student (ATKD's uncertainty ``1 - p_y``
-      for a gold token outside the top-k) use the uniform shape.
-
-    ``Z = sum(exp(logprobs)) + r`` only corrects rounding of low-precision caches (it is 1 for exact inputs).
-    Every objective then sees an ordinary dense distribution, so all of them (TAID, ATKD, SinKD, ...) accept
-    sparse teachers, and ``k = V`` reproduces the dense teacher exactly (there is no tail, the residual is
-    ignored). A zero residual with ``k < V`` gives the tail probability 0: forward-type divergences ignore it,
-    reverse-type divergences (reverse KL, skew reverse KL with alpha = 0) are then +inf wherever the student
-    puts mass there, as the mathematics says; caches should store the residual.
-    """
-
-    logprobs: Tensor
-    indices: Tensor
-    residual: Tensor | None = None
-    temperature: float | None = None
-    tail: str = "uniform"
-
-    def __post_init__(self) -> None:
-        if self.logprobs.shape != self.indices.shape:
-            raise ValueError(
-                f"SparseTeacher: logprobs {tuple(self.logprobs.shape)} and indices "
-                f"{tuple(self.indices.shape)} must have the same shape [N, k]"
-            )
-        if self.logprobs.dim() < 2:
-            raise ValueError("SparseTeacher: logprobs must be [N, k] (or [..., k])")
-        if not self.logprobs.is_floating_point():
-            raise ValueError("SparseTeacher: logprobs must be a floating tensor")
-        if self.indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise ValueError(f"SparseTeacher: indices must be an integer tensor, got {self.indices.dtype}")
-        if self.residual is not None and self.residual.shape != self.logprobs.shape[:-1]:
-            raise ValueError(
-                f"SparseTeacher: residual {tuple(self.residual.shape)} must have shape "
-                f"{tuple(self.logprobs.shape[:-1])}"
-            )
-        if self.temperature is not None and not self.temperature > 0:
-            raise ValueError("SparseTeacher: temperature must be > 0")
-        if self.tail not in TAIL_SHAPES:
-            raise ValueError(f"SparseTeacher: tail must be one of {TAIL_SHAPES}, got {self.tail!r}")
-
-    @property
-    def k(self) -> int:
-        return self.logprobs.shape[-1]
-
-    @property
-    def num_rows(self) -> int:
-        return math.prod(self.logprobs.shape[:-1])
-
-    def flatten(self) -> "SparseTeacher":
-        """The same teacher with leading dimensions flattened to ``[N, k]``."""
-        if self.logprobs.dim() == 2:
-            return self
-        return SparseTeacher(
-            self.logprobs.reshape(-1, self.k),
-            self.indices.reshape(-1, self.k),
-            None if self.residual is None else self.residual.reshape(-1),
-            self.temperature,
-            self.tail,
-        )
-
-    def rows(self, start: int, stop: int) -> "SparseTeacher":
-        """Rows ``start:stop`` (views, no copy)."""
-        flat = self.flatten()
-        return SparseTeacher(
-            flat.logprobs[start:stop],
-            flat.indices[start:stop],
-            None if flat.residual is None else flat.residual[start:stop],
-            self.temperature,
-            self.tail,
-        )
-
-    def normalized_log_probs(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``(log p_topk [N, k], log r [N])`` in ``dtype``, both divided by ``Z = sum(exp(logprobs)) + r``
-        (the residual defaults to ``1 - sum(exp(logprobs))``; ``log r`` is -inf where there is none)."""
-        flat = self.flatten()
-        top = flat.logprobs.to(dtype)
-        top_mass_log = torch.logsumexp(top, dim=-1)
-        if flat.residual is not None:
-            residual = flat.residual.to(dtype).clamp(min=0.0)
-        else:
-            residual = (1.0 - top_mass_log.exp()).clamp(min=0.0)
-        log_residual = torch.log(residual)
-        log_total = torch.logaddexp(top_mass_log, log_residual)
-        return top - log_total.unsqueeze(-1), log_residual - log_total
-
-    def to_dense_log_probs(
-        self,
-        vocab_size: int,
-        dtype: torch.dtype = torch.float32,
-        out: Tensor | None = None,
-        student_logp: Tensor | None = None,
-    ) -> Tensor:
-        """The completed teacher distribution as dense log-probabilities ``[N, V]`` (see the class docstring).
-
-        ``student_logp``: the student's log-probabilities ``[N, V]`` at the same temperature, which shape the
-        tail when ``tail == "student"`` (read, never differentiated through); without it the tail is uniform.
-        """
-        flat = self.flatten()
-        n, k = flat.logprobs.shape
-        if k > vocab_size:
-            raise ValueError(f"SparseTeacher: k={k} exceeds the vocabulary size {vocab_size}")
-        indices = flat.indices.long()
-        if n and (int(indices.min()) < 0 or int(indices.max()) >= vocab_size):
-            raise ValueError(
-                f"SparseTeacher: token ids must lie in [0, {vocab_size}); got "
-                f"[{int(indices.min())}, {int(indices.max())}]"
-            )
-        tail = vocab_size - k
-        if out is None:
-            out = torch.empty(n, vocab_size, dtype=dtype, device=flat.logprobs.device)
-        if tail == 0:
-            # no token outside the top-k: the residual can only be rounding, renormalise the top-k
-            top = flat.logprobs.to(dtype)
-            out.fill_(float("-inf"))
-            out.scatter_(1, indices, top - torch.logsumexp(top, dim=-1, keepdim=True))
-            return out
-        top_logp, log_r = self.normalized_log_probs(dtype)  # log_r: -inf where there is no residual
-        uniform_log = log_r - math.log(tail)
-        if self.tail == "student" and student_logp is not None:
-            if student_logp.shape != (n, vocab_size):
-                raise ValueError(
-                    f"SparseTeacher: student log-probs {tuple(student_logp.shape)} must be [{n}, {vocab_size}]"
-                )
-            with torch.no_grad():
-                out.copy_(student_logp)
-                out.scatter_(1, indices, float("-inf"))
-                log_student_tail = torch.logsumexp(out, dim=-1)  # log Q_tail
-                shaped = torch.isfinite(log_student_tail)
-                # p_v = (r / Z) q_v / Q_tail; the top-k entries stay -inf until the scatter below
-                out.add_(torch.where(shaped, log_r - log_student_tail, 0.0).unsqueeze(-1))
-                if not bool(shaped.all()):
-                    out[~shaped] = uniform_log[~shaped].unsqueeze(-1)
-        else:
-            out.copy_(uniform_log.unsqueeze(-1).expand(n, vocab_size))
-        out.scatter_(1, indices, top_logp)
-        return out
-
-    @classmethod
-    def from_logits(cls, logits: Tensor, k: int, temperature: float = 1.0, tail: str = "uniform") -> "SparseTeacher":
-        """Top-k of ``log_softmax(logits / T)`` with its exact residual (what a teacher cache stores)."""
-        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        logp = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
-        top, idx = torch.topk(logp, k, dim=-1)
-        if k < logits.shape[-1]:
-            # the complement's mass summed directly (no 1 - sum cancellation)
-            residual = torch.logsumexp(logp.scatter(-1, idx, float("-inf")), dim=-1).exp()
-        else:
-            residual = torch.zeros(top.shape[:-1], dtype=dtype, device=top.device)
-        return cls(top, idx, residual, temperature, tail)
-
-
-Teacher = Union[Tensor, SparseTeacher]
 
 
 def valid_mask(labels_or_mask: Tensor) -> Tensor:
@@ -267,37 +95,7 @@ def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
 
 def student_log_probs(student_logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
     """``log_softmax(z / T)`` in ``dtype`` (differentiable)."""
-    logits = student_logits.to(dtype)
-    if temperature != 1.0:
-        logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1)
-
-
-def teacher_log_probs(
-    teacher: Teacher, temperature: float, vocab_size: int, dtype: torch.dtype, student_logp: Tensor | None = None
-) -> Tensor:
-    """Teacher log-probabilities ``[N, V]`` at ``temperature`` from dense logits or a :class:`SparseTeacher`.
-
-    ``student_logp`` (the student's log-probabilities at ``temperature``) shapes a sparse teacher's tail (see
-    :class:`SparseTeacher`); dense teachers ignore it. The result never carries a gradient to the student.
-    """
-    if isinstance(teacher, SparseTeacher):
-        check_sparse_temperature(teacher, temperature)
-        return teacher.to_dense_log_probs(vocab_size, dtype, student_logp=student_logp)
-    if teacher.shape[-1] != vocab_size:
-        raise ValueError(
-            f"teacher logits have {teacher.shape[-1]} vocabulary entries but the student has {vocab_size}; "
-            "slice both to the shared real vocabulary first"
-        )
-    return student_log_probs(teacher, temperature, dtype)
-
-
-def check_sparse_temperature(teacher: SparseTeacher, temperature: float) -> None:
-    if teacher.temperature is not None and not math.isclose(teacher.temperature, temperature, rel_tol=1e-6):
-        raise ValueError(
-            f"the sparse teacher holds log-probs at temperature {teacher.temperature} but the objective "
-            f"uses temperature {temperature}; rebuild the cache or set the objective's temperature to match"
-        )
+    return log_softmax_at(student_logits, temperature, dtype)
 
 
 def kl_from_log_probs(a_logp: Tensor, b_logp: Tensor) -> Tensor:
@@ -341,23 +139,9 @@ def flatten_inputs(student_logits: Tensor, teacher: Teacher | None, labels: Tens
         if labels.shape != lead:
             raise ValueError(f"labels {tuple(labels.shape)} must have shape {tuple(lead)} (student logits {tuple(student_logits.shape)})")
         labels = labels.reshape(-1)
-    if isinstance(teacher, SparseTeacher):
-        teacher = teacher.flatten()
-        if teacher.num_rows != n:
-            raise ValueError(f"sparse teacher has {teacher.num_rows} rows but the student has {n}")
-    elif teacher is not None:
-        if teacher.shape[:-1] != lead:
-            raise ValueError(
-                f"teacher logits {tuple(teacher.shape)} do not match student logits {tuple(student_logits.shape)}"
-            )
-        teacher = teacher.reshape(-1, teacher.shape[-1])
+    if teacher is not None:
+        teacher = flatten_teacher(teacher, lead, tuple(student_logits.shape))
     return logits, teacher, labels, lead
-
-
-def teacher_rows(teacher: Teacher, start: int, stop: int) -> Teacher:
-    if isinstance(teacher, SparseTeacher):
-        return teacher.rows(start, stop)
-    return teacher[start:stop]
 
 
 def finite_products(t: Tensor) -> Tensor:
@@ -429,24 +213,8 @@ class Workspace:
         hit = self._cache.get(key)
         if hit is None:
             hit = self.buf(f"tlogp@{temperature}")
-            if isinstance(teacher, SparseTeacher):
-                check_sparse_temperature(teacher, temperature)
-                # the student-shaped tail needs the student at this temperature: kernels ask for it first
-                student = self._cache.get(("student", temperature))
-                if student is None and teacher.tail == "student":
-                    raise RuntimeError("Workspace.teacher_logp: call student_logp first (a sparse teacher's tail is shaped by the student)")
-                teacher.to_dense_log_probs(self.vocab_size, self.dtype, out=hit, student_logp=student)
-            elif teacher.dtype == self.dtype:
-                if temperature != 1.0:
-                    torch.div(teacher, temperature, out=hit)
-                    torch.log_softmax(hit, -1, out=hit)
-                else:
-                    torch.log_softmax(teacher, -1, out=hit)
-            else:
-                hit.copy_(teacher)  # exact upcast first: never divide or normalise in bf16
-                if temperature != 1.0:
-                    hit.div_(temperature)
-                torch.log_softmax(hit, -1, out=hit)
+            # a sparse teacher's student-shaped tail needs the student at this temperature: kernels ask for it first
+            teacher_log_probs_into(teacher, temperature, hit, self._cache.get(("student", temperature)))
             self._cache[key] = hit
         return hit
 
@@ -483,6 +251,15 @@ class Objective:
       cannot be chunked.
     * :meth:`batch_context`: statistics over *all* rows that per-row losses need (ATKD's uncertainty
       threshold); computed once from the teacher before the chunks.
+
+    What it accepts, and what it does beyond a loss:
+
+    * ``accepted_signals``: the teacher-signal kinds (:mod:`lmdistill.losses.signals`) it computes correctly
+      from. Every divergence accepts the exact and completed kinds; only objectives linear in the teacher's
+      probabilities (forward KL, cross-entropy) also accept ``sampled`` (an unbiased estimate).
+    * :meth:`outer_step`: work of its own once per optimizer step, after the student's gradients and before
+      the update (TGeo-KD's one-step lookahead for its fusion network); a no-op for the others. Objectives
+      with one set ``has_outer_step`` and cannot sit inside a mixture.
     """
 
     name: ClassVar[str] = "objective"
@@ -491,6 +268,19 @@ class Objective:
     batch_coupled: bool = False
     needs_batch_context: bool = False
     row_group_size: int | None = None
+    accepted_signals: frozenset[str] = EXACT_KINDS
+    has_outer_step: ClassVar[bool] = False
+
+    def leaves(self) -> list["Objective"]:
+        """The plain objectives this one is made of (itself; a mixture's parts, flattened)."""
+        return [self]
+
+    def refusals(self, kind: str) -> list[str]:
+        """Names of the parts that need a teacher and cannot compute from a ``kind`` signal (empty: accepted)."""
+        return [o.name for o in self.leaves() if o.requires_teacher and kind not in o.accepted_signals]
+
+    def outer_step(self, step: "OuterStep") -> None:
+        """Once per optimizer step, after backward and before the optimizer: see the class docstring."""
 
     def per_token(
         self, student_logits: Tensor, teacher: Teacher | None, labels: Tensor | None, *, context: Any = None
@@ -549,6 +339,28 @@ class Objective:
         return f"{type(self).__name__}({params})"
 
 
+@dataclass
+class OuterStep:
+    """What the trainer offers an objective's :meth:`Objective.outer_step` (all on the training device).
+
+    ``student_hidden(input_ids, attention_mask)`` gives the student's final hidden states without gradients and
+    without consuming dropout randomness; ``output_layer`` is the student's (weight, bias) sliced to the shared
+    vocabulary; ``teacher_signal(batch)`` the per-token teacher of a batch; ``held_out(batch)`` a reproducible
+    batch of training blocks outside ``batch`` (None when there is none); ``backward(loss)`` adds the loss's
+    gradients the way the student's are added (loss scaling included); ``mean_over_ranks(t)`` averages a
+    tensor over data-parallel ranks."""
+
+    step: int
+    lr: float
+    batch: dict[str, Tensor]
+    student_hidden: Callable[[Tensor, Tensor | None], Tensor]
+    output_layer: tuple[Tensor, Tensor | None]
+    teacher_signal: Callable[[dict[str, Tensor]], Teacher]
+    held_out: Callable[[dict[str, Tensor]], dict[str, Tensor] | None]
+    backward: Callable[[Tensor], None]
+    mean_over_ranks: Callable[[Tensor], Tensor]
+
+
 class Divergence(Objective):
     """A per-token comparison of the student's and teacher's distributions at one temperature.
 
@@ -603,7 +415,7 @@ class Divergence(Objective):
         if teacher is None:
             raise ValueError(f"objective '{self.name}' needs a teacher")
         logits, teacher, flat_labels, lead = flatten_inputs(student_logits, teacher, labels)
-        dtype = compute_dtype(logits, teacher if isinstance(teacher, Tensor) else teacher.logprobs)
+        dtype = compute_dtype(logits, signal_values(teacher))
         s_logp = student_log_probs(logits, self.temperature, dtype)
         t_logp = teacher_log_probs(teacher, self.temperature, logits.shape[-1], dtype, s_logp.detach())
         loss = self.divergence(s_logp, t_logp)

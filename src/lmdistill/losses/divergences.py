@@ -21,12 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lmdistill.constants import IGNORE_INDEX
 from lmdistill.losses.core import (
-    IGNORE_INDEX,
     Divergence,
     Objective,
-    SparseTeacher,
-    Teacher,
     Workspace,
     compute_dtype,
     fast_exp,
@@ -38,6 +36,7 @@ from lmdistill.losses.core import (
     sparse_forward_kl_chunk,
     student_log_probs,
 )
+from lmdistill.losses.signals import EXACT_KINDS, SAMPLED, Teacher, is_sparse
 
 __all__ = [
     "ForwardKL",
@@ -116,13 +115,15 @@ class ForwardKL(Divergence):
 
     name = "forward_kl"
     fused_kind = "forward_kl"
+    # linear in the teacher's probabilities: a sampled teacher gives an unbiased loss and gradient
+    accepted_signals = EXACT_KINDS | {SAMPLED}
 
     def divergence(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
         return kl_from_log_probs(t_logp, s_logp)
 
     def eager_chunk(self, z, teacher, labels, ws, context=None):
         T = self.temperature
-        if isinstance(teacher, SparseTeacher):
+        if is_sparse(teacher):
             # a cache's top-k with the student-shaped tail: no dense teacher needed
             sparse = sparse_forward_kl_chunk(z, teacher, T, ws)
             if sparse is not None:

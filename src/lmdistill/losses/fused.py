@@ -40,6 +40,8 @@ from typing import Callable, TypeVar
 import torch
 from torch import Tensor
 
+from lmdistill.losses.signals import is_dense
+
 __all__ = [
     "compile_enabled",
     "fused_applies",
@@ -227,7 +229,7 @@ def _compiled_fn(name: str, fn: Callable) -> Callable:
 def fused_applies(z: Tensor, teacher: object) -> bool:
     """Whether a chunk with these student logits and teacher can use the compiled kernels (module docstring)."""
     return (
-        isinstance(teacher, Tensor)
+        is_dense(teacher)
         and z.dtype == torch.float32
         and teacher.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and z.device.type == "cpu"

@@ -82,6 +82,12 @@ class Mixture(Objective):
                 raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
         if all(weight == 0 for _, weight in parts):
             raise ValueError("at least one mixture weight must be > 0")
+        outer = [objective.name for objective, _ in parts if objective.has_outer_step]
+        if outer:
+            raise ValueError(
+                f"objective {outer[0]} learns through its own outer step and cannot sit inside a 'mix'; use it alone "
+                "(tgeo already fuses the KD and label losses)"
+            )
         self.parts = [(objective, float(weight)) for objective, weight in parts]
         objectives = [objective for objective, _ in self.parts]
         # instance attributes shadow the class defaults: a mixture is what its parts are
@@ -92,6 +98,11 @@ class Mixture(Objective):
         self.row_group_size = reduce(math.lcm, groups) if groups else None
         if any(o.batch_coupled and o.row_group_size is None for o in objectives):
             self.row_group_size = None
+        self.accepted_signals = frozenset.intersection(*(o.accepted_signals for o in objectives if o.requires_teacher)) \
+            if self.requires_teacher else type(self).accepted_signals
+
+    def leaves(self) -> list[Objective]:
+        return [leaf for objective, _ in self.parts for leaf in objective.leaves()]
 
     def per_token(self, student_logits: Tensor, teacher: Teacher | None, labels: Tensor | None, *, context: Any = None) -> Tensor:
         contexts = context if context is not None else [None] * len(self.parts)
@@ -191,6 +202,10 @@ def _build_one(name: Any, params: Mapping[str, Any], key: str) -> Objective:
                 f"{key}.{param}: unknown parameter for objective '{canonical}'; "
                 f"allowed: {', '.join(allowed) if allowed else '(none)'}"
             )
+    params = dict(params)
+    for param in getattr(cls, "nested_objectives", ()):  # e.g. tgeo's kd: a spec, built here
+        if param in params:
+            params[param] = build_objective(params[param], key=f"{key}.{param}")
     try:
         return cls(**params)
     except ConfigError:
@@ -214,7 +229,10 @@ def _build_mixture(entries: Any, key: str) -> Mixture:
         parts.append((build_objective(entry, key=entry_key), float(weight)))
     if all(weight == 0 for _, weight in parts):
         raise ConfigError(f"{key}: at least one mixture weight must be > 0")
-    return Mixture(parts)
+    try:
+        return Mixture(parts)
+    except ValueError as error:
+        raise ConfigError(f"{key}: {error}") from None
 
 
 def build_objective(spec: Any, *, key: str = "objective") -> Objective:

@@ -7,16 +7,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lmdistill.constants import IGNORE_INDEX
 from lmdistill.losses.core import (
-    IGNORE_INDEX,
     Objective,
-    SparseTeacher,
-    Teacher,
     Workspace,
     compute_dtype,
     finish_chunk,
     flatten_inputs,
     student_log_probs,
+)
+from lmdistill.losses.signals import (
+    Teacher,
+    is_sparse,
+    signal_values,
     teacher_log_probs,
 )
 from lmdistill.losses.fused import fused_applies, fused_l1_cost, fused_l1_cost_grad, l1_cost_grad_eager
@@ -131,7 +134,7 @@ class SinKD(Objective):
             raise ValueError("objective 'sinkd' needs a teacher")
         logits, teacher, flat_labels, lead = flatten_inputs(student_logits, teacher, labels)
         n, vocab = logits.shape
-        dtype = compute_dtype(logits, teacher if isinstance(teacher, Tensor) else teacher.logprobs)
+        dtype = compute_dtype(logits, signal_values(teacher))
         s_logp = student_log_probs(logits, self.temperature, dtype)
         p_s = s_logp.exp()
         p_t = teacher_log_probs(teacher, self.temperature, vocab, dtype, s_logp.detach()).exp()
@@ -167,7 +170,7 @@ class SinKD(Objective):
             return None  # couples the whole call: the chunked path refuses it before asking
         T = self.temperature
         n, vocab = z.shape
-        if isinstance(teacher, SparseTeacher):
+        if is_sparse(teacher):
             ws.student_logp(z, T)
             ws.teacher_logp(teacher, T)  # after the student: a sparse teacher's tail is shaped by it
             q, p = ws.student_q(T), ws.teacher_p(T)

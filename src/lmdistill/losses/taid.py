@@ -8,16 +8,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lmdistill.constants import IGNORE_INDEX
 from lmdistill.losses.core import (
-    IGNORE_INDEX,
     Objective,
-    Teacher,
     compute_dtype,
     fast_exp,
     finish_chunk,
     flatten_inputs,
     kl_from_log_probs,
     student_log_probs,
+)
+from lmdistill.losses.signals import (
+    Teacher,
+    signal_values,
     teacher_log_probs,
 )
 from lmdistill.losses.fused import fused_applies, fused_dense_chunk
@@ -98,7 +101,7 @@ class TAID(Objective):
         if teacher is None:
             raise ValueError("objective 'taid' needs a teacher")
         logits, teacher, flat_labels, lead = flatten_inputs(student_logits, teacher, labels)
-        dtype = compute_dtype(logits, teacher if isinstance(teacher, Tensor) else teacher.logprobs)
+        dtype = compute_dtype(logits, signal_values(teacher))
         s_logp = student_log_probs(logits, self.temperature, dtype)
         t_logp = teacher_log_probs(teacher, self.temperature, logits.shape[-1], dtype, s_logp.detach())
         target = self.target_log_probs(s_logp, t_logp)

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from lmdistill.losses.core import (
-    IGNORE_INDEX,
-    Objective,
-    SparseTeacher,
+from lmdistill.constants import IGNORE_INDEX
+from lmdistill.losses.core import Objective, OuterStep, compute_dtype, flatten_inputs, iter_chunks, student_log_probs
+from lmdistill.losses.divergences import CrossEntropy, ForwardKL
+from lmdistill.losses.signals import (
+    EXACT_KINDS,
     Teacher,
-    compute_dtype,
-    flatten_inputs,
-    iter_chunks,
-    student_log_probs,
+    flatten_teacher,
+    signal_values,
     teacher_log_probs,
     teacher_rows,
 )
-from lmdistill.losses.divergences import CrossEntropy
 
 __all__ = ["TrilateralFusion", "FEATURE_NAMES"]
 
@@ -60,17 +58,19 @@ class TrilateralFusion(Objective):
     """
 
     name = "tgeo"
+    has_outer_step: ClassVar[bool] = True
+    nested_objectives: ClassVar[tuple[str, ...]] = ("kd",)  # the registry builds these from their specs
 
     def __init__(
         self,
-        kd: Any = "forward_kl",
+        kd: Objective | None = None,
         hidden_size: int = 16,
         class_mean_momentum: float = 0.9,
         seed: int = 0,
     ) -> None:
-        from lmdistill.losses.registry import build_objective  # the registry imports this module
-
-        self.kd = build_objective(kd, key="tgeo.kd")
+        self.kd = ForwardKL() if kd is None else kd
+        if not isinstance(self.kd, Objective):
+            raise ValueError(f"kd must be an objective (build it with build_objective), got {self.kd!r}")
         if not self.kd.requires_teacher or self.kd.batch_coupled or self.kd.needs_batch_context:
             raise ValueError(
                 f"kd must be a token-level teacher divergence (forward_kl, jsd, ...), got '{self.kd.name}'"
@@ -79,6 +79,8 @@ class TrilateralFusion(Objective):
             raise ValueError(f"hidden_size must be an integer >= 1, got {hidden_size!r}")
         if isinstance(class_mean_momentum, bool) or not isinstance(class_mean_momentum, (int, float)) or not 0 <= class_mean_momentum < 1:
             raise ValueError(f"class_mean_momentum must be in [0, 1), got {class_mean_momentum!r}")
+        # the geometry features read the teacher's whole distribution: only exact or completed signals
+        self.accepted_signals = self.kd.accepted_signals & EXACT_KINDS
         self.hidden_size = hidden_size
         self.class_mean_momentum = float(class_mean_momentum)
         self.seed = seed
@@ -98,7 +100,7 @@ class TrilateralFusion(Objective):
         """Geometry features ``[N, 5]`` (float32, float64 for float64 inputs; no gradient), in the order of ``FEATURE_NAMES``."""
         logits, teacher, flat_labels, _ = flatten_inputs(student_logits, teacher, labels)
         vocab = logits.shape[-1]
-        dtype = compute_dtype(logits, teacher if isinstance(teacher, Tensor) else teacher.logprobs)
+        dtype = compute_dtype(logits, signal_values(teacher))
         temperature = self.geometry_temperature
         q_logp = student_log_probs(logits, temperature, dtype)
         q = q_logp.exp()
@@ -178,10 +180,7 @@ class TrilateralFusion(Objective):
         if n_valid == 0:
             return sum(p.sum() * 0.0 for p in self.parameters())
         work = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        if isinstance(teacher, SparseTeacher):
-            teacher = teacher.flatten()
-        else:
-            teacher = teacher.reshape(-1, teacher.shape[-1])
+        teacher = flatten_teacher(teacher, flat_labels.shape, (*flat_labels.shape, vocab))
 
         def logits_of(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
             z = h.to(work) @ w.to(work).T
@@ -245,6 +244,28 @@ class TrilateralFusion(Objective):
                 self._update_class_means(features, flat_labels, vocab)
         a = self.ratio(features)
         return (coefficient.to(a.dtype) * torch.where(valid, a, torch.zeros((), dtype=a.dtype))).sum()
+
+    def outer_step(self, step: OuterStep) -> None:
+        """The outer problem in training: gradients for the fusion network from :meth:`meta_loss` on the step's
+        first micro-batch and a held-out batch of training blocks (reproducible on resume, excluding the step's
+        own blocks). The teacher's per-token signal of the batch is built once here: O(tokens x vocab) memory for
+        this objective. Each rank computes the hypergradient on its own data and the gradients are averaged over
+        ranks, so the network (outside the DDP-wrapped student) stays identical everywhere."""
+        batch = step.batch
+        held_out = step.held_out(batch)
+        if held_out is None:
+            return  # no held-out blocks to look ahead on
+        hidden = step.student_hidden(batch["input_ids"], batch.get("attention_mask"))
+        val_hidden = step.student_hidden(held_out["input_ids"], None)
+        with torch.no_grad():
+            teacher = step.teacher_signal(batch)
+        weight, bias = step.output_layer
+        meta = self.meta_loss(hidden, weight, teacher, batch["labels"], val_hidden, held_out["labels"], lr=step.lr,
+                              output_bias=bias)
+        step.backward(meta)  # scaled like the main loss under fp16, so unscaling at the optimizer step is right
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad = step.mean_over_ranks(p.grad)
 
     @torch.no_grad()
     def _update_class_means(self, features: Tensor, labels: Tensor, vocab: int) -> None:

@@ -28,6 +28,7 @@ from lmdistill.eval.lm import evaluate_lm
 from lmdistill.models.loading import count_parameters, load_causal_lm
 from lmdistill.report.plots import markdown_table, plot_curves, read_metrics
 from lmdistill.train.run import run_training
+from lmdistill.teachers.live import load_live_teacher
 
 
 def recipe(name: str) -> dict[str, Any]:
@@ -75,21 +76,16 @@ def run_demo(output: Path, overrides: list[str] | None = None) -> dict[str, Any]
 
     # The teacher, and agreement of each student with it, on the same validation blocks.
     tokenizer = load_tokenizer(teacher_dir)
-    teacher_model = load_causal_lm(teacher_dir)
+    live = load_live_teacher(teacher_dir, tokenizer=tokenizer)
+    teacher_model = live.model
     cfg0: RunConfig = runs["distilled student"]["config"]
     data = prepare_data(cfg0.data.corpus, block_size=cfg0.data.block_size, tokenizer=tokenizer)
     stream = data.streams["validation"]
     bpt = stream.bytes_per_target
-    from lmdistill.models.vocab import check_vocab_compatible
-    from lmdistill.teachers.live import LiveTeacher
 
     rows = []
     t_metrics = evaluate_lm(teacher_model, data.blocks("validation"), bytes_per_token=bpt, batch_size=cfg0.eval.batch_size)
     rows.append({"model": "teacher", "params_m": count_parameters(teacher_model) / 1e6, **t_metrics, "top1_agreement": 1.0})
-    live = LiveTeacher(
-        teacher_model,
-        check_vocab_compatible(tokenizer, tokenizer, teacher_rows=len(tokenizer), student_rows=len(tokenizer)),
-    )
     for name, run in runs.items():
         student = load_causal_lm(run["result"].output_dir / "final")
         metrics = evaluate_lm(student, data.blocks("validation"), bytes_per_token=bpt, batch_size=cfg0.eval.batch_size, teacher=live)

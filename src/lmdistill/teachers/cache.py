@@ -86,8 +86,8 @@ from lmdistill.data.blocks import BlockDataset, TokenStream
 from lmdistill.data.cache import atomic_write_bytes, publish_directory
 from lmdistill.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from lmdistill.errors import ConfigError, DataError, LmdistillError
-from lmdistill.losses import SparseTeacher
-from lmdistill.losses.core import TAIL_SHAPES
+from lmdistill.losses.signals import DENSE, LOWRANK, SAMPLED, TAIL_SHAPES, TOPK, LowRankCodes, SparseTeacher
+from lmdistill.teachers.base import TeacherBase
 from lmdistill.teachers.lowrank import (
     PROJECTION_NAME,
     LowRankProjection,
@@ -798,7 +798,7 @@ def write_teacher_cache(
 VerifyMode = Literal["open", "first_use"]
 
 
-class TeacherCache:
+class TeacherCache(TeacherBase):
     """A finished teacher cache, memory-mapped. Acts as the trainer's teacher: ``signal(batch)`` and
     ``chunked_signal(batch)`` give the :class:`~lmdistill.losses.SparseTeacher` of the batch's blocks.
 
@@ -869,6 +869,17 @@ class TeacherCache:
         self.projection: LowRankProjection | None = None
         if self.mode == "lowrank":
             self.projection = self._load_projection()
+        self.description = f"the {self.mode} cache {self.path} (teacher.cache; cache.mode: {self.mode})"
+        self.signal_kinds = frozenset({DENSE, LOWRANK} if self.mode == "lowrank" else
+                                      {SAMPLED} if self.mode in SAMPLING_MODES else {TOPK})
+
+    def refusal_advice(self, kind: str) -> str:
+        if kind == SAMPLED:
+            # random-sampling KD / threshold sampling estimate the teacher without bias only for objectives linear
+            # in its probabilities (reverse KL would even be infinite: every undrawn token has probability 0)
+            return (f"need a top-k cache (cache.mode: topk) or a live teacher (teacher.path): a {self.mode} cache is an "
+                    "unbiased estimate only for forward_kl, cross_entropy (and mixes of them)")
+        return super().refusal_advice(kind)
 
     def _load_projection(self) -> LowRankProjection:
         """A low-rank cache's projection (always checked against the manifest's checksum: it is small)."""
@@ -980,7 +991,7 @@ class TeacherCache:
         indices = torch.from_numpy(np.stack([p[1] for p in parts]).astype(np.int64)).reshape(-1, self.k)
         log_residual = _from_storage(np.stack([p[2] for p in parts]), self.value_dtype).reshape(-1)
         residual = log_residual.float().exp()  # exp(-inf) = 0 when k = V
-        return SparseTeacher(logprobs, indices, residual, self.temperature, self.tail)
+        return SparseTeacher(logprobs, indices, residual, self.temperature, self.tail, sampled=self.mode in SAMPLING_MODES)
 
     def signal(self, batch: dict[str, torch.Tensor]) -> SparseTeacher | torch.Tensor:
         """Teacher signal for a training batch (rows in the student's flattened [B*L] order): a sparse teacher,
@@ -988,14 +999,9 @@ class TeacherCache:
         self._check_batch(batch)
         if self.projection is not None:
             return self.block_logits(batch["block_index"], batch["input_ids"].device)
-        teacher = self.lookup(batch["block_index"])
-        device = batch["input_ids"].device
-        if device.type != "cpu":
-            teacher = SparseTeacher(teacher.logprobs.to(device), teacher.indices.to(device),
-                                    teacher.residual.to(device), teacher.temperature, teacher.tail)
-        return teacher
+        return self.lookup(batch["block_index"]).to(batch["input_ids"].device)
 
-    def chunked_signal(self, batch: dict[str, torch.Tensor]) -> SparseTeacher | tuple[torch.Tensor, ...]:
+    def chunked_signal(self, batch: dict[str, torch.Tensor]) -> SparseTeacher | LowRankCodes:
         """For the chunked loss path: the sparse teacher as is, or a low-rank cache's ``(coordinates [B*L, k],
         weight [V, k], bias [V])``, from which the loss builds teacher logits chunk by chunk (as from a live
         teacher's hidden states)."""
@@ -1004,7 +1010,7 @@ class TeacherCache:
         self._check_batch(batch)
         device = batch["input_ids"].device
         dtype, weight, bias = self.logits_layer(device)
-        return self.coordinates(batch["block_index"]).to(device, dtype), weight, bias
+        return LowRankCodes(self.coordinates(batch["block_index"]).to(device, dtype), weight, bias)
 
     def _check_batch(self, batch: dict[str, torch.Tensor]) -> None:
         if "block_index" not in batch:

@@ -88,9 +88,8 @@ def build_teacher_cache(config: CacheTeacherConfig, *, show_progress: bool = Tru
     from lmdistill.data.cache import default_cache_dir
     from lmdistill.data.prepare import prepare_data
     from lmdistill.data.tokenizer import load_tokenizer
-    from lmdistill.models.loading import load_causal_lm
-    from lmdistill.models.vocab import check_vocab_compatible
     from lmdistill.teachers.cache import TeacherCache, write_teacher_cache
+    from lmdistill.teachers.live import load_live_teacher
 
     state = PartialState(cpu=not torch.cuda.is_available())
     tokenizer = load_tokenizer(config.tokenizer or config.teacher.path)
@@ -103,9 +102,8 @@ def build_teacher_cache(config: CacheTeacherConfig, *, show_progress: bool = Tru
             fractions=config.data.split_fractions,
             cache_dir=cache_dir,
         )
-    model = load_causal_lm(config.teacher.path, dtype=config.teacher.dtype).to(state.device)
-    rows = model.get_output_embeddings().weight.shape[0]
-    vocab = check_vocab_compatible(tokenizer, tokenizer, teacher_rows=rows, student_rows=rows).real_vocab_size
+    live = load_live_teacher(config.teacher.path, tokenizer=tokenizer, dtype=config.teacher.dtype, device=state.device)
+    model, vocab = live.model, live.alignment.real_vocab_size
     c = config.cache
     hidden = model.get_output_embeddings().weight.shape[1]
     k = c.k if c.k is not None else (min(128, hidden) if c.mode == "lowrank" else 32)

@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmdistill.models.vocab import VocabAlignment
+from lmdistill.losses.signals import DENSE, HIDDEN, HiddenStates
+from lmdistill.models.heads import linear_head_mismatch
+from lmdistill.models.vocab import VocabAlignment, check_vocab_compatible
+from lmdistill.teachers.base import TeacherBase
+
+__all__ = ["LiveTeacher", "load_live_teacher"]
 
 
-class LiveTeacher:
-    """Teacher signal from a model in memory. Logits are sliced to the shared real vocabulary, so
-    padded output rows (one tokenizer, differently padded embeddings) never carry probability mass."""
+class LiveTeacher(TeacherBase):
+    """Teacher signal from a model in memory: dense logits (plain path) or its final hidden states with its
+    output layer (chunked path). Logits are sliced to the shared real vocabulary, so padded output rows (one
+    tokenizer, differently padded embeddings) never carry probability mass."""
 
-    def __init__(self, model: PreTrainedModel, alignment: VocabAlignment) -> None:
+    signal_kinds = frozenset({DENSE, HIDDEN})
+    scores_text = True
+
+    def __init__(self, model: PreTrainedModel, alignment: VocabAlignment, name: str | None = None) -> None:
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.alignment = alignment
+        self.description = f"the live teacher {name}" if name else "the live teacher"
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -28,11 +40,13 @@ class LiveTeacher:
         logits = self.logits(batch["input_ids"], batch.get("attention_mask"))
         return logits.reshape(-1, logits.shape[-1])
 
-    def chunked_signal(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """(hidden [B*L, H], weight [V_real, H][, bias [V_real]]) for the chunked loss path."""
+    def chunked_signal(self, batch: dict[str, torch.Tensor]) -> HiddenStates:
+        """Final hidden states [B*L, H] with the output layer [V_real, H] (and bias) for the chunked loss path."""
         hidden, weight, bias = self.hidden_and_weight(batch["input_ids"], batch.get("attention_mask"))
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        return (flat, weight) if bias is None else (flat, weight, bias)
+        return HiddenStates(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
+
+    def chunked_mismatch(self, probe_ids: torch.Tensor) -> str | None:
+        return linear_head_mismatch(self.model, probe_ids, lambda m: self.hidden_and_weight(probe_ids)[0])
 
     @torch.no_grad()
     def hidden_and_weight(
@@ -46,3 +60,28 @@ class LiveTeacher:
         real = self.alignment.real_vocab_size
         bias = getattr(head, "bias", None)
         return hidden, head.weight[:real], None if bias is None else bias[:real]
+
+
+def load_live_teacher(
+    path: str | Path,
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: str = "float32",
+    student_tokenizer: PreTrainedTokenizerBase | None = None,
+    student_rows: int | None = None,
+    device: torch.device | str | None = None,
+) -> LiveTeacher:
+    """Load a teacher model (local directory or hub id) and align its vocabulary with the student's: the one
+    loader of training, evaluation and ``cache-teacher``. ``tokenizer`` is the teacher's; without a student
+    (``cache-teacher``) the teacher is aligned with itself (its real tokens only)."""
+    from lmdistill.models.loading import load_causal_lm
+
+    model = load_causal_lm(str(path), dtype=dtype)
+    if device is not None:
+        model = model.to(device)
+    rows = model.get_output_embeddings().weight.shape[0]
+    alignment = check_vocab_compatible(
+        tokenizer, student_tokenizer if student_tokenizer is not None else tokenizer,
+        teacher_rows=rows, student_rows=student_rows if student_rows is not None else rows,
+    )
+    return LiveTeacher(model, alignment, name=str(path))

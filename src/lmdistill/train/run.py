@@ -24,7 +24,7 @@ from lmdistill.errors import ConfigError
 from lmdistill.losses import build_objective
 from lmdistill.models.loading import build_from_preset, count_parameters, load_causal_lm
 from lmdistill.models.vocab import check_vocab_compatible
-from lmdistill.teachers.live import LiveTeacher
+from lmdistill.teachers.live import load_live_teacher
 from lmdistill.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -89,9 +89,6 @@ def build_models(
     block_size: int | None = None,
 ) -> Models:
     """Student (loaded or from a preset), teacher source, and their checked vocabulary alignment."""
-    teacher_model = None
-    if teacher_cfg is not None and teacher_cfg.path is not None:
-        teacher_model = load_causal_lm(teacher_cfg.path, dtype=teacher_cfg.dtype)
     if student_cfg.path:
         student = load_causal_lm(student_cfg.path, dtype=student_cfg.dtype)
         student_tokenizer = AutoTokenizer.from_pretrained(student_cfg.path)
@@ -100,14 +97,13 @@ def build_models(
         student_tokenizer = tokenizer
     student_rows = student.get_output_embeddings().weight.shape[0]
     teacher = None
+    teacher_model = None
     vocab_size = len(tokenizer)
-    if teacher_model is not None:
-        alignment = check_vocab_compatible(
-            tokenizer, student_tokenizer,
-            teacher_rows=teacher_model.get_output_embeddings().weight.shape[0], student_rows=student_rows,
-        )
-        vocab_size = alignment.real_vocab_size
-        teacher = LiveTeacher(teacher_model, alignment)
+    if teacher_cfg is not None and teacher_cfg.path is not None:
+        teacher = load_live_teacher(teacher_cfg.path, tokenizer=tokenizer, dtype=teacher_cfg.dtype,
+                                    student_tokenizer=student_tokenizer, student_rows=student_rows)
+        teacher_model = teacher.model
+        vocab_size = teacher.alignment.real_vocab_size
         if student_cfg.init == "teacher_layers":
             used = init_from_teacher_layers(student, teacher_model)
             log.info("student initialised from teacher layers %s", used)
@@ -126,29 +122,6 @@ def build_models(
         )
     log.info("student: %.2fM parameters", count_parameters(student) / 1e6)
     return Models(student=student, teacher=teacher, teacher_model=teacher_model, vocab_size=vocab_size)
-
-
-# objectives whose loss is linear in the teacher's distribution: with a sampled cache their gradient is unbiased
-SAMPLED_CACHE_OBJECTIVES = ("forward_kl", "cross_entropy")
-
-
-def check_sampled_cache_objective(teacher: object, objective: object) -> None:
-    """A sampled or hybrid cache (random-sampling KD, threshold sampling) estimates the teacher without bias
-    only for objectives linear in the teacher's probabilities; refuse the others (reverse KL would even be
-    infinite: every undrawn token has teacher probability 0)."""
-    from lmdistill.teachers.cache import SAMPLING_MODES
-
-    mode = getattr(teacher, "mode", "topk")
-    if mode not in SAMPLING_MODES:  # top-k and low-rank caches serve every objective
-        return
-    parts = [part for part, _ in getattr(objective, "parts", [(objective, 1.0)])]
-    wrong = sorted({part.name for part in parts if part.name not in SAMPLED_CACHE_OBJECTIVES})
-    if wrong:
-        raise ConfigError(
-            f"teacher.cache {getattr(teacher, 'path', '')} is a {mode} cache (cache.mode: {mode}), an unbiased "
-            f"estimate only for {', '.join(SAMPLED_CACHE_OBJECTIVES)} (and mixes of them); objective part(s) "
-            f"{', '.join(wrong)} need a top-k cache (cache.mode: topk) or a live teacher (teacher.path)"
-        )
 
 
 def build_trainer(config: RunConfig, *, show_progress: bool = True, accelerator=None) -> tuple[Trainer, PreparedData]:
@@ -171,7 +144,6 @@ def build_trainer(config: RunConfig, *, show_progress: bool = True, accelerator=
         seed=config.train.seed, cache_stream=teacher_stream, block_size=config.data.block_size,
     )
     student, teacher, vocab_size = models.student, models.teacher, models.vocab_size
-    check_sampled_cache_objective(teacher, objective)
     trainer = Trainer(
         config,
         student=student,

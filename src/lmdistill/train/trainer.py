@@ -27,29 +27,19 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmdistill.config import RunConfig, dump_config
+from lmdistill.constants import IGNORE_INDEX
 from lmdistill.data.blocks import BlockDataset, TokenStream, collate
 from lmdistill.errors import ConfigError, LmdistillError
 from lmdistill.eval.lm import evaluate_lm
-from lmdistill.losses import Objective, fused_linear_distill, reduce_tokens
+from lmdistill.losses import Objective, OuterStep, fused_linear_distill, reduce_tokens
+from lmdistill.models.heads import linear_head_mismatch
+from lmdistill.teachers.base import TeacherSource
 from lmdistill.train.checkpoint import CheckpointManager
 from lmdistill.train.schedule import accumulation_steps
 from lmdistill.train.sources import BatchSource, BlockSource
 
 
 logger = logging.getLogger(__name__)
-
-
-# config fields of transformers models whose logits are not a plain product with the output layer
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logit_softcapping",
-                         "output_multiplier_scale", "mup_width_multiplier")
-
-
-def _logit_postprocessing(model_config: Any) -> str | None:
-    for name in _LOGIT_POSTPROCESSING:
-        value = getattr(model_config, name, None)
-        if value not in (None, 1, 1.0, False):
-            return f"its config sets {name}={value}"
-    return None
 
 
 class TrainingDiverged(LmdistillError):
@@ -116,7 +106,7 @@ class Trainer:
         objective: Objective,
         train_stream: TokenStream,
         validation_stream: TokenStream,
-        teacher: Any | None = None,
+        teacher: TeacherSource | None = None,
         train_source: BatchSource | None = None,
         vocab_size: int | None = None,
         accelerator: Accelerator | None = None,
@@ -130,6 +120,8 @@ class Trainer:
         self.objective = objective
         if objective.requires_teacher and teacher is None:
             raise LmdistillError(f"objective '{objective.name}' needs a teacher; add a 'teacher:' section to the config")
+        if objective.requires_teacher:
+            teacher.check_objective(objective)
         self.teacher = teacher
         self.vocab_size = vocab_size or len(tokenizer)
         self.train_data = BlockDataset(train_stream, config.data.block_size)
@@ -148,19 +140,14 @@ class Trainer:
                 f"train.chunked_loss: true reads the output layer outside the forward, which "
                 f"{self.accelerator.distributed_type.value} shards; use chunked_loss: auto or false"
             )
-        if any(hasattr(part, "meta_loss") for part, _ in getattr(objective, "parts", [])):
-            raise ConfigError(
-                "objective: tgeo learns its fusion network through its own outer step and cannot sit inside a 'mix'; "
-                "use it alone (it already fuses the KD and label losses)"
-            )
 
         acc = self.accelerator
         self.micro_batch, self.accum = accumulation_steps(self.tc.batch_size, self.tc.micro_batch_size, acc.num_processes)
 
         decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim < 2]
-        extra = list(objective.parameters()) if hasattr(objective, "parameters") else []
-        for p in extra:  # learned objective parameters (TGeo-KD's fusion network) live beside the student
+        extra = objective.parameters()
+        for p in extra:  # learned objective parameters (e.g. a fusion network) live beside the student
             p.data = p.data.to(self.accelerator.device)
         groups = [{"params": decay, "weight_decay": self.tc.weight_decay}, {"params": no_decay + extra, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=self.tc.lr, betas=self.tc.betas)
@@ -209,7 +196,8 @@ class Trainer:
         It never materialises the [tokens, vocab] logits and is faster on CPU as well, but it assumes
         logits = final hidden state @ output weight (+ bias), read outside the forward. So the plain path is
         kept for: models that post-process logits (soft-capping, scaling: refused by config field and by a
-        one-off bit-exact comparison of the model's logits with hidden @ W on this batch's first row),
+        one-off bit-exact comparison of the model's logits with hidden @ W on this batch's first row, for the
+        student here and for the teacher by its ``chunked_mismatch``),
         sharded parameters (FSDP, DeepSpeed), and objectives coupling all rows of a batch (SinKD without a
         group size). All ranks take the same decision. Under autocast the chunked path computes the
         teacher's logits in float32 where the plain path has them in bf16/fp16: rounding differences only.
@@ -221,37 +209,21 @@ class Trainer:
             why = f"{acc.distributed_type.value} shards the output layer"
         elif self.objective.batch_coupled and self.objective.row_group_size is None:
             why = f"objective '{self.objective.name}' couples all rows of the batch"
-        elif needs_teacher and not hasattr(self.teacher, "chunked_signal"):
-            why = "the teacher gives no hidden states"
         else:
             # one row, its real tokens only (left/right padding would give meaningless or NaN positions)
             mask = extra.get("attention_mask")
             keep = slice(None) if mask is None else mask[0].bool()
             probe_ids = input_ids[:1, keep]
             student = acc.unwrap_model(self.model)
-            checks = [("student", student, lambda m: m(input_ids=probe_ids, output_hidden_states=True, logits_to_keep=1)
-                       .hidden_states[-1])]
-            if needs_teacher and hasattr(self.teacher, "hidden_and_weight"):
-                checks.append(("teacher", self.teacher.model, lambda m: self.teacher.hidden_and_weight(probe_ids)[0]))
-            for role, model, hidden_of in checks:
-                why = _logit_postprocessing(model.config)
-                head = model.get_output_embeddings()
-                if why is None and head is None:
-                    why = "it has no output embedding layer"
-                if why is None:
-                    # eval mode and a forked RNG: the probe must not consume dropout randomness (exact resume)
-                    was_training = model.training
-                    with torch.random.fork_rng(devices=[]):
-                        model.eval()
-                        logits = model(input_ids=probe_ids).logits
-                        rebuilt = torch.nn.functional.linear(hidden_of(model), head.weight, getattr(head, "bias", None))
-                        model.train(was_training)
-                    # the same product on the same inputs: anything beyond float rounding is post-processing
-                    if rebuilt.shape != logits.shape or not torch.allclose(rebuilt.float(), logits.float(), rtol=1e-6, atol=1e-6):
-                        why = "its logits are not its final hidden state times its output layer"
-                if why is not None:
-                    why = f"the {role}: {why}"
-                    break
+            why = linear_head_mismatch(
+                student, probe_ids,
+                lambda m: m(input_ids=probe_ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1],
+            )
+            if why is not None:
+                why = f"the student: {why}"
+            elif needs_teacher:
+                why = self.teacher.chunked_mismatch(probe_ids)
+                why = None if why is None else f"{self.teacher.description}: {why}"
         chosen = why is None
         if acc.num_processes > 1:  # every rank probed its own batch; chunk only if all agree
             votes = acc.reduce(torch.tensor(float(chosen), device=acc.device), reduction="sum")
@@ -267,7 +239,7 @@ class Trainer:
     def train_step(self, step: int) -> float:
         acc = self.accelerator
         batches = self.source.micro_batches(step, acc.process_index, acc.num_processes, self.micro_batch)
-        local_valid = torch.tensor(sum(int((b["labels"] != -100).sum()) for b in batches), dtype=torch.float64)
+        local_valid = torch.tensor(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches), dtype=torch.float64)
         global_valid = acc.reduce(local_valid.to(acc.device), reduction="sum").to(torch.float32).clamp_min(1.0)
         total = torch.zeros((), dtype=torch.float64)
         self.model.train()
@@ -288,8 +260,7 @@ class Trainer:
                 f"loss became {global_loss} at step {step + 1}; stopped. The last good checkpoint is kept in "
                 f"{self.checkpoints.root} (lower train.lr, enable train.grad_clip, or check the data)."
             )
-        if hasattr(self.objective, "meta_loss"):
-            self._meta_backward(batches[0], step)
+        self.objective.outer_step(self._outer_step(batches[0], step))
         if self.tc.grad_clip is not None:
             acc.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
         self.optimizer.step()
@@ -298,50 +269,49 @@ class Trainer:
         self.objective.on_step_end(global_loss, step + 1, self.tc.steps)
         return global_loss
 
-    def _meta_backward(self, batch: dict[str, torch.Tensor], step: int) -> None:
-        """Outer problem of objectives with a learned fusion (TGeo-KD, ``meta_loss``): gradients for the
-        objective's own parameters from a one-step lookahead on a held-out batch.
-
-        The held-out batch is drawn from the training blocks by a generator seeded with (seed, step), so it
-        is reproducible on resume and excludes the step's own blocks (in task runs, whose batches are padded
-        examples, the held-out blocks are packed task text). The teacher's dense logits of the step's batch
-        are built once here: O(tokens x vocab) memory for this objective. Each rank computes the
-        hypergradient on its own data; Accelerate's ``reduce`` averages it across ranks so the fusion
-        parameters stay identical everywhere (they live outside the DDP-wrapped student).
-        """
+    def _outer_step(self, batch: dict[str, torch.Tensor], step: int) -> OuterStep:
+        """What an objective's own outer step may use (see :class:`lmdistill.losses.OuterStep`)."""
         acc = self.accelerator
         model = acc.unwrap_model(self.model)
         head = model.get_output_embeddings()
+        bias = getattr(head, "bias", None)
+        batch = {k: v.to(acc.device) for k, v in batch.items()}
+
+        def student_hidden(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+            extra = {} if attention_mask is None else {"attention_mask": attention_mask}
+            was_training = model.training
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):  # no dropout randomness consumed (exact resume)
+                model.eval()
+                try:
+                    out = model(input_ids=input_ids.to(acc.device), output_hidden_states=True, logits_to_keep=1, **extra)
+                finally:
+                    model.train(was_training)
+            return out.hidden_states[-1]
+
+        def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+            return acc.reduce(t, reduction="mean") if acc.num_processes > 1 else t
+
+        return OuterStep(
+            step=step, lr=self.scheduler.get_last_lr()[0], batch=batch, student_hidden=student_hidden,
+            output_layer=(head.weight[: self.vocab_size], None if bias is None else bias[: self.vocab_size]),
+            teacher_signal=lambda b: self.teacher.signal(b),
+            held_out=lambda b: self._held_out_batch(b, step), backward=acc.backward, mean_over_ranks=mean_over_ranks,
+        )
+
+    def _held_out_batch(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor] | None:
+        """As many training blocks as ``batch`` has rows, none of them in ``batch``, drawn by a generator seeded
+        with (seed, step, rank): reproducible on resume (in task runs, whose batches are padded examples, these
+        are packed task text). ``None`` when no other block exists."""
+        acc = self.accelerator
         generator = torch.Generator().manual_seed(self.tc.seed * 1_000_003 + step * 7919 + acc.process_index)
         if len(self.train_data) < 2:
-            return  # no held-out blocks to look ahead on
+            return None
         own = set(batch["block_index"].tolist()) if "block_index" in batch else set()
         candidates = torch.randperm(len(self.train_data), generator=generator).tolist()
         picks = [i for i in candidates if i not in own][: batch["input_ids"].shape[0]]
         if not picks:
-            return
-        held_out = collate([self.train_data[int(i)] for i in picks])
-        batch = {k: v.to(acc.device) for k, v in batch.items()}
-        extra = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
-        was_training = model.training
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            model.eval()
-            hidden = model(input_ids=batch["input_ids"], output_hidden_states=True, logits_to_keep=1, **extra).hidden_states[-1]
-            val_hidden = model(input_ids=held_out["input_ids"].to(acc.device), output_hidden_states=True,
-                               logits_to_keep=1).hidden_states[-1]
-            model.train(was_training)
-            teacher_signal = self.teacher.signal(batch)
-        bias = getattr(head, "bias", None)
-        meta = self.objective.meta_loss(
-            hidden, head.weight[: self.vocab_size], teacher_signal, batch["labels"], val_hidden,
-            held_out["labels"].to(acc.device), lr=self.scheduler.get_last_lr()[0],
-            output_bias=None if bias is None else bias[: self.vocab_size],
-        )
-        acc.backward(meta)  # scaled like the main loss under fp16, so unscaling at the optimizer step is right
-        if acc.num_processes > 1:
-            for p in self.objective.parameters():
-                if p.grad is not None:
-                    p.grad = acc.reduce(p.grad, reduction="mean")
+            return None
+        return {k: v.to(acc.device) for k, v in collate([self.train_data[int(i)] for i in picks]).items()}
 
     # ------------------------------------------------------------------------------- eval, saving
     def evaluate(self) -> dict[str, float]:
@@ -354,7 +324,7 @@ class Trainer:
             bytes_per_token=self.val_bytes_per_token,
             batch_size=self.config.eval.batch_size,
             max_batches=self.config.eval.max_batches,
-            teacher=self.teacher if hasattr(self.teacher, "logits") else None,  # agreement needs a live teacher
+            teacher=self.teacher if self.teacher is not None and self.teacher.scores_text else None,
             vocab_size=self.vocab_size,
             rank=acc.process_index,
             world_size=acc.num_processes,
