@@ -90,8 +90,13 @@ def serve(
     port: int = typer.Option(8000, help="port (0: any free port)"),
     name: str = typer.Option("lmdistill-local", help="model name reported by the API"),
     api_key_env: Optional[str] = typer.Option(None, help="require the key held by this environment variable"),
+    max_body_bytes: int = typer.Option(1 << 20, min=1, help="largest request body accepted (413 above)"),
+    timeout: float = typer.Option(30.0, min=0.001, help="seconds a request may take to arrive; slower connections are closed"),
+    max_connections: int = typer.Option(32, min=1, help="connections served at once; more are answered 503"),
+    max_tokens_limit: int = typer.Option(256, min=1, help="largest max_tokens a request may ask for"),
 ) -> None:
-    """Serve a local causal LM behind an OpenAI-compatible /v1/chat/completions and /v1/completions API."""
+    """Serve a local causal LM behind an OpenAI-compatible /v1/chat/completions and /v1/completions API
+    (streaming, usage, the tokenizer's chat template: see lmdistill.generation.server)."""
     import time
 
     from lmdistill.data.tokenizer import load_tokenizer
@@ -104,7 +109,10 @@ def serve(
         key = os.environ.get(api_key_env)
         if not key:
             raise ConfigError(f"environment variable {api_key_env!r} is not set")
-    server = ModelServer(load_causal_lm(model), load_tokenizer(model), model_name=name, host=host, port=port, api_key=key)
+    # log_size=0: a long-running server keeps no log of prompts (the log is for tests)
+    server = ModelServer(load_causal_lm(model), load_tokenizer(model), model_name=name, host=host, port=port, api_key=key,
+                         max_body_bytes=max_body_bytes, timeout=timeout, max_connections=max_connections,
+                         max_new_tokens_limit=max_tokens_limit, log_size=0)
     with server:
         typer.echo(f"serving {model} as '{name}' at {server.base_url} (Ctrl-C to stop)")
         try:

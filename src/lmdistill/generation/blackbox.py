@@ -15,7 +15,16 @@ Behaviour the caller can rely on:
   ``min(backoff_max, backoff_base * 2^attempt)`` scaled by a random factor in [0.5, 1] (jitter keeps
   concurrent clients from retrying in lockstep), or the server's ``Retry-After`` when it is longer;
   other 4xx errors (bad request, bad key) fail at once;
-- **a request timeout** (``timeout`` seconds per attempt);
+- **a request timeout**: ``timeout`` seconds bound a whole attempt (connecting, sending, the status,
+  the headers and the body together), not each socket read: a server trickling its answer a byte at a
+  time is cut off at the deadline and the attempt counts as timed out (retryable);
+- **no redirects**: a 3xx answer fails at once with an error naming its ``Location``, whatever the
+  target's origin. Following one would send the ``Authorization`` header (the key) to wherever the
+  server points, and a redirected POST is not replayed faithfully anyway (301/302/303 turn into a
+  GET); point ``base_url`` at the final address instead;
+- **error bodies are redacted**: what a server answers is shown in errors (a short, whitespace-collapsed
+  excerpt) only after every occurrence of the key, and a key cut off at the excerpt's end, is replaced
+  by ``[redacted]``, since some servers echo the request's headers;
 - **resumable**: every completed answer is appended to a :class:`~lmdistill.generation.store.ResponseStore`
   the moment it arrives; a rerun requests only prompts whose key is not stored, so a crash loses no
   paid-for completion and nothing already answered is requested again.
@@ -37,6 +46,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urljoin
 
 from lmdistill.errors import ConfigError, LmdistillError
 from lmdistill.generation.config import BlackBoxConfig, SamplingConfig
@@ -45,6 +55,9 @@ from lmdistill.generation.store import ResponseStore, request_key
 log = logging.getLogger(__name__)
 
 RETRY_STATUS = frozenset({408, 429})
+ERROR_BODY_BYTES = 4096  # how much of an error answer is read to quote it
+ERROR_EXCERPT_CHARS = 300
+REDACTED = "[redacted]"
 
 
 class BlackBoxError(LmdistillError):
@@ -70,6 +83,109 @@ class StoreReport:
     requested: int = 0
     already_stored: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (prompt, error)
+
+
+class _StatusError(Exception):
+    """A non-2xx answer, its body already read (under the attempt's deadline)."""
+
+    def __init__(self, status: int, body: bytes, retry_after: float | None, location: str | None = None) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+        self.retry_after = retry_after
+        self.location = location
+
+
+class _Deadline:
+    """Bounds one attempt: when ``seconds`` have passed, every socket the attempt opened is shut down,
+    which wakes any read or write blocked on it (socket timeouts alone bound each read, so a server
+    sending a byte per read would hold the request forever). Sockets are shut down through their own
+    objects: a socket already closed has no file descriptor left, so a reused descriptor is never hit."""
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._done = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock: socket.socket) -> socket.socket:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                self._shut(sock)
+        return sock
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        try:
+            # socket.socket's own shutdown: an SSLSocket's would drop its TLS state under a reading thread
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.expired = True
+            for sock in self._sockets:
+                self._shut(sock)
+
+    def finish(self) -> None:
+        with self._lock:
+            self._done = True
+            self._sockets.clear()
+        self._timer.cancel()
+
+
+def _watched(base: type[http.client.HTTPConnection], deadline: _Deadline) -> type[http.client.HTTPConnection]:
+    """``base`` whose sockets (the TCP one, then the TLS one wrapping it) are watched by ``deadline``."""
+
+    class Connection(base):  # type: ignore[valid-type,misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            create = self._create_connection
+            self._create_connection = lambda *a, **k: deadline.watch(create(*a, **k))
+
+        def connect(self) -> None:
+            super().connect()
+            deadline.watch(self.sock)
+
+    return Connection
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self._connection = _watched(http.client.HTTPConnection, deadline)
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self._connection, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self._connection = _watched(http.client.HTTPSConnection, deadline)
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self._connection, req, context=self._context)
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Turns every 3xx into an error (see the module docstring): a subclass, so build_opener drops the
+    default handler that would follow it with the Authorization header."""
+
+    def http_error_302(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any) -> None:
+        location = headers.get("Location") or headers.get("URI")
+        if fp is not None:
+            fp.close()
+        raise _StatusError(code, b"", None, urljoin(req.full_url, location) if location else None)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -163,9 +279,51 @@ class BlackBoxTeacher:
         if self.__api_key:
             headers["Authorization"] = f"Bearer {self.__api_key}"
         request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.config.timeout) as response:  # noqa: S310 (http(s) only)
-            payload = response.read()
+        deadline = _Deadline(self.config.timeout)
+        opener = urllib.request.build_opener(_RefuseRedirects(), _HTTPHandler(deadline), _HTTPSHandler(deadline))
+        try:
+            try:
+                with opener.open(request, timeout=self.config.timeout) as response:
+                    payload = response.read()
+            except urllib.error.HTTPError as exc:
+                try:  # read here, still under the deadline
+                    body = exc.read(ERROR_BODY_BYTES) if exc.fp is not None else b""
+                except (OSError, http.client.HTTPException):
+                    body = b""
+                finally:
+                    exc.close()
+                raise _StatusError(exc.code, body, _retry_after(exc.headers)) from None
+        except _StatusError:
+            raise
+        except Exception:
+            if deadline.expired:  # whatever the shut-down socket raised, the cause is the deadline
+                raise TimeoutError(f"no complete answer within {self.config.timeout}s") from None
+            raise
+        finally:
+            deadline.finish()
         return self._parse(payload)
+
+    def _redact(self, text: str, *, cut: bool = False) -> str:
+        """``text`` without the key; with ``cut`` (the text may stop mid-key), a trailing piece of the key
+        is removed too."""
+        key = self.__api_key
+        if not key:
+            return text
+        text = text.replace(key, REDACTED)
+        if cut:
+            for size in range(min(len(key) - 1, len(text)), 0, -1):
+                if text.endswith(key[:size]):
+                    return text[:-size] + REDACTED
+        return text
+
+    def _status_message(self, exc: _StatusError) -> str:
+        if exc.location is not None or 300 <= exc.status < 400:
+            target = self._redact(exc.location or "(no Location header)")[:ERROR_EXCERPT_CHARS]
+            return (f"HTTP {exc.status} from {self.url}: the endpoint redirects to {target}; redirects are not "
+                    f"followed (the API key would go with them): set blackbox.base_url to the final address")
+        text = self._redact(exc.body.decode("utf-8", "replace"), cut=len(exc.body) >= ERROR_BODY_BYTES)
+        excerpt = " ".join(text.split())[:ERROR_EXCERPT_CHARS]
+        return f"HTTP {exc.status} from {self.url}: {excerpt}"
 
     def _backoff(self, attempt: int, server_hint: float | None) -> float:
         cap = min(self.config.backoff_max, self.config.backoff_base * (2**attempt))
@@ -183,24 +341,22 @@ class BlackBoxTeacher:
             try:
                 completion = self._attempt(prompt)
                 return Completion(completion.text, completion.finish_reason, attempts=attempt + 1)
-            except urllib.error.HTTPError as exc:
-                status = exc.code
-                try:
-                    body = exc.read(300).decode("utf-8", "replace") if exc.fp is not None else ""
-                except OSError:
-                    body = ""
-                last = f"HTTP {status} from {self.url}: {body.strip()[:200]}"
-                if not (status >= 500 or status in RETRY_STATUS):
-                    raise BlackBoxError(last, status=status) from None
-                hint = _retry_after(exc.headers)
+            except _StatusError as exc:
+                last = self._status_message(exc)
+                if not (exc.status >= 500 or exc.status in RETRY_STATUS) or exc.location is not None:
+                    raise BlackBoxError(last, status=exc.status) from None
+                hint = exc.retry_after
             except (TimeoutError, socket.timeout) as exc:
                 last = f"timed out after {self.config.timeout}s ({self.url}): {exc}"
             except urllib.error.URLError as exc:
-                last = f"cannot reach {self.url}: {exc.reason}"
+                timed_out = isinstance(exc.reason, (TimeoutError, socket.timeout))
+                last = f"timed out after {self.config.timeout}s ({self.url})" if timed_out else f"cannot reach {self.url}: {exc.reason}"
             except (ConnectionError, http.client.HTTPException, OSError) as exc:
                 last = f"connection to {self.url} failed: {type(exc).__name__}: {exc}"
             except (ValueError, KeyError, IndexError, TypeError) as exc:
                 last = f"malformed answer from {self.url}: {type(exc).__name__}: {exc}"
+            # exception texts can quote what the server sent (a status line, a body), so the key too
+            last = self._redact(last)
             if attempt < self.config.max_retries:
                 delay = self._backoff(attempt, hint)
                 log.info("teacher request failed (%s); retry %d/%d in %.2fs", last, attempt + 1, self.config.max_retries, delay)
