@@ -20,6 +20,8 @@ BUILTIN_CORPORA = ("kjv", "gcide", "jargon", "fortunes")
 
 
 class Section(BaseModel):
+    """Base of every config section of every command: unknown keys are errors, assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -38,7 +40,7 @@ class DataConfig(Section):
     corpus: str = Field("kjv", description="corpus name (kjv, gcide, jargon, fortunes) or a path to .txt/.jsonl/.parquet/.csv")
     block_size: int = Field(128, gt=1)
     split_fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)
-    cache_dir: str | None = Field(None, description="tokenized-data cache; default $LMDISTILL_CACHE or .cache/lmdistill")
+    cache_dir: str | None = Field(None, description="tokenized-data cache; default $LMDISTILL_CACHE_DIR or .cache/lmdistill")
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:

@@ -33,11 +33,13 @@ def test_configs_cover_every_regime():
     assert {"fixed", "sequence_kd", "on_policy", "scrg", "kid"} <= kinds
 
 
-def test_regime_config_imports_without_the_run_config_or_torch():
-    """lmdistill.config can import RegimeConfig for its `regime` section without an import cycle."""
+def test_regime_config_imports_without_torch_and_shares_the_one_section_base():
+    """The generation configs validate without importing torch (a config error costs no model load), and every
+    section of every command derives from the one ``lmdistill.config.Section``."""
     import subprocess
     import sys
 
-    code = ("import sys, lmdistill.generation.config as c; "
-            "assert 'lmdistill.config' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)")
+    code = ("import sys, lmdistill.generation.config as c, lmdistill.config as base; "
+            "assert 'torch' not in sys.modules, sorted(sys.modules); "
+            "assert c.Section is base.Section and issubclass(c.RegimeConfig, base.Section)")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lmdistill.constants import IGNORE_INDEX
 from lmdistill.data.cache import publish_directory
 from lmdistill.data.documents import Document
 from lmdistill.data.tokenizer import tokenizer_fingerprint
@@ -56,7 +57,6 @@ from lmdistill.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 STREAM_FORMAT = 1  # bump when the layout or the masking rule changes
-IGNORE_INDEX = -100  # the label value torch's cross-entropy ignores by default
 _BATCH_DOCS = 512
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from lmdistill.errors import ConfigError
+from lmdistill.models.modes import eval_mode
 
 Pooling = Literal["mean", "cls"]
 
@@ -159,14 +160,11 @@ class TextEncoder(nn.Module):
         single = isinstance(texts, str)
         items = [texts] if single else list(texts)
         order = np.argsort([-len(t) for t in items], kind="stable")
-        was_training = self.training
-        self.eval()
         chunks: list[torch.Tensor] = []
-        with torch.inference_mode():
+        with eval_mode(self), torch.inference_mode():
             for start in range(0, len(items), batch_size):
                 batch = [items[i] for i in order[start : start + batch_size]]
                 chunks.append(self.embed(batch, normalize=normalize_embeddings).float().cpu())
-        self.train(was_training)
         out = torch.cat(chunks) if chunks else torch.zeros(0, self.dim)
         restored = torch.empty_like(out)
         restored[torch.as_tensor(order, dtype=torch.long)] = out

@@ -36,6 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmdistill.embed.encoder import mean_pool
 from lmdistill.errors import ConfigError
+from lmdistill.models.modes import eval_mode
 
 
 class _RepresentationReady(Exception):
@@ -137,10 +138,8 @@ def modules_feeding(lm: nn.Module, tokenizer, representation: str) -> list[str]:
             handles.append(module.register_forward_hook(add_probe(name)))
     handles.append(target.register_forward_pre_hook(stop))
     feats = tokenizer(["a probe sentence"], return_tensors="pt")
-    was = lm.training
-    lm.eval()
     try:
-        with torch.enable_grad():
+        with eval_mode(lm), torch.enable_grad():
             try:
                 lm.base_model(input_ids=feats["input_ids"], attention_mask=feats["attention_mask"])
             except _RepresentationReady:
@@ -148,7 +147,6 @@ def modules_feeding(lm: nn.Module, tokenizer, representation: str) -> list[str]:
     finally:
         for h in handles:
             h.remove()
-        lm.train(was)
     if "x" not in captured:
         raise RuntimeError(f"the representation module {representation} did not run in a forward pass")
     names = list(probes)
@@ -182,14 +180,11 @@ class CausalLMEncoder(nn.Module):
         return F.normalize(_pool(states, feats["attention_mask"], self.pooling), dim=-1)
 
     def encode(self, texts: Sequence[str], batch_size: int = 32, **_: object) -> np.ndarray:
-        was = self.training
-        self.eval()
         order = np.argsort([-len(t) for t in texts], kind="stable")
         rows: list[torch.Tensor] = []
-        with torch.inference_mode():
+        with eval_mode(self), torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 rows.append(self.embed([texts[i] for i in order[start : start + batch_size]]).float())
-        self.train(was)
         out = torch.cat(rows)
         restored = torch.empty_like(out)
         restored[torch.as_tensor(order, dtype=torch.long)] = out
@@ -308,26 +303,25 @@ class LoraLMEncoder(CausalLMEncoder):
         fixed buffer (saved with the adapter), not a trained parameter: the LoRA adapters stay the only
         trainable parameters.
         """
-        was, self.center = self.training, None
-        self.eval()
+        self.center = None
         captured: list[torch.Tensor] = []
         handle = self._rep_layer.register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0]))
         total, count = None, 0
-        try:
-            for start in range(0, len(texts), batch_size):
-                feats = self.tokenize(texts[start : start + batch_size])
-                captured.clear()
-                try:
-                    self._body()(input_ids=feats["input_ids"], attention_mask=feats["attention_mask"])
-                except _RepresentationReady:
-                    pass
-                mask = feats["attention_mask"].bool()
-                tokens = captured[0][mask].double()
-                total = tokens.sum(0) if total is None else total + tokens.sum(0)
-                count += tokens.shape[0]
-        finally:
-            handle.remove()
-            self.train(was)
+        with eval_mode(self):
+            try:
+                for start in range(0, len(texts), batch_size):
+                    feats = self.tokenize(texts[start : start + batch_size])
+                    captured.clear()
+                    try:
+                        self._body()(input_ids=feats["input_ids"], attention_mask=feats["attention_mask"])
+                    except _RepresentationReady:
+                        pass
+                    mask = feats["attention_mask"].bool()
+                    tokens = captured[0][mask].double()
+                    total = tokens.sum(0) if total is None else total + tokens.sum(0)
+                    count += tokens.shape[0]
+            finally:
+                handle.remove()
         if total is None:
             raise ValueError("fit_center needs at least one text")
         self.center = (total / count).float()

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmdistill.embed.encoder import TextEncoder
+from lmdistill.models.modes import eval_mode
 
 
 @dataclass
@@ -92,10 +93,8 @@ class M3Encoder(nn.Module):
     # ---- inference ----
     def encode_all(self, texts: Sequence[str], batch_size: int = 32) -> M3Index:
         """Encode texts into the three representations, for scoring against many queries."""
-        was = self.training
-        self.eval()
         dense, lex_rows, multi_rows = [], [], []
-        with torch.inference_mode():
+        with eval_mode(self), torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 out = self(list(texts[start : start + batch_size]))
                 dense.append(out.dense.float())
@@ -103,7 +102,6 @@ class M3Encoder(nn.Module):
                 lex_rows.append(sp.csr_matrix(lex.numpy()))
                 for row, m in zip(out.multi.float(), out.multi_mask):
                     multi_rows.append(row[m.bool()])
-        self.train(was)
         return M3Index(torch.cat(dense), sp.vstack(lex_rows).tocsr(), multi_rows, self.colbert_dim)
 
     def save(self, path: str | Path) -> None:

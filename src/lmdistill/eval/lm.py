@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from lmdistill.constants import IGNORE_INDEX
 from lmdistill.data.blocks import collate
+from lmdistill.models.modes import eval_mode
 
 
 @torch.no_grad()
@@ -33,24 +35,21 @@ def evaluate_lm(
     and mean KL(teacher || student) over the same targets. Batches are sharded across ranks and the
     sums all-reduced, so every rank returns the same numbers.
     """
-    was_training = model.training
-    model.eval()
-    n_batches = math.ceil(len(dataset) / batch_size)
-    if max_batches is not None:
-        n_batches = min(n_batches, max_batches)
-    sums = torch.zeros(4, dtype=torch.float64)  # nll, targets, agreements, kl
-    for b in range(rank, n_batches, world_size):
-        items = [dataset[i] for i in range(b * batch_size, min((b + 1) * batch_size, len(dataset)))]
-        batch = collate(items)
-        logits = model(input_ids=batch["input_ids"]).logits
-        if vocab_size is not None:
-            logits = logits[..., :vocab_size]
-        t_logits = None if teacher is None else teacher.logits(batch["input_ids"])
-        add_token_sums(sums, logits.float(), batch["labels"], None if t_logits is None else t_logits.float())
-    if all_reduce is not None:
-        sums = all_reduce(sums)
-    if was_training:
-        model.train()
+    with eval_mode(model):
+        n_batches = math.ceil(len(dataset) / batch_size)
+        if max_batches is not None:
+            n_batches = min(n_batches, max_batches)
+        sums = torch.zeros(4, dtype=torch.float64)  # nll, targets, agreements, kl
+        for b in range(rank, n_batches, world_size):
+            items = [dataset[i] for i in range(b * batch_size, min((b + 1) * batch_size, len(dataset)))]
+            batch = collate(items)
+            logits = model(input_ids=batch["input_ids"]).logits
+            if vocab_size is not None:
+                logits = logits[..., :vocab_size]
+            t_logits = None if teacher is None else teacher.logits(batch["input_ids"])
+            add_token_sums(sums, logits.float(), batch["labels"], None if t_logits is None else t_logits.float())
+        if all_reduce is not None:
+            sums = all_reduce(sums)
     return metrics_from_sums(sums, bytes_per_token, with_teacher=teacher is not None)
 
 
@@ -59,7 +58,7 @@ def add_token_sums(sums: torch.Tensor, logits: torch.Tensor, labels: torch.Tenso
     """Add one batch to ``sums`` (float64 [4]: summed NLL in nats, targets, top-1 agreements with the
     teacher, summed KL(teacher || student)) over the positions whose label is not -100. Computed in the
     logits' dtype (callers choose float32 or float64); the teacher terms stay 0 without teacher logits."""
-    valid = labels != -100
+    valid = labels != IGNORE_INDEX
     logp = F.log_softmax(logits[valid], dim=-1)
     sums[0] -= logp.gather(-1, labels[valid].unsqueeze(-1)).sum().double().cpu()
     sums[1] += int(valid.sum())

@@ -26,11 +26,10 @@ from typing import Any
 
 import torch
 
+from lmdistill.constants import IGNORE_INDEX
 from lmdistill.data.documents import Document
 from lmdistill.errors import DataError
 from lmdistill.train.schedule import BatchSchedule
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

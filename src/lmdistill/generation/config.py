@@ -5,10 +5,8 @@ Every section forbids unknown keys (a misspelt key is an error naming the allowe
 (``kid_mask_ratio`` with ``kind: on_policy``) is an error too, so a config never silently means less
 than it says (a parameter at its default value is accepted, so a dumped config reloads).
 
-This module depends on pydantic only, so :mod:`lmdistill.config` can import :class:`RegimeConfig`
-for its ``regime`` section without an import cycle. The run configs of this package's commands
-(:class:`~lmdistill.generation.run_config.TaskRunConfig`, ``GenerateConfig``) live in
-:mod:`lmdistill.generation.run_config`.
+The run configs of this package's commands (:class:`~lmdistill.generation.run_config.TaskRunConfig`,
+``GenerateConfig``) live in :mod:`lmdistill.generation.run_config`.
 """
 
 from __future__ import annotations
@@ -16,15 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from lmdistill.config import Section
 
 RegimeKind = Literal["fixed", "sequence_kd", "on_policy", "scrg", "kid"]
 TaskName = Literal["gcide_define", "kjv_verse", "kjv_continue"]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class TaskConfig(Section):

@@ -42,6 +42,9 @@ import math
 
 import torch
 
+from lmdistill.constants import IGNORE_INDEX
+from lmdistill.models.modes import eval_mode
+
 
 def n_rewritten(n_candidates: int, ratio: float) -> int:
     """How many of ``n_candidates`` positions are rewritten at ``ratio`` (round half up, at least 1)."""
@@ -53,7 +56,7 @@ def n_rewritten(n_candidates: int, ratio: float) -> int:
 def candidate_positions(labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Per row, the input positions holding response tokens (see the module docstring)."""
     target_next = torch.zeros_like(labels, dtype=torch.bool)
-    target_next[:, 1:] = labels[:, :-1] != -100
+    target_next[:, 1:] = labels[:, :-1] != IGNORE_INDEX
     if attention_mask is not None:
         target_next &= attention_mask.bool()
     return [torch.nonzero(row).flatten() for row in target_next]
@@ -87,13 +90,8 @@ def imperfect_inputs(
     masked = input_ids.clone()
     for row, chosen in enumerate(chosen_rows):
         masked[row, chosen] = mask_token_id
-    was_training = student.training
-    student.eval()
-    try:
+    with eval_mode(student):
         logits = student(input_ids=masked, attention_mask=mask).logits
-    finally:
-        if was_training:
-            student.train()
     if vocab_size is not None:
         logits = logits[..., :vocab_size]
     predictions = logits.argmax(-1)  # predictions[:, t - 1] is the student's guess for token t

@@ -24,9 +24,17 @@ import torch
 
 from lmdistill.data.documents import Document
 from lmdistill.eval.lm import add_token_sums
-from lmdistill.generation.batching import Example, collate_examples, encode_examples, encode_prompts, encode_texts, pad_id_of
+from lmdistill.generation.batching import (
+    Example,
+    collate_examples,
+    encode_examples,
+    encode_prompts,
+    encode_texts,
+    pad_id_of,
+)
 from lmdistill.generation.sampling import SamplingParams, generate, sequence_logprobs, strip_eos
 from lmdistill.generation.tasks import reference_of
+from lmdistill.models.modes import eval_mode
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -167,11 +175,9 @@ def response_token_sums(
     agreements with the teacher, summed KL(teacher || student)]. The last two stay 0 without a
     ``teacher`` (an object with ``logits(input_ids, attention_mask)``). Batches ``rank, rank +
     world_size, ...`` only, so ranks can split the work and all-reduce the sums."""
-    was_training = model.training
-    model.eval()
     sums = torch.zeros(4, dtype=torch.float64)
     device = next(model.parameters()).device
-    try:
+    with eval_mode(model):
         n_batches = -(-len(examples) // batch_size)
         for b in range(rank, n_batches, world_size):
             batch = collate_examples(examples[b * batch_size : (b + 1) * batch_size], pad_id, max_length)
@@ -184,9 +190,6 @@ def response_token_sums(
                 shared = min(logits.shape[-1], t_logits.shape[-1])
                 logits, t_logits = logits[..., :shared], t_logits[..., :shared].double()
             add_token_sums(sums, logits.double(), batch["labels"], t_logits)
-    finally:
-        if was_training:
-            model.train()
     return sums
 
 

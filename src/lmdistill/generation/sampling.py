@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lmdistill.errors import ConfigError
+from lmdistill.models.modes import eval_mode
 
 
 @dataclass(frozen=True)
@@ -119,9 +120,7 @@ def generate(
             f"generation needs {longest} positions (prompt {longest - params.max_new_tokens} + {params.max_new_tokens} "
             f"new tokens) but the model has {limit}; lower max_new_tokens or shorten the prompts"
         )
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         ids, mask = _left_pad(prompts, pad, device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         batch = ids.shape[0]
@@ -151,9 +150,6 @@ def generate(
             positions = torch.cat([positions, new_pos], dim=1)
             step_ids, step_pos = token[:, None], new_pos
         return out
-    finally:
-        if was_training:
-            model.train()
 
 
 def strip_eos(tokens: Sequence[int], eos_token_id: int) -> list[int]:
@@ -177,9 +173,7 @@ def sequence_logprobs(
     give (0.0, 0)."""
     results: list[tuple[float, int]] = []
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in range(0, len(prompts), batch_size):
             chunk_p = prompts[start : start + batch_size]
             chunk_r = responses[start : start + batch_size]
@@ -203,7 +197,4 @@ def sequence_logprobs(
                 tok = torch.tensor(list(r), dtype=torch.long, device=device)
                 total = logp[i, pos, tok].double().sum().item()
                 results.append((total if math.isfinite(total) else float("-inf"), len(r)))
-    finally:
-        if was_training:
-            model.train()
     return results

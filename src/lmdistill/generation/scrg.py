@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from lmdistill.generation.sampling import SamplingParams, generate
+from lmdistill.models.modes import eval_mode
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -152,13 +153,8 @@ def scrg_revise(
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long, device=device)
         mask[i, : len(s)] = 1
-    was_training = student.training
-    student.eval()
-    try:
+    with eval_mode(student):
         s_logits = student(input_ids=ids, attention_mask=mask).logits
-    finally:
-        if was_training:
-            student.train()
     t_logits = teacher_fn(ids, mask)
     if vocab_size is not None:
         s_logits, t_logits = s_logits[..., :vocab_size], t_logits[..., :vocab_size]

@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 import torch
 
+from lmdistill.models.modes import eval_mode
+
 # config fields of transformers models whose logits are not a plain product with the output layer
 LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logit_softcapping",
                         "output_multiplier_scale", "mup_width_multiplier")
@@ -38,14 +40,9 @@ def linear_head_mismatch(
         why = "it has no output embedding layer"
     if why is not None:
         return why
-    was_training = model.training
-    with torch.random.fork_rng(devices=[]):
-        model.eval()
-        try:
-            logits = model(input_ids=probe_ids).logits
-            rebuilt = torch.nn.functional.linear(hidden_of(model), head.weight, getattr(head, "bias", None))
-        finally:
-            model.train(was_training)
+    with eval_mode(model, fork_rng=True):
+        logits = model(input_ids=probe_ids).logits
+        rebuilt = torch.nn.functional.linear(hidden_of(model), head.weight, getattr(head, "bias", None))
     if rebuilt.shape != logits.shape or not torch.allclose(rebuilt.float(), logits.float(), rtol=1e-6, atol=1e-6):
         return "its logits are not its final hidden state times its output layer"
     return None

@@ -35,6 +35,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from lmdistill.constants import IGNORE_INDEX
 from lmdistill.errors import ConfigError
 
 Normalize = Literal["token", "byte"]
@@ -136,7 +137,7 @@ def sequence_logprobs(
         width = chunk[0][2] - chunk[0][1]
         input_ids = torch.full((len(chunk), width), eos, dtype=torch.long)
         attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        targets = torch.full((len(chunk), width), -100, dtype=torch.long)
+        targets = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
         for row, (i, s, e, f) in enumerate(chunk):
             seq = sequences[i]
             input_ids[row, : e - s] = torch.tensor(seq[s:e])
@@ -146,7 +147,7 @@ def sequence_logprobs(
                 targets[row, t - s - 1] = seq[t]
         logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
         logp = torch.log_softmax(logits, dim=-1).cpu()
-        valid = targets != -100
+        valid = targets != IGNORE_INDEX
         picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
         per_row = torch.where(valid, picked, torch.zeros((), dtype=picked.dtype)).double().sum(-1)
         for row, (i, _, _, _) in enumerate(chunk):
