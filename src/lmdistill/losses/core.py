@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Union
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -37,7 +37,6 @@ from lmdistill.losses.signals import (
     teacher_log_probs,
     teacher_log_probs_into,
 )
-
 
 __all__ = [
     "IGNORE_INDEX",

@@ -27,8 +27,8 @@ from lmdistill.data.tokenizer import load_tokenizer
 from lmdistill.eval.lm import evaluate_lm
 from lmdistill.models.loading import count_parameters, load_causal_lm
 from lmdistill.report.plots import markdown_table, plot_curves, read_metrics
-from lmdistill.train.run import run_training
 from lmdistill.teachers.live import load_live_teacher
+from lmdistill.train.run import run_training
 
 
 def recipe(name: str) -> dict[str, Any]:
