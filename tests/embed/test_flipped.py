@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmdistill.embed.config import TrainConfig
+from lmdistill.embed.config import EmbedTrainConfig
 from lmdistill.embed.flipped import CausalLMEncoder, LoraLMEncoder
 from lmdistill.embed.mining import build_training_signal
 from lmdistill.embed.task import RetrievalTask, TrainPair
@@ -80,7 +80,7 @@ def test_training_moves_only_adapters_and_fits_the_teacher(tiny_gpt2):
     lora_before = {n: p.detach().clone() for n, p in enc.trainable_parameters()}
     task = small_task()
     signal = build_training_signal(task, teacher_encode=char_teacher, negatives_from="teacher", top_k=3)
-    cfg = TrainConfig(steps=40, batch_size=4, lr=1e-2, warmup_steps=0, log_every=100)
+    cfg = EmbedTrainConfig(steps=40, batch_size=4, lr=1e-2, warmup_steps=0, log_every=100)
     result = train_flipped(enc, task, cfg, signal=signal, margin=0.1, pos_threshold=-1.0, neg_threshold=1.0)
     assert np.mean(result.losses[-5:]) < 0.7 * np.mean(result.losses[:5])
     for n, p in enc.lm.named_parameters():
@@ -118,7 +118,7 @@ def test_contrastive_term_is_added_to_mcl(tiny_gpt2):
     enc = LoraLMEncoder(tiny_gpt2, r=8, alpha=16)
     task = small_task()
     signal = build_training_signal(task, teacher_encode=char_teacher, negatives_from="teacher", top_k=3)
-    cfg = TrainConfig(steps=3, batch_size=4, lr=1e-3, warmup_steps=0, log_every=100)
+    cfg = EmbedTrainConfig(steps=3, batch_size=4, lr=1e-3, warmup_steps=0, log_every=100)
     result = train_flipped(
         enc, task, cfg, signal=signal, margin=0.1, pos_threshold=-1.0, neg_threshold=1.0, mcl_weight=0.5, contrastive_weight=2.0
     )
@@ -158,7 +158,7 @@ def gcide_signal(gcide_cache, minilm_path):
 
 def grads_after(enc, task, signal, steps: int) -> dict[str, torch.Tensor | None]:
     """Gradients of the last of ``steps`` training steps on real GCIDE batches (the loop leaves them set)."""
-    cfg = TrainConfig(steps=steps, batch_size=8, lr=1e-3, warmup_steps=0, log_every=100, grad_clip=None)
+    cfg = EmbedTrainConfig(steps=steps, batch_size=8, lr=1e-3, warmup_steps=0, log_every=100, grad_clip=None)
     train_flipped(enc, task, cfg, signal=signal, margin=0.1, pos_threshold=0.2, neg_threshold=0.6, contrastive_weight=1.0)
     return {n: p.grad for n, p in enc.lm.named_parameters() if "lora_" in n}
 

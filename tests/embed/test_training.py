@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from lmdistill.embed.config import TrainConfig
+from lmdistill.embed.config import EmbedTrainConfig
 from lmdistill.embed.encoder import TextEncoder
 from lmdistill.embed.losses import margin_mse_loss
 from lmdistill.embed.m3 import M3Encoder
@@ -72,7 +72,7 @@ def test_batch_indices_cover_each_pass_without_repeats():
 
 
 def test_schedule_warms_up_then_decays_linearly():
-    cfg = TrainConfig(steps=10, warmup_steps=4, lr=1.0)
+    cfg = EmbedTrainConfig(steps=10, warmup_steps=4, lr=1.0)
     opt, sched = make_optimizer([torch.nn.Parameter(torch.zeros(2, 2))], cfg)
     lrs = []
     for _ in range(10):
@@ -126,7 +126,7 @@ def test_group_mask_hides_unlabelled_positives_only():
 def test_infonce_training_learns_the_pairs(tiny_bert):
     task = toy_task()
     student = tiny_bert()
-    result = train_infonce(student, task, TrainConfig(steps=30, batch_size=6, lr=3e-3, warmup_steps=0), seed=0)
+    result = train_infonce(student, task, EmbedTrainConfig(steps=30, batch_size=6, lr=3e-3, warmup_steps=0), seed=0)
     assert np.mean(result.losses[-5:]) < 0.6 * np.mean(result.losses[:5])
 
 
@@ -147,7 +147,7 @@ def test_margin_mse_training_moves_student_margins_towards_the_teacher(tiny_bert
             return margin_mse_loss((q * p).sum(-1), (q * n).sum(-1), t_pos, t_neg).item()
 
     before = loss_on_triples()
-    cfg = TrainConfig(steps=40, batch_size=6, lr=3e-3, warmup_steps=0)
+    cfg = EmbedTrainConfig(steps=40, batch_size=6, lr=3e-3, warmup_steps=0)
     train_margin_mse(student, task, cfg, signal=signal, seed=0)
     assert loss_on_triples() < 0.5 * before
 
@@ -157,7 +157,7 @@ def test_m3_training_runs_with_and_without_self_distillation(tiny_bert):
     signal = build_training_signal(task, negatives_from="bm25", top_k=2)
     for self_distill in (True, False):
         model = M3Encoder(tiny_bert(), colbert_dim=8)
-        result = train_m3(model, task, TrainConfig(steps=25, batch_size=6, lr=3e-3, warmup_steps=0), signal=signal,
+        result = train_m3(model, task, EmbedTrainConfig(steps=25, batch_size=6, lr=3e-3, warmup_steps=0), signal=signal,
                           score_weights=(1.0, 0.3, 1.0), loss_weights=(1.0, 0.1, 1.0), self_distill=self_distill)
         assert np.mean(result.losses[-5:]) < np.mean(result.losses[:5])
         assert bool(result.extra["self_distill"]) == self_distill
@@ -166,7 +166,7 @@ def test_m3_training_runs_with_and_without_self_distillation(tiny_bert):
 def test_margin_mse_with_in_batch_term_adds_the_weighted_infonce(tiny_bert):
     task = toy_task()
     signal = build_training_signal(task, teacher_encode=char_teacher, negatives_from="teacher", top_k=3)
-    cfg = TrainConfig(steps=4, batch_size=4, lr=1e-3, warmup_steps=0)
+    cfg = EmbedTrainConfig(steps=4, batch_size=4, lr=1e-3, warmup_steps=0)
     plain = train_margin_mse(tiny_bert(), task, cfg, signal=signal, seed=0)
     assert plain.extra == {}
     mixed = train_margin_mse(tiny_bert(), task, cfg, signal=signal, inbatch_weight=0.5, seed=0)
@@ -187,7 +187,7 @@ def test_a_non_finite_loss_stops_training():
         return model(torch.full((1, 2), float("nan"))).sum(), {}
 
     with pytest.raises(FloatingPointError, match="non-finite"):
-        run_loop("nan", model, 4, TrainConfig(steps=2, batch_size=2), step, seed=0, log=None)
+        run_loop("nan", model, 4, EmbedTrainConfig(steps=2, batch_size=2), step, seed=0, log=None)
 
 
 def test_training_signal_is_cached_per_task_and_mining_setup(tmp_path):
@@ -197,7 +197,7 @@ def test_training_signal_is_cached_per_task_and_mining_setup(tmp_path):
     task = toy_task()
     cfg = parse_config({"method": "m3", "task": {"cache_dir": str(tmp_path)}, "mining": {"top_k": 2}})
     first = training_signal(cfg, task)
-    files = list(tmp_path.glob("signal-*.pt"))
+    files = list(tmp_path.glob("signal-*.safetensors"))
     assert len(files) == 1
     again = training_signal(cfg, task)
     assert again.negatives == first.negatives and again.doc_ids == first.doc_ids
@@ -208,4 +208,4 @@ def test_training_signal_is_cached_per_task_and_mining_setup(tmp_path):
     assert any(len(n) == 3 for n in training_signal(wider, task).negatives)
     task.train_corpus["gcide:wolf#1"] = "wolf: a wild dog"
     training_signal(cfg, task)
-    assert len(list(tmp_path.glob("signal-*.pt"))) == 3
+    assert len(list(tmp_path.glob("signal-*.safetensors"))) == 3

@@ -17,10 +17,6 @@ from typing import Optional
 
 import typer
 
-for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_var, "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 SetOption = typer.Option(None, "--set", help="override a config key: --set train.steps=100 (repeatable)")
 
 

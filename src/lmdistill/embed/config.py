@@ -111,7 +111,7 @@ class M3Config(Section):
     self_distill: bool = True
 
 
-class TrainConfig(Section):
+class EmbedTrainConfig(Section):
     steps: int = Field(50, gt=0)
     batch_size: int = Field(32, gt=1)
     lr: float = Field(2e-4, gt=0)
@@ -122,7 +122,7 @@ class TrainConfig(Section):
     log_every: int = Field(25, gt=0)
 
 
-class EvalConfig(Section):
+class EmbedEvalConfig(Section):
     batch_size: int = Field(64, gt=0)
     throughput_texts: int = Field(256, gt=0, description="texts encoded to measure throughput")
 
@@ -140,8 +140,8 @@ class EmbedConfig(Section):
     mcl: MCLConfig = MCLConfig()
     margin_mse: MarginMSEConfig = MarginMSEConfig()
     m3: M3Config = M3Config()
-    train: TrainConfig = TrainConfig()
-    eval: EvalConfig = EvalConfig()
+    train: EmbedTrainConfig = EmbedTrainConfig()
+    eval: EmbedEvalConfig = EmbedEvalConfig()
 
     @model_validator(mode="after")
     def _method_needs(self) -> EmbedConfig:

@@ -16,10 +16,11 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from lmdistill.embed.config import TrainConfig
+from lmdistill.embed.config import EmbedTrainConfig
 from lmdistill.embed.losses import info_nce_from_scores, m3_self_distillation_loss, margin_mse_loss, mcl_loss
 from lmdistill.embed.mining import TrainingSignal
 from lmdistill.embed.task import RetrievalTask
+from lmdistill.train.optim import adamw, linear_schedule
 
 Log = Callable[[str], None]
 # A step function maps a batch of training-pair indices to (loss, extra per-step numbers to record).
@@ -28,7 +29,7 @@ MASKED = -1e4  # a finite "minus infinity": keeps soft cross-entropy free of 0 *
 
 
 @dataclass
-class TrainResult:
+class EmbedTrainResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     steps: int = 0
@@ -48,28 +49,18 @@ def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> Iterator[li
         del order[:batch_size]
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
-    )
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        remaining = max(1, cfg.steps - cfg.warmup_steps)
-        return max(0.0, 1.0 - (step - cfg.warmup_steps) / remaining)
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+def make_optimizer(params: list[nn.Parameter], cfg: EmbedTrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The shared AdamW (:mod:`lmdistill.train.optim`) with the embedding recipe's linear warm-up and decay."""
+    opt = adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(cfg.warmup_steps, cfg.steps))
 
 
-def run_loop(name: str, model: nn.Module, n_items: int, cfg: TrainConfig, step_fn: StepFn, *, seed: int, log: Log | None) -> TrainResult:
+def run_loop(name: str, model: nn.Module, n_items: int, cfg: EmbedTrainConfig, step_fn: StepFn, *, seed: int, log: Log | None) -> EmbedTrainResult:
     """The loop every method shares: seeded batches of ``n_items`` indices, AdamW over the trainable
     parameters, gradient clipping, per-step loss (and extras) recorded, progress logged."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, cfg)
-    result = TrainResult()
+    result = EmbedTrainResult()
     model.train()
     start = time.perf_counter()
     for step, batch in enumerate(batch_indices(n_items, cfg.batch_size, cfg.steps, seed)):
@@ -156,13 +147,13 @@ def in_batch_info_nce(task: RetrievalTask, batch: list[int], scores: torch.Tenso
 def train_infonce(
     student: nn.Module,
     task: RetrievalTask,
-    cfg: TrainConfig,
+    cfg: EmbedTrainConfig,
     *,
     signal: TrainingSignal | None = None,
     random_fraction: float = 0.0,
     seed: int = 0,
     log: Log | None = None,
-) -> TrainResult:
+) -> EmbedTrainResult:
     """In-batch contrastive baseline (plus one mined hard negative per query when ``signal`` has them)."""
     rng = random.Random(seed + 1)
 
@@ -177,14 +168,14 @@ def train_infonce(
 def train_margin_mse(
     student: nn.Module,
     task: RetrievalTask,
-    cfg: TrainConfig,
+    cfg: EmbedTrainConfig,
     *,
     signal: TrainingSignal,
     random_fraction: float = 0.0,
     inbatch_weight: float = 0.0,
     seed: int = 0,
     log: Log | None = None,
-) -> TrainResult:
+) -> EmbedTrainResult:
     """Margin-MSE (arXiv 2010.02666) on (query, positive, teacher-mined hard negative) triples.
 
     ``inbatch_weight`` > 0 adds ``inbatch_weight`` x InfoNCE over the batch (every other positive and
@@ -217,7 +208,7 @@ def train_margin_mse(
 def train_flipped(
     lm_encoder: nn.Module,
     task: RetrievalTask,
-    cfg: TrainConfig,
+    cfg: EmbedTrainConfig,
     *,
     signal: TrainingSignal,
     margin: float,
@@ -229,7 +220,7 @@ def train_flipped(
     random_fraction: float = 0.0,
     seed: int = 0,
     log: Log | None = None,
-) -> TrainResult:
+) -> EmbedTrainResult:
     """Flipped KD (arXiv 2507.05617): the LM's LoRA-encoder similarities learn the teacher's, with MCL.
 
     Per batch: B queries against their B positives and one hard negative each; pair labels are 1 where the
@@ -272,7 +263,7 @@ def train_flipped(
 def train_m3(
     model: nn.Module,
     task: RetrievalTask,
-    cfg: TrainConfig,
+    cfg: EmbedTrainConfig,
     *,
     signal: TrainingSignal | None,
     score_weights: tuple[float, float, float],
@@ -281,7 +272,7 @@ def train_m3(
     random_fraction: float = 0.0,
     seed: int = 0,
     log: Log | None = None,
-) -> TrainResult:
+) -> EmbedTrainResult:
     """M3 self-knowledge distillation (arXiv 2402.03216) over in-batch + mined negatives."""
     rng = random.Random(seed + 1)
 

@@ -24,7 +24,7 @@ _EXPORTS = {
     "scrg_revise": "scrg", "imperfect_inputs": "kid",
     "fill_store_local": "seqkd", "documents_from_store": "seqkd",
     "OnPolicySource": "sources", "SCRGSource": "sources", "KIDSource": "sources", "build_batch_source": "sources",
-    "build_task_run": "run", "run_task": "run", "run_generate": "run", "task_streams": "run", "regime_data": "run",
+    "build_task_run": "run", "run_task": "run", "run_generate": "run", "task_streams": "run",
     "task_evaluator": "run", "response_nll": "metrics", "response_token_sums": "metrics",
 }
 

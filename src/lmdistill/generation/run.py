@@ -32,12 +32,12 @@ from lmdistill.data.documents import Document
 from lmdistill.data.prepare import trained_tokenizer
 from lmdistill.data.tokenizer import load_tokenizer
 from lmdistill.errors import ConfigError
-from lmdistill.generation.blackbox import BlackBoxTeacher, StoreReport
-from lmdistill.generation.config import RegimeConfig, TaskConfig
-from lmdistill.generation.run_config import GenerateConfig, TaskRunConfig
 from lmdistill.eval.lm import metrics_from_sums
 from lmdistill.generation.batching import encode_examples, pad_id_of
+from lmdistill.generation.blackbox import BlackBoxTeacher, StoreReport
+from lmdistill.generation.config import TaskConfig
 from lmdistill.generation.metrics import GenerationScores, evaluate_generation, response_nll, response_token_sums
+from lmdistill.generation.run_config import GenerateConfig, TaskRunConfig
 from lmdistill.generation.sampling import SamplingParams
 from lmdistill.generation.seqkd import fill_store_local, local_teacher_id
 from lmdistill.generation.sources import build_batch_source
@@ -103,33 +103,6 @@ def task_evaluator(
         return metrics_from_sums(sums, bytes_per_target, with_teacher=teacher is not None)
 
     return evaluate
-
-
-@dataclass
-class RegimeData:
-    """What a run with a ``regime`` section needs instead of the plain-corpus data: the regime's batch
-    source, token streams of the task's train/validation examples, the task's splits, and the
-    response-only validation (:func:`task_evaluator`, for the Trainer's ``evaluator``)."""
-
-    source: Any
-    streams: dict[str, TokenStream]
-    splits: dict[str, list[Document]]
-    evaluator: Callable[[Trainer], dict[str, float]]
-
-
-def regime_data(regime: RegimeConfig, tokenizer: Any, *, global_batch: int, seed: int,
-                cache_dir: Path | None = None, eval_batch_size: int = 16,
-                eval_max_batches: int | None = None) -> RegimeData:
-    """One call for ``lmdistill.train.run.build_trainer``: pass ``train_source=d.source``,
-    ``train_stream=d.streams['train']``, ``validation_stream=d.streams['validation']``,
-    ``evaluator=d.evaluator`` to the Trainer."""
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    splits = build_task(regime.task)
-    streams = task_streams(splits, tokenizer, cache_dir, stream_name(regime.task))
-    source = build_batch_source(regime, tokenizer=tokenizer, global_batch=global_batch, seed=seed, documents=splits["train"])
-    evaluator = task_evaluator(splits["validation"], tokenizer, max_length=regime.max_length,
-                               batch_size=eval_batch_size, max_batches=eval_max_batches)
-    return RegimeData(source=source, streams=streams, splits=splits, evaluator=evaluator)
 
 
 def task_tokenizer(cfg: TaskRunConfig, train_docs: list[Document], cache_dir: Path) -> Any:
@@ -243,4 +216,4 @@ def run_generate(cfg: GenerateConfig, *, progress: Any = None, environ: Any = No
                             doc_ids=ids, progress=progress)
 
 
-__all__ = ["RegimeData", "TaskConfig", "TaskRun", "build_task_run", "regime_data", "run_generate", "run_task", "task_evaluator", "task_streams", "to_run_config"]
+__all__ = ["TaskConfig", "TaskRun", "build_task_run", "run_generate", "run_task", "task_evaluator", "task_streams", "to_run_config"]

@@ -26,7 +26,6 @@ kid             prompt + gold reference with a share of its tokens masked, predi
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -35,19 +34,21 @@ import torch
 
 from lmdistill.data.documents import Document
 from lmdistill.errors import ConfigError, LmdistillError
-from lmdistill.generation.batching import Example, PromptResponseSource, bos_id_of, collate_examples, encode_examples, pad_id_of
+from lmdistill.generation.batching import (
+    Example,
+    PromptResponseSource,
+    bos_id_of,
+    collate_examples,
+    encode_examples,
+    pad_id_of,
+)
 from lmdistill.generation.config import RegimeConfig
 from lmdistill.generation.kid import imperfect_inputs
 from lmdistill.generation.sampling import SamplingParams, generate
 from lmdistill.generation.scrg import scrg_revise
 from lmdistill.generation.seqkd import documents_from_store
 from lmdistill.generation.tasks import build_task
-
-
-def derived_seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts (stable across processes, unlike ``hash``)."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+from lmdistill.seeds import derived_seed
 
 
 class _StudentAccess:
