@@ -7,6 +7,8 @@ an unknown or misspelt key, a wrong type, a file that does not exist.
 from __future__ import annotations
 
 import difflib
+import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,7 +16,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmdistill.errors import ConfigError
-
 
 BUILTIN_CORPORA = ("kjv", "gcide", "jargon", "fortunes")
 
@@ -32,7 +33,67 @@ def looks_local(path: str) -> bool:
 
 def require_existing(path: str | None, what: str) -> str | None:
     if path is not None and looks_local(path) and not Path(path).expanduser().exists():
-        raise ValueError(f"{what} '{path}' does not exist")
+        raise ValueError(f"{what} '{path}' does not exist{_did_you_mean(Path(path).expanduser())}")
+    return path
+
+
+def _did_you_mean(path: Path) -> str:
+    """'; did you mean X?' for a missing path whose name is close to a sibling's, else a reminder of where paths
+    are resolved from."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.is_dir():
+        siblings = [p.name for p in parent.iterdir()]
+        close = difflib.get_close_matches(path.name, siblings, n=1, cutoff=0.75)
+        if close:
+            return f"; did you mean '{parent / close[0]}'?"
+    return f" (paths are relative to the working directory, {Path.cwd()})"
+
+
+MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def check_model_paths(config: BaseModel) -> None:
+    """Before any data is tokenized or model loaded: every ``student.path`` / ``teacher.path`` of a run config is a
+    loadable model (see :func:`require_model`); the error names the key."""
+    for section in ("student", "teacher"):
+        part = getattr(config, section, None)
+        path = getattr(part, "path", None)
+        if path is not None:
+            try:
+                require_model(path, f"{section}.path")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+
+
+def require_model(path: str | None, key: str) -> str | None:
+    """A model path (``key``: the config key) must be a hub id or a directory that ``save_pretrained`` wrote: a
+    readable ``config.json`` and safetensors weights. Common mistakes get their own message: a typo (with the
+    closest sibling), a file, a tokenizer-only directory, a run directory instead of its ``final/``."""
+    if path is None:
+        return None
+    local = Path(path).expanduser()
+    if not local.exists():
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        if looks_local(path) or offline:
+            where = " and, offline (HF_HUB_OFFLINE=1), not a hub id either" if not looks_local(path) else ""
+            raise ValueError(f"{key} '{path}' does not exist{where}{_did_you_mean(local)}")
+        return path  # a hub id, downloaded at load time
+    if not local.is_dir():
+        raise ValueError(f"{key} '{path}' is a file; give the directory a model was saved into (save_pretrained)")
+    config_file = local / "config.json"
+    if not config_file.exists():
+        final = local / "final"
+        if (final / "config.json").exists():
+            raise ValueError(f"{key} '{path}' is a run directory; did you mean '{final}'?")
+        has_tokenizer = any((local / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
+        what = "a tokenizer but no model" if has_tokenizer else "no model"
+        raise ValueError(f"{key} '{path}' holds {what}: no config.json (save the model there with save_pretrained)")
+    try:
+        json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{key} '{path}': config.json is not valid JSON ({exc})") from None
+    if not any((local / name).exists() for name in MODEL_WEIGHT_FILES):
+        raise ValueError(f"{key} '{path}' has a config.json but no safetensors weights (model.safetensors)")
     return path
 
 
@@ -45,8 +106,11 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
         if self.corpus not in BUILTIN_CORPORA and not Path(self.corpus).expanduser().exists():
+            close = difflib.get_close_matches(self.corpus, BUILTIN_CORPORA, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else " (paths are relative to the working directory)"
             raise ValueError(
-                f"data.corpus '{self.corpus}' is neither a built-in corpus ({', '.join(BUILTIN_CORPORA)}) nor an existing file"
+                f"data.corpus '{self.corpus}' is neither a built-in corpus ({', '.join(BUILTIN_CORPORA)}) nor an "
+                f"existing file{hint}"
             )
         if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
             raise ValueError("split_fractions must be three non-negative numbers summing to 1")
@@ -95,7 +159,7 @@ class TeacherConfig(Section):
         "bfloat16 natively (CPUs with AVX512-BF16 or AMX, CUDA GPUs with bf16), else float32",
     )
 
-    _path_exists = field_validator("path")(lambda v: require_existing(v, "teacher path"))
+    _path_exists = field_validator("path")(lambda v: require_existing(v, "model path"))
     _cache_exists = field_validator("cache")(lambda v: require_existing(v, "teacher cache"))
 
     @model_validator(mode="after")
@@ -130,6 +194,15 @@ class TrainConfig(Section):
     )
     chunk_size: int | None = Field(None, gt=0, description="rows per loss chunk; default 256 (fewer for vocabularies > 256k)")
     log_every: int = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _micro_batch_fits(self) -> TrainConfig:
+        if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
+            raise ValueError(
+                f"micro_batch_size {self.micro_batch_size} is larger than batch_size {self.batch_size} (the global batch "
+                "of one optimizer step); lower micro_batch_size or raise batch_size"
+            )
+        return self
 
 
 class EvalConfig(Section):
@@ -173,7 +246,8 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | N
 
 
 def format_validation_error(exc: ValidationError, model: type[BaseModel], source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+    """One line per mistake, each naming its key path (one line in all when there is one mistake)."""
+    problems = []
     for err in exc.errors():
         loc = tuple(err["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
@@ -181,10 +255,15 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], source
             allowed = _allowed_keys(model, loc[:-1]) or []
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            lines.append(f"  - {key}: unknown key{hint} allowed keys here: {', '.join(allowed)}")
+            problems.append(f"{key}: unknown key{hint}; allowed keys here: {', '.join(allowed)}")
+        elif err["type"] == "value_error":
+            # our own validators' messages are complete sentences; pydantic's prefix adds nothing
+            problems.append(f"{key}: {str(err['msg']).removeprefix('Value error, ')}")
         else:
-            lines.append(f"  - {key}: {err['msg']} (got {err.get('input')!r})")
-    return "\n".join(lines)
+            problems.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    if len(problems) == 1:
+        return f"invalid configuration in {source}: {problems[0]}"
+    return "\n".join([f"invalid configuration in {source}:", *(f"  - {p}" for p in problems)])
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -202,7 +281,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise ConfigError(f"override '{key}': '{part}' is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': the value is not valid YAML: {_yaml_problem(exc)}") from None
     return raw
 
 
@@ -220,11 +302,24 @@ def load_config(
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{p}{_yaml_location(exc)}: not valid YAML: {_yaml_problem(exc)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         raw = loaded or {}
     return validate_config(apply_overrides(raw, overrides or []), source, model)
+
+
+def _yaml_location(exc: yaml.YAMLError) -> str:
+    """``:line:column`` of a YAML error (1-based), or nothing when it has no position."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    return "" if mark is None else f":{mark.line + 1}:{mark.column + 1}"
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The YAML parser's own explanation, without its quoted ``<unicode string>`` locations."""
+    parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+    text = "; ".join(p for p in parts if p)
+    return text or str(exc).splitlines()[0]
 
 
 def validate_config(raw: dict[str, Any], source: str = "config", model: type[BaseModel] = RunConfig) -> Any:

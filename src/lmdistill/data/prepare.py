@@ -16,6 +16,7 @@ from lmdistill.data.cache import default_cache_dir, publish_directory
 from lmdistill.data.corpora import load_documents
 from lmdistill.data.documents import SPLITS, Document, split_of
 from lmdistill.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from lmdistill.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,32 @@ def prepare_data(
             by_split["train"], vocab_size, cache_dir
         )
     name = Path(corpus).stem if Path(corpus).suffix else corpus
+    empty = {split: 0 for split in ("train", "validation") if not by_split[split]}
+    if empty:  # before tokenizing: an empty split cannot be tokenized at all
+        check_split_sizes(corpus, empty, by_split, block_size, fractions)
     streams = {
         split: tokenize_documents(split_docs, tokenizer, cache_dir / "tokens", f"{name}-{split}")
         for split, split_docs in by_split.items()
     }
+    check_split_sizes(corpus, streams, by_split, block_size, fractions)
     return PreparedData(tokenizer=tokenizer, streams=streams, documents=by_split, block_size=block_size)
+
+
+def check_split_sizes(corpus: str, tokens: dict[str, TokenStream | int], documents: dict[str, list[Document]],
+                      block_size: int, fractions: tuple[float, float, float]) -> None:
+    """Training and validation need at least one block each; say why a split is too small and how to fix it
+    (documents are assigned to splits by a hash of their id, so a small corpus can leave one empty).
+    ``tokens``: each checked split's stream or token count."""
+    for split, stream in tokens.items():
+        n_tokens = stream if isinstance(stream, int) else stream.n_tokens
+        if split not in ("train", "validation") or n_tokens >= block_size + 1:
+            continue
+        n_docs = len(documents[split])
+        total = sum(len(d) for d in documents.values())
+        raise DataError(
+            f"the {split} split of {corpus} holds {n_docs} of its {total} documents, {n_tokens} tokens: fewer than "
+            f"one block (data.block_size + 1 = {block_size + 1}) because the corpus is too small for "
+            f"data.split_fractions {list(fractions)} (documents go to train/validation/test by a hash of their id)",
+            hint="give more documents, raise that split's share (e.g. data.split_fractions: [0.8, 0.1, 0.1]) or lower "
+                 "data.block_size",
+        )

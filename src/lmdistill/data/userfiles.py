@@ -5,9 +5,11 @@ Record formats
 - ``.txt``: UTF-8 text. ``mode="paragraph"`` (default) makes one document per block of lines separated
   by blank lines (so a single book-length file still gets train/validation/test parts);
   ``mode="file"`` makes the whole file one document.
-- ``.jsonl``: one JSON object per line with either ``"text"`` (plain document) or ``"prompt"`` and
-  ``"response"`` (instruction document; only the response is trained on). An optional ``"id"``
-  (string or integer) gives a stable document id; other fields go to ``Document.meta``.
+- ``.jsonl``: one JSON object per line with either ``"text"`` (plain document), ``"prompt"`` and
+  ``"response"`` (instruction document; only the response is trained on), or chat ``"messages"`` (a list of
+  ``{"role", "content"}``; the last one, the assistant's, is the response, the ones before it the prompt,
+  rendered by :func:`render_chat`). An optional ``"id"`` (string or integer) gives a stable document id;
+  other fields go to ``Document.meta``.
 - ``.parquet`` / ``.csv``: read with the ``datasets`` library (offline); the same columns as jsonl.
 
 Errors and skips
@@ -38,7 +40,33 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet", ".csv")
 TxtMode = Literal["paragraph", "file"]
-_RESERVED = ("text", "prompt", "response", "id")
+_RESERVED = ("text", "prompt", "response", "messages", "id")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def render_chat(messages: list[dict[str, str]]) -> str:
+    """The documented default chat template, for tokenizers without one: each message as ``<|role|>`` on its
+    own line followed by its content and a newline, then ``<|assistant|>`` and a newline (the generation prompt).
+    A tokenizer's own template can replace it (``task.chat_template: tokenizer``)."""
+    return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+
+
+def _chat_pair(record: dict[str, Any], path: Path, line: int | None, prefix: str) -> tuple[str, str, list]:
+    """(prompt, response, messages) of a chat record: the last message is the assistant's response, the ones
+    before it the prompt (rendered with :func:`render_chat`)."""
+    messages = record["messages"]
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise DataError(f"{prefix}'messages' must be a list of at least two messages (the last one the assistant's)",
+                        path=path, line=line, field="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or message.get("role") not in CHAT_ROLES:
+            raise DataError(f"{prefix}messages[{i}] must be {{\"role\": one of {', '.join(CHAT_ROLES)}, \"content\": a string}}",
+                            path=path, line=line, field="messages")
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{prefix}the last message must be the assistant's (the response to learn), got "
+                        f"{messages[-1]['role']!r}", path=path, line=line, field="messages")
+    clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return render_chat(clean[:-1]), clean[-1]["content"], clean
 
 
 class _SkipLog:
@@ -129,6 +157,18 @@ def _record_to_document(
             record = {k: v for k, v in record.items() if k not in pair_keys}
         elif record["text"] is None:
             record = {k: v for k, v in record.items() if k != "text"}
+    if "messages" in record:
+        if any(k in record for k in ("text", "prompt", "response")):
+            raise DataError(f"{prefix}has 'messages' and also 'text'/'prompt'/'response'", path=path, line=line,
+                            field="messages", hint="give one form per record")
+        prompt, response, messages = _chat_pair(record, path, line, prefix)
+        doc_key = str(record["id"]) if record.get("id") is not None else key
+        meta = {k: v for k, v in record.items() if k not in _RESERVED}
+        meta.update(path=str(path), messages=messages, **({"line": line} if line is not None else {}))
+        if not response.strip():
+            skips.skip("empty response", where)
+            return None
+        return Document.from_prompt_response(prompt, response, doc_id=f"{name}:{doc_key}", source=name, meta=meta)
     has_text = "text" in record
     has_pair = "prompt" in record or "response" in record
     if has_text and has_pair:
@@ -141,7 +181,7 @@ def _record_to_document(
         )
     if not has_text and not has_pair:
         raise DataError(
-            f"{prefix}missing field 'text' (or 'prompt' and 'response')",
+            f"{prefix}missing field 'text' (or 'prompt' and 'response', or chat 'messages')",
             path=path,
             line=line,
             field="text",

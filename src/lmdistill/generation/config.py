@@ -23,12 +23,25 @@ TaskName = Literal["gcide_define", "kjv_verse", "kjv_continue"]
 
 
 class TaskConfig(Section):
-    """An instruction-style task built from an installed corpus (see :mod:`lmdistill.generation.tasks`)."""
+    """An instruction-style task: built from an installed corpus (``name``), or the user's own prompts and
+    responses (``path``; see :mod:`lmdistill.generation.tasks`)."""
 
-    name: TaskName = Field(
-        "kjv_continue",
+    name: TaskName | None = Field(
+        None,
         description="gcide_define: 'Define: WORD' -> its first definition; kjv_verse: 'BOOK C:V' -> the verse; "
-        "kjv_continue: 'BOOK C:V first words' -> the rest of the verse",
+        "kjv_continue: 'BOOK C:V first words' -> the rest of the verse (the default when no path is given)",
+    )
+    path: str | None = Field(
+        None, description="your own examples instead of a built-in task: a .jsonl/.csv/.parquet file (or directory) "
+        "of prompt/response records or chat 'messages' records (paths are relative to the working directory)",
+    )
+    prompt_template: str = Field(
+        "{prompt}\n", description="prompt/response records: how the prompt is written before the response "
+        "({prompt} is replaced; the default puts a newline between prompt and response)",
+    )
+    chat_template: Literal["default", "tokenizer"] = Field(
+        "default", description="chat 'messages' records: the documented default template (<|role|> lines), or the "
+        "tokenizer's own chat template (needs a tokenizer that has one)",
     )
     prompt_words: int = Field(5, ge=1, description="kjv_continue: words of the verse given in the prompt")
     response_words: int | None = Field(None, ge=1, description="kjv_continue: only the next N words (None: rest of the verse)")
@@ -39,8 +52,21 @@ class TaskConfig(Section):
     split_fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)
     seed: int = 0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_task(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("name") is None and data.get("path") is None:
+            return {**data, "name": "kjv_continue"}
+        return data
+
     @model_validator(mode="after")
     def _fractions(self) -> TaskConfig:
+        if self.name is not None and self.path is not None:
+            raise ValueError("task: give either 'name' (a built-in task) or 'path' (your own examples), not both")
+        if self.path is not None and not Path(self.path).expanduser().exists():
+            raise ValueError(f"task.path '{self.path}' does not exist (paths are relative to the working directory)")
+        if "{prompt}" not in self.prompt_template:
+            raise ValueError("task.prompt_template must contain {prompt}")
         if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
             raise ValueError("task.split_fractions must be three non-negative numbers summing to 1")
         if any(v < 1 for v in self.max_examples.values()):
@@ -67,7 +93,7 @@ class BlackBoxConfig(Section):
     endpoint: Literal["chat", "completions"] = Field("chat", description="/chat/completions or /completions")
     api_key_env: str | None = Field("OPENAI_API_KEY", description="environment variable holding the key; null: no key")
     concurrency: int = Field(4, ge=1, le=256)
-    timeout: float = Field(60.0, gt=0, description="seconds per request")
+    timeout: float = Field(60.0, gt=0, description="seconds one attempt may take in all (connect, send, headers, body)")
     max_retries: int = Field(5, ge=0, description="retries after the first attempt (5xx, 429, 408, timeouts, resets)")
     backoff_base: float = Field(0.5, ge=0, description="first retry waits up to this many seconds; doubles each retry")
     backoff_max: float = Field(30.0, ge=0)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from lmdistill.config import DataConfig, RunConfig
+from lmdistill.config import DataConfig, RunConfig, check_model_paths
 from lmdistill.data.blocks import TokenStream, tokenize_documents
 from lmdistill.data.cache import default_cache_dir
 from lmdistill.data.documents import Document
@@ -42,7 +42,7 @@ from lmdistill.generation.sampling import SamplingParams
 from lmdistill.generation.seqkd import fill_store_local, local_teacher_id
 from lmdistill.generation.sources import build_batch_source
 from lmdistill.generation.store import ResponseStore
-from lmdistill.generation.tasks import build_task
+from lmdistill.generation.tasks import apply_chat_template, build_task
 from lmdistill.losses import build_objective
 from lmdistill.models.loading import load_causal_lm
 from lmdistill.train.run import build_models
@@ -62,7 +62,7 @@ def task_streams(splits: dict[str, list[Document]], tokenizer: Any, cache_dir: P
 def stream_name(task: TaskConfig) -> str:
     """A readable cache name for a task's streams (the cache key itself is the content hash)."""
     key = hashlib.sha256(json.dumps(task.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
-    return f"{task.name}-{key}"
+    return f"{task.name or Path(task.path).stem}-{key}"
 
 
 def task_evaluator(
@@ -138,12 +138,15 @@ def build_task_run(
     accelerator: Any = None,
 ) -> TaskRun:
     """Everything a task run needs, wired into one :class:`Trainer` (nothing is trained yet)."""
+    check_model_paths(cfg)
     objective = build_objective(cfg.objective)
     if objective.requires_teacher and cfg.teacher is None:
         raise ConfigError(f"objective '{objective.name}' needs a teacher: add teacher.path to the config")
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     splits = splits or build_task(cfg.regime.task)
     tokenizer = task_tokenizer(cfg, splits["train"], cache_dir)
+    if cfg.regime.task.chat_template == "tokenizer":
+        splits = apply_chat_template(splits, tokenizer)
     torch.manual_seed(cfg.train.seed)
     positions = max(256, cfg.regime.max_length + cfg.regime.sampling.max_new_tokens + 64)
     models = build_models(cfg.student, cfg.teacher, tokenizer, max_positions=positions, seed=cfg.train.seed)
@@ -202,6 +205,11 @@ def run_generate(cfg: GenerateConfig, *, progress: Any = None, environ: Any = No
     """Teacher answers for every prompt of ``cfg.split`` into ``cfg.store`` (resumes; see
     :mod:`lmdistill.generation.seqkd`)."""
     docs = build_task(cfg.task)[cfg.split]
+    if cfg.task.chat_template == "tokenizer":
+        if cfg.teacher is None:
+            raise ConfigError("task.chat_template: tokenizer needs a local teacher (its tokenizer's template); a "
+                              "black-box endpoint applies its own template to chat requests")
+        docs = apply_chat_template({cfg.split: docs}, load_tokenizer(cfg.teacher.path))[cfg.split]
     store = ResponseStore(cfg.store)
     prompts = [d.prompt for d in docs]
     ids = [d.doc_id for d in docs]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
+from typing import Any
 
 from lmdistill.data.documents import SPLITS, Document, split_key, split_of
 from lmdistill.errors import DataError
@@ -114,9 +115,57 @@ def kjv_continue_documents(
     return out
 
 
+def file_task_documents(config: TaskConfig) -> list[Document]:
+    """The user's own examples (``task.path``): prompt/response records with ``task.prompt_template`` applied to
+    the prompt, or chat ``messages`` records (prompt rendered by the default chat template; see
+    :func:`apply_chat_template` for the tokenizer's). Plain ``text`` records are refused: a task needs responses."""
+    from pathlib import Path
+
+    from lmdistill.data.userfiles import read_path
+
+    out = []
+    for doc in read_path(Path(config.path).expanduser()):
+        if doc.response is None:
+            where = f"{doc.meta.get('path', config.path)}" + (f":{doc.meta['line']}" if "line" in doc.meta else "")
+            raise DataError(f"{where}: a task example needs a prompt and a response (or chat messages), got plain text",
+                            hint="use data.corpus for plain text; give task.path records with prompt/response")
+        if "messages" in doc.meta:
+            out.append(doc)
+            continue
+        prompt = config.prompt_template.format(prompt=doc.prompt or "")
+        out.append(Document.from_prompt_response(prompt, doc.response, doc_id=doc.doc_id, source=doc.source,
+                                                 meta={**doc.meta, "reference": doc.response.strip()}))
+    return out
+
+
+def apply_chat_template(splits: dict[str, list[Document]], tokenizer: Any) -> dict[str, list[Document]]:
+    """Chat examples re-rendered with the tokenizer's own chat template (``task.chat_template: tokenizer``): the
+    prompt is the conversation before the last (assistant) message with the template's generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("task.chat_template: tokenizer, but the tokenizer has no chat template",
+                        hint="use task.chat_template: default, or a tokenizer with a chat template")
+    out: dict[str, list[Document]] = {}
+    for split, docs in splits.items():
+        out[split] = []
+        for doc in docs:
+            messages = doc.meta.get("messages")
+            if messages is None:
+                out[split].append(doc)
+                continue
+            prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+            out[split].append(Document.from_prompt_response(prompt, doc.response, doc_id=doc.doc_id, source=doc.source,
+                                                            meta=doc.meta))
+    return out
+
+
 def task_documents(config: TaskConfig, source_docs: Iterable[Document] | None = None) -> list[Document]:
     """All examples of the task (every split), in corpus order. ``source_docs`` replaces the corpus
     reader (the KJV chapters or GCIDE entries), e.g. to reuse documents already in memory."""
+    if config.path is not None:
+        docs = file_task_documents(config)
+        if not docs:
+            raise DataError("task.path holds no usable examples", path=config.path)
+        return docs
     if config.name == "gcide_define":
         if source_docs is None:
             from lmdistill.data.corpora import read_gcide
