@@ -20,9 +20,13 @@ which, in :mod:`lmdistill.losses.signals`.
 """
 
 from lmdistill.constants import IGNORE_INDEX
+from lmdistill.losses.akl import AdaptiveKL
 from lmdistill.losses.atkd import ATKD, ATKDSplit, decoupled_kd_parts
+from lmdistill.losses.batch_rows import RowBound
 from lmdistill.losses.chunked import default_chunk_size, fused_linear_distill
 from lmdistill.losses.core import Divergence, Objective, OuterStep, reduce_tokens, valid_mask
+from lmdistill.losses.dackl import DACKL, SpanCorrelation
+from lmdistill.losses.distillm2 import DistiLLM2
 from lmdistill.losses.signals import (
     SIGNAL_KINDS,
     HiddenStates,
@@ -60,7 +64,10 @@ __all__ = [
     "OBJECTIVES",
     "ATKD",
     "ATKDSplit",
+    "AdaptiveKL",
     "CrossEntropy",
+    "DACKL",
+    "DistiLLM2",
     "Divergence",
     "ForwardKL",
     "GeneralizedJSD",
@@ -71,9 +78,11 @@ __all__ = [
     "OuterStep",
     "SIGNAL_KINDS",
     "ReverseKL",
+    "RowBound",
     "SinKD",
     "SkewKL",
     "SkewReverseKL",
+    "SpanCorrelation",
     "SparseTeacher",
     "TAID",
     "Teacher",

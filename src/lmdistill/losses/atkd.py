@@ -77,15 +77,25 @@ class ATKD(Objective):
     arXiv 2402.11890 (reference code WHU-ZQH/ATKD). Forward KL decomposes per token into a target part
     (TKD: binary KL over [p_y, 1 - p_y]) and a non-target part (DKD: KL between the non-gold
     distributions renormalised), weighted by the teacher's uncertainty ``u = 1 - p_y``. ATKD splits the valid
-    tokens by ``u``: the ``hard_fraction`` most uncertain are hard (paper: top 50%), the rest easy. Easy tokens
-    are taught only the diversity-oriented non-target part; hard tokens both parts, without the ``u``
-    weight:
+    tokens by ``u``: the ``hard_fraction`` most uncertain are hard, the rest easy. Easy tokens are taught only
+    the diversity-oriented non-target part; hard tokens both parts, without the ``u`` weight:
 
         loss = lam * mean_easy(DKD) + (1 - lam) * mean_hard(TKD + DKD)
 
-    with ``lam = easy_weight`` (default 0.2, the reference code's default; the split and the weighting follow
-    the reference code, whose group means are taken over each group's valid tokens). Ties at the threshold
-    count as hard. Teacher and student are both taken at ``temperature``.
+    with ``lam = easy_weight`` (default 0.2, the reference code's default; the weighting follows the reference
+    code, whose group means are taken over each group's valid tokens). Teacher and student are both taken at
+    ``temperature``.
+
+    Which tokens are hard: the ``round(hard_fraction * n)`` most uncertain of the ``n`` valid tokens (halves
+    rounded up), ties at the threshold counted as hard. With the default 0.5 this is the paper's top 50%: for an
+    even ``n`` exactly ``n / 2`` tokens. The reference code marks ``u >= median(u)`` as hard with ``torch.median``
+    (the lower middle value), which takes ``n / 2 + 1`` tokens for an even ``n``; for an odd ``n`` both take
+    ``(n + 1) / 2``. lmdistill follows the paper.
+
+    Tokens are ranked by the log-odds of ``u``, ``log(1 - p_y) - log p_y``, not by ``u`` itself: in float32 ``u``
+    is exactly 0 once ``1 - p_y < 6e-8`` and exactly 1 once ``p_y < 3e-8``, so batches with many near-certain (or
+    near-impossible) gold tokens would tie at the threshold and put every token in one group. Both logs are
+    exact at their own end (:meth:`uncertainty_log_odds`).
 
     Per-token form (what :meth:`per_token` returns): an easy token contributes
     ``lam * n_valid / n_easy * DKD`` and a hard token ``(1 - lam) * n_valid / n_hard * (TKD + DKD)``, so the mean
@@ -107,22 +117,44 @@ class ATKD(Objective):
         self.easy_weight = float(easy_weight)
         self.temperature = float(temperature)
 
-    def uncertainty(self, teacher: Teacher, labels: Tensor, vocab_size: int) -> Tensor:
-        """Teacher uncertainty ``1 - p_y`` per row (0 for ignored rows)."""
+    def uncertainty_log_odds(self, teacher: Teacher, labels: Tensor, vocab_size: int) -> Tensor:
+        """``log(1 - p_y) - log p_y`` per row (0 for ignored rows): increasing in the uncertainty ``1 - p_y``, and
+        resolved at both ends in float32, where ``1 - p_y`` itself rounds to 0 or 1.
+
+        ``log p_y`` is exact for unlikely gold tokens; ``log(1 - p_y)`` is ``log1p(-p_y)`` below ``p_y = 1/2`` and
+        the log-sum-exp of the non-gold log-probabilities above (exact as ``p_y`` nears 1).
+        """
         dtype = compute_dtype(signal_values(teacher))
         valid = labels != IGNORE_INDEX
         safe = torch.where(valid, labels, 0)
+        gold_index = safe.unsqueeze(-1)
         gold = fused_gold_log_prob(teacher, self.temperature, safe)
         if gold is None:
             t_logp = teacher_log_probs(teacher, self.temperature, vocab_size, dtype)
-            gold = t_logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-        return torch.where(valid, -torch.expm1(gold), torch.zeros((), dtype=dtype))
+            gold = t_logp.gather(-1, gold_index).squeeze(-1)
+            log_rest = _log_one_minus(t_logp, gold, gold_index)
+        else:
+            log_rest = torch.log1p(-gold.exp())
+            near_one = gold > -math.log(2.0)
+            if bool(near_one.any()):  # only the confident rows need their non-gold log-probabilities
+                rows = teacher_log_probs(teacher[near_one], self.temperature, vocab_size, dtype)
+                log_rest[near_one] = torch.logsumexp(rows.scatter(-1, gold_index[near_one], float("-inf")), dim=-1)
+        return torch.where(valid, log_rest - gold, torch.zeros((), dtype=dtype, device=gold.device))
+
+    def uncertainty(self, teacher: Teacher, labels: Tensor, vocab_size: int) -> Tensor:
+        """Teacher uncertainty ``1 - p_y`` per row (0 for ignored rows), as ``sigmoid`` of the log-odds: small
+        uncertainties keep their relative precision (the split ranks by :meth:`uncertainty_log_odds`)."""
+        valid = labels != IGNORE_INDEX
+        u = torch.sigmoid(self.uncertainty_log_odds(teacher, labels, vocab_size))
+        return torch.where(valid, u, torch.zeros((), dtype=u.dtype, device=u.device))
 
     def batch_context(
         self, teacher_chunks: Callable[[], Iterable[tuple[int, int, Teacher]]], labels: Tensor, vocab_size: int
     ) -> ATKDSplit:
         with torch.no_grad():
-            u = torch.cat([self.uncertainty(chunk, labels[a:b], vocab_size) for a, b, chunk in teacher_chunks()])
+            key = torch.cat(
+                [self.uncertainty_log_odds(chunk, labels[a:b], vocab_size) for a, b, chunk in teacher_chunks()]
+            )
         valid = labels != IGNORE_INDEX
         n_valid = int(valid.sum())
         if n_valid == 0:
@@ -133,8 +165,8 @@ class ATKD(Objective):
         if wanted == 0:
             hard = torch.zeros_like(valid)
         else:
-            threshold = torch.topk(u[valid], wanted).values[-1]
-            hard = valid & (u >= threshold)
+            threshold = torch.topk(key[valid], wanted).values[-1]
+            hard = valid & (key >= threshold)
         return ATKDSplit(hard, n_valid, int(hard.sum()))
 
     def per_token(self, student_logits: Tensor, teacher: Teacher | None, labels: Tensor | None, *, context: Any = None) -> Tensor:

@@ -11,8 +11,11 @@ import torch
 from torch import Tensor
 
 from lmdistill.errors import ConfigError
+from lmdistill.losses.akl import AdaptiveKL
 from lmdistill.losses.atkd import ATKD
 from lmdistill.losses.core import Objective, Teacher, Workspace
+from lmdistill.losses.dackl import DACKL, SpanCorrelation
+from lmdistill.losses.distillm2 import DistiLLM2
 from lmdistill.losses.divergences import (
     CrossEntropy,
     ForwardKL,
@@ -42,6 +45,10 @@ OBJECTIVES: dict[str, type[Objective]] = {
         SinKD,
         CrossEntropy,
         TrilateralFusion,
+        AdaptiveKL,
+        DistiLLM2,
+        DACKL,
+        SpanCorrelation,
     )
 }
 ALIASES = {
@@ -54,6 +61,10 @@ ALIASES = {
     "srkl": "skew_reverse_kl",
     "ce": "cross_entropy",
     "trilateral_fusion": "tgeo",
+    "adaptive_kl": "akl",
+    "distillm_2": "distillm2",
+    "dackl": "dac_kl",
+    "span": "span_correlation",
 }
 
 
