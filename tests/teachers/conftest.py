@@ -81,6 +81,14 @@ def teacher_model(trained_teacher: Path):
     return load_causal_lm(trained_teacher).eval()
 
 
+@pytest.fixture(scope="session")
+def k8_cache(tmp_path_factory, teacher_model, few_data, small_tokenizer) -> Path:
+    """A finished top-k cache with the tests' defaults (read-only: tests that damage it copy it first)."""
+    path = tmp_path_factory.mktemp("caches") / "k8"
+    write_cache(path, teacher_model, few_data, small_tokenizer)
+    return path
+
+
 def run_config(tmp: Path, corpus: Path, cache_dir: Path, student: Path, teacher: dict, **train) -> dict:
     """A distillation run config (forward KL + CE, 4 steps) of ``student`` on ``corpus`` with ``teacher``."""
     return {

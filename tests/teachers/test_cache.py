@@ -38,13 +38,6 @@ ROOT = Path(__file__).parents[2]
 _write = write_cache
 
 
-@pytest.fixture(scope="module")
-def k8_cache(tmp_path_factory, teacher_model, few_data, small_tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("caches") / "k8"
-    _write(path, teacher_model, few_data, small_tokenizer)
-    return path
-
-
 def _shard_hashes(path: Path) -> list[str]:
     return [s["sha256"] for s in json.loads((path / "manifest.json").read_text())["shards"]]
 
@@ -348,6 +341,6 @@ def test_cache_teacher_command_builds_a_usable_cache(tmp_path, trained_teacher, 
     assert _shard_hashes(Path(config["output"])) == _shard_hashes(k8_cache)
     with pytest.raises(ConfigError, match="cache.kk"):
         from lmdistill.config import load_config
-        from lmdistill.teachers.cache_run import CacheTeacherConfig
+        from lmdistill.teachers.cache.command import CacheTeacherConfig
 
         load_config(path, ["cache.kk=3"], model=CacheTeacherConfig)

@@ -143,14 +143,15 @@ def test_two_processes_write_what_one_process_writes(tmp_path, teacher_model, fe
 def test_logits_dtype_auto_follows_the_hardware_and_bfloat16_rounds_within_its_bound(full_rank_cache, few_data, monkeypatch):
     """"auto" rebuilds in bfloat16 only where the device multiplies it natively; the bfloat16 logits are the
     float64 product to within bfloat16's rounding of each input and of the result (relative 2^-8 each)."""
-    import lmdistill.teachers.cache as cache_module
+    import lmdistill.teachers.cache.lowrank as cache_module
 
     batch = _batch(few_data, [0, 4])
     for native, want in ((False, torch.float32), (True, torch.bfloat16)):
         monkeypatch.setattr(cache_module, "native_bf16_matmul", lambda device, native=native: native)
         cache = TeacherCache(full_rank_cache)  # auto
         assert cache.logits_layer()[0] == want and cache.signal(batch).dtype == want
-        assert all(t.dtype == want for t in cache.chunked_signal(batch))
+        codes = cache.chunked_signal(batch)  # its tensors (the tuple also holds the head's softcap and scale)
+        assert all(t.dtype == want for t in (codes.hidden, codes.weight, codes.bias))
     cache = TeacherCache(full_rank_cache, logits_dtype="bfloat16")
     z = cache.coordinates(batch["block_index"]).double()
     w, b = cache.projection.weight.double(), cache.projection.bias.double()

@@ -9,7 +9,7 @@ import pytest
 from lmdistill.config import RunConfig, load_config
 from lmdistill.errors import ConfigError
 from lmdistill.selection.run import MiniPLMConfig
-from lmdistill.teachers.cache_run import CacheTeacherConfig
+from lmdistill.teachers.cache.command import CacheTeacherConfig
 
 CONFIGS = Path(__file__).parents[2] / "configs" / "cache"
 

@@ -1,4 +1,4 @@
-"""`lmdistill cache-teacher`: a thin wrapper over :func:`lmdistill.teachers.cache_run.build_teacher_cache`.
+"""`lmdistill cache-teacher`: a thin wrapper over :func:`lmdistill.teachers.cache.command.build_teacher_cache`.
 
 A plain function with typer parameter declarations; `lmdistill.cli` registers it:
 
@@ -21,11 +21,12 @@ def cache_teacher(
     config: Path = typer.Argument(..., help="YAML cache-teacher config (see configs/cache/kjv_k32.yaml)"),
     set: Optional[list[str]] = SetOption,
 ) -> None:
-    """Run a teacher once over a tokenized dataset and store its top-k log-probs, token ids and residual
-    mass per token (sharded, checksummed, resumable). Train from it with `teacher: {cache: DIR}`.
+    """Run a teacher once over a tokenized dataset and store what it predicts per token (cache.mode: low-rank
+    codes by default; top-k, sampled or hybrid entries), sharded, checksummed and resumable: a rerun verifies the
+    finished shards and recomputes damaged ones. Train from it with `teacher: {cache: DIR}`.
     Several processes: `torchrun --nproc_per_node=N -m lmdistill.cli cache-teacher CONFIG`."""
     from lmdistill.config import load_config
-    from lmdistill.teachers.cache_run import CacheTeacherConfig, build_teacher_cache
+    from lmdistill.teachers.cache.command import CacheTeacherConfig, build_teacher_cache
 
     cfg = load_config(config, list(set or []), model=CacheTeacherConfig)
     summary = build_teacher_cache(cfg)

@@ -24,16 +24,36 @@ def default_cache_dir() -> Path:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory and an atomic rename,
-    so a reader (or a concurrent process) never sees a half-written file."""
+    so a reader (or a concurrent process) never sees a half-written file. The bytes are flushed to disk
+    before the rename and the directory after it: without the first fsync a power loss can keep the rename
+    but not the data, leaving a complete-looking file of zeros under the final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Flush a directory's entries (a rename into it) to disk; a no-op where directories cannot be opened
+    (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
 
 
 def publish_directory(tmp_dir: Path, final_dir: Path) -> None:
