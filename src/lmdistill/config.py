@@ -216,11 +216,12 @@ class CheckpointConfig(Section):
     keep: int = Field(2, ge=1)
 
 
-class RunConfig(Section):
-    """Everything one run needs. `teacher` is absent for pretraining / label-only training."""
+class TrainingRunConfig(Section):
+    """The sections every training run has, whatever its data: a corpus (:class:`RunConfig`) or a task with a
+    regime (:class:`lmdistill.generation.run_config.TaskRunConfig`). The trainer reads only these and
+    :attr:`block_size`."""
 
     output_dir: str = "runs/run"
-    data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     student: ModelConfig = ModelConfig(preset="gpt2-student-1.5m")
     teacher: TeacherConfig | None = None
@@ -228,6 +229,21 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per training row (a packed block, or a padded prompt/response example)."""
+        raise NotImplementedError
+
+
+class RunConfig(TrainingRunConfig):
+    """Everything one run on a corpus needs. `teacher` is absent for pretraining / label-only training."""
+
+    data: DataConfig = DataConfig()
+
+    @property
+    def block_size(self) -> int:
+        return self.data.block_size
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:

@@ -6,11 +6,11 @@ evaluation.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
-from lmdistill.config import CheckpointConfig, EvalConfig, ModelConfig, TeacherConfig, TokenizerConfig, TrainConfig
+from lmdistill.config import TeacherConfig, TokenizerConfig, TrainingRunConfig
 from lmdistill.generation.config import BlackBoxConfig, RegimeConfig, SamplingConfig, Section, TaskConfig
 
 
@@ -23,22 +23,20 @@ class GenerationEvalConfig(Section):
     sampling: SamplingConfig = SamplingConfig(greedy=True, max_new_tokens=48)
 
 
-class TaskRunConfig(Section):
-    """A training run on a task (``lmdistill sft``, ``lmdistill distill``): the run sections of
-    :class:`~lmdistill.config.RunConfig` plus the regime (which holds the task) and the generation
-    evaluation."""
+class TaskRunConfig(TrainingRunConfig):
+    """A training run on a task (``lmdistill sft``, ``lmdistill distill``): the sections of every training run
+    (:class:`~lmdistill.config.TrainingRunConfig`) plus the regime (which holds the task), the generation
+    evaluation and the tokenized-data cache."""
 
     output_dir: str = "runs/task"
     tokenizer: TokenizerConfig = TokenizerConfig(vocab_size=2048)
-    student: ModelConfig = ModelConfig(preset="gpt2-student-1.5m")
-    teacher: TeacherConfig | None = None
-    objective: Any = Field("cross_entropy", description="objective name, {name: ..., params}, or {mix: [...]}")
     regime: RegimeConfig = RegimeConfig()
-    train: TrainConfig = TrainConfig()
-    eval: EvalConfig = EvalConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
     generation: GenerationEvalConfig = GenerationEvalConfig()
     cache_dir: str | None = Field(None, description="tokenized-data cache; default $LMDISTILL_CACHE_DIR or .cache/lmdistill")
+
+    @property
+    def block_size(self) -> int:
+        return self.regime.max_length
 
     @model_validator(mode="after")
     def _teacher_needed(self) -> TaskRunConfig:
