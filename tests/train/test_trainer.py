@@ -51,7 +51,9 @@ def test_resume_is_bit_identical(tmp_path, kjv_small_txt, cache_dir, student_dir
         assert torch.equal(got[key], expected[key]), key
 
 
-def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, kjv_small_txt, cache_dir, student_dir):
+def test_nan_loss_stops_with_step_and_keeps_the_last_good_checkpoint(tmp_path, kjv_small_txt, cache_dir, student_dir):
+    """The loss of step 5 is computed from the weights of checkpoint 4: that checkpoint is not good and goes;
+    checkpoint 2 (whose weights gave the finite loss of step 3) is kept and ``latest`` points at it."""
     cfg = run_config(tmp_path, kjv_small_txt, cache_dir, student_dir)
     trainer, _ = build_trainer(cfg, show_progress=False)
     micro_loss = trainer._micro_loss
@@ -60,13 +62,14 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, kjv_small_txt, 
     def poisoned(batch, normalizer):
         calls["n"] += 1
         out = micro_loss(batch, normalizer)
-        return out * float("nan") if calls["n"] == 3 else out  # one micro-batch per step: step 3
+        return out * float("nan") if calls["n"] == 5 else out  # one micro-batch per step: step 5
 
     trainer._micro_loss = poisoned
-    with pytest.raises(TrainingDiverged, match="step 3"):
+    with pytest.raises(TrainingDiverged, match="step 5.*checkpoint of step 4 was removed.*step-0000002"):
         trainer.train()
     latest = trainer.checkpoints.latest()
     assert latest is not None and latest.step == 2
+    assert [c.step for c in trainer.checkpoints.complete()] == [2]
     # the kept checkpoint is loadable by plain transformers
     from transformers import AutoModelForCausalLM
 

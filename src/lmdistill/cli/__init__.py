@@ -27,6 +27,10 @@ app = typer.Typer(
 )
 
 SetOption = typer.Option(None, "--set", help="override a config key: --set train.steps=100 (repeatable)")
+ResumeOption = typer.Option(False, "--resume", help="continue from the newest intact checkpoint in output_dir")
+OverwriteOption = typer.Option(
+    False, "--overwrite", help="replace the earlier run in output_dir (removes its checkpoints, metrics and final model)"
+)
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -40,14 +44,15 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug log
     _configure_logging(verbose)
 
 
-def _train_command(config: Optional[Path], overrides: Optional[list[str]], resume: bool, need_teacher: bool) -> None:
+def _train_command(config: Optional[Path], overrides: Optional[list[str]], resume: bool, overwrite: bool,
+                   need_teacher: bool) -> None:
     from lmdistill.config import load_config
     from lmdistill.train.run import run_training
 
     cfg = load_config(config, overrides or [])
     if need_teacher and cfg.teacher is None:
         raise LmdistillError("distill needs a 'teacher:' section with the teacher's path (or --set teacher.path=DIR)")
-    result = run_training(cfg, resume=resume)
+    result = run_training(cfg, resume=resume, overwrite=overwrite)
     typer.echo(json.dumps({"output_dir": str(result.output_dir), **{k: v for k, v in result.final_metrics.items() if k != "kind"},
                            "train_tokens_per_second": round(result.tokens_per_second, 1)}, indent=2))
 
@@ -56,17 +61,19 @@ def _train_command(config: Optional[Path], overrides: Optional[list[str]], resum
 def pretrain(
     config: Optional[Path] = typer.Argument(None, help="YAML run config (defaults apply without one)"),
     set: Optional[list[str]] = SetOption,
-    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in output_dir"),
+    resume: bool = ResumeOption,
+    overwrite: bool = OverwriteOption,
 ) -> None:
     """Train a model from scratch on a corpus with the next-token loss (how a teacher is made here)."""
-    _train_command(config, set, resume, need_teacher=False)
+    _train_command(config, set, resume, overwrite, need_teacher=False)
 
 
 @app.command()
 def distill(
     config: Path = typer.Argument(..., help="YAML run config with teacher, student, data and objective"),
     set: Optional[list[str]] = SetOption,
-    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in output_dir"),
+    resume: bool = ResumeOption,
+    overwrite: bool = OverwriteOption,
 ) -> None:
     """Distil a teacher into a student with any objective or mixture of objectives.
 
@@ -75,9 +82,33 @@ def distill(
     if config.is_file() and "regime" in (_read_yaml(config) or {}):
         from lmdistill.cli.generation import task_distill
 
+        _replace_task_run(config, set, resume, overwrite)
         task_distill(config, set, resume)
         return
-    _train_command(config, set, resume, need_teacher=True)
+    _train_command(config, set, resume, overwrite, need_teacher=True)
+
+
+def _replace_task_run(config: Path, overrides: Optional[list[str]], resume: bool, overwrite: bool) -> None:
+    """``--overwrite`` for task runs (sft, distill with a regime): remove the earlier run before the task
+    pipeline starts; its trainer then finds an empty directory (and refuses a non-empty one by itself)."""
+    if not overwrite:
+        return
+    from lmdistill.config import load_config
+    from lmdistill.errors import ConfigError
+    from lmdistill.generation.run_config import TaskRunConfig
+    from lmdistill.train.rundir import RunDirectory
+
+    if resume:
+        raise ConfigError("--resume and --overwrite exclude each other: resume the run, or replace it")
+    cfg = load_config(config, list(overrides or []), model=TaskRunConfig)
+    run_dir = RunDirectory(cfg.output_dir)
+    try:
+        run_dir.acquire()
+        removed = run_dir.clear()
+    finally:
+        run_dir.release()
+    if removed:
+        typer.echo(f"--overwrite: removed the earlier run's {', '.join(removed)} from {cfg.output_dir}", err=True)
 
 
 def _read_yaml(path: Path) -> dict | None:
@@ -138,7 +169,16 @@ def _register_package_commands() -> None:
     select_app.command("miniplm")(selection_cli.select_miniplm)
     app.add_typer(select_app, name="select")
 
-    app.command("sft")(generation_cli.sft)
+    def sft(
+        config: Path = typer.Argument(..., help="YAML task-run config (see configs/generation/sft_teacher.yaml)"),
+        set: Optional[list[str]] = SetOption,
+        resume: bool = ResumeOption,
+        overwrite: bool = OverwriteOption,
+    ) -> None:
+        _replace_task_run(config, set, resume, overwrite)
+        generation_cli.sft(config, set, resume)
+
+    app.command("sft", help=generation_cli.sft.__doc__)(sft)
     app.command("generate")(generation_cli.generate)
     app.command("serve")(generation_cli.serve)
     app.command("embed-distill")(embed_cli.embed_distill)

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from lmdistill.embed.config import EmbedConfig, negatives_source, resolve_model_path
 from lmdistill.embed.encoder import TextEncoder
@@ -34,6 +37,7 @@ from lmdistill.embed.train import train_flipped, train_infonce, train_m3, train_
 from lmdistill.errors import ConfigError
 
 Log = Callable[[str], None]
+log = logging.getLogger(__name__)
 M3_LABELS = {"dense": "M3 dense", "sparse": "M3 sparse (lexical)", "multi": "M3 multi-vector", "combined": "M3 combined"}
 
 
@@ -120,18 +124,64 @@ def _signal_cache_file(cfg: EmbedConfig, task: RetrievalTask) -> Path:
         "negatives": negatives_source(cfg),
         "top_k": cfg.mining.top_k,
         "skip_top": cfg.mining.skip_top,
-        "version": 1,
+        "version": 2,
     }
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(cfg.task.cache_dir) if cfg.task.cache_dir is not None else default_cache_dir()
-    return cache / f"signal-{key}.pt"
+    return cache / f"signal-{key}.safetensors"
+
+
+_SIGNAL_FORMAT = "lmdistill-training-signal-1"
+
+
+def save_signal(signal: TrainingSignal, path: Path) -> None:
+    """A training signal as safetensors: index lists as int64 tensors (the ragged negatives flattened with
+    their lengths), teacher embeddings as they are, document ids and groups as JSON metadata. The file's
+    name is predictable from public settings, so it must never be a format that runs code when read."""
+    tensors = {
+        "positive_index": torch.tensor(signal.positive_index, dtype=torch.int64),
+        "negatives_flat": torch.tensor([j for row in signal.negatives for j in row], dtype=torch.int64),
+        "negatives_lengths": torch.tensor([len(row) for row in signal.negatives], dtype=torch.int64),
+    }
+    for name in ("teacher_query", "teacher_docs"):
+        value = getattr(signal, name)
+        if value is not None:
+            tensors[name] = value.detach().cpu().contiguous()
+    meta = {"format": _SIGNAL_FORMAT, "doc_ids": json.dumps(signal.doc_ids), "doc_groups": json.dumps(signal.doc_groups)}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_signal(path: Path) -> TrainingSignal:
+    """Read :func:`save_signal`'s file; ``ValueError`` names the file when it is not one."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != _SIGNAL_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, expected {_SIGNAL_FORMAT!r}")
+        tensors = load_file(str(path))
+        flat, lengths = tensors["negatives_flat"].tolist(), tensors["negatives_lengths"].tolist()
+        starts = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+        return TrainingSignal(
+            doc_ids=json.loads(meta["doc_ids"]),
+            positive_index=tensors["positive_index"].tolist(),
+            negatives=[flat[a:b] for a, b in zip(starts[:-1], starts[1:])],
+            doc_groups=json.loads(meta["doc_groups"]),
+            teacher_query=tensors.get("teacher_query"),
+            teacher_docs=tensors.get("teacher_docs"),
+        )
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path} is not a training-signal cache ({exc})") from exc
 
 
 def training_signal(cfg: EmbedConfig, task: RetrievalTask, *, use_cache: bool = True) -> TrainingSignal:
-    """Cached teacher embeddings and mined negatives for ``cfg`` (computed, and cached, on first use)."""
+    """Cached teacher embeddings and mined negatives for ``cfg`` (computed, and cached, on first use).
+    A cache file that cannot be read as one (damaged, or planted) is rebuilt with a warning."""
     cache_file = _signal_cache_file(cfg, task)
     if use_cache and cache_file.is_file():
-        return torch.load(cache_file, weights_only=False)
+        try:
+            return load_signal(cache_file)
+        except ValueError as exc:
+            log.warning("%s; rebuilding it", exc)
     teacher = load_encoder(cfg.teacher) if needs_teacher(cfg) else None
     signal = build_training_signal(
         task,
@@ -144,7 +194,7 @@ def training_signal(cfg: EmbedConfig, task: RetrievalTask, *, use_cache: bool = 
     if use_cache:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")
-        torch.save(signal, tmp)
+        save_signal(signal, tmp)
         tmp.replace(cache_file)
     return signal
 

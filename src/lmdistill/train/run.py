@@ -2,7 +2,8 @@
 
 Pretraining and label-only training are runs without a teacher and with the ``cross_entropy``
 objective; distillation adds a teacher. Everything that can be checked without loading a model is
-checked first (config, paths, objective name and parameters).
+checked first (config, paths, objective name and parameters, the output directory: writable, not in use
+by another run, not holding an earlier run unless resumed or overwritten).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from lmdistill.losses import build_objective
 from lmdistill.models.loading import build_from_preset, count_parameters, load_causal_lm
 from lmdistill.models.vocab import check_vocab_compatible
 from lmdistill.teachers.live import load_live_teacher
+from lmdistill.train.guard import make_accelerator
+from lmdistill.train.rundir import RunDirectory
 from lmdistill.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -124,10 +127,37 @@ def build_models(
     return Models(student=student, teacher=teacher, teacher_model=teacher_model, vocab_size=vocab_size)
 
 
-def build_trainer(config: RunConfig, *, show_progress: bool = True, accelerator=None) -> tuple[Trainer, PreparedData]:
+def build_trainer(
+    config: RunConfig,
+    *,
+    show_progress: bool = True,
+    accelerator: Any = None,
+    resume: bool | None = None,
+    overwrite: bool = False,
+) -> tuple[Trainer, PreparedData]:
+    """A trainer for ``config``. The output directory is locked and checked writable before any data or
+    model loads; with ``resume`` given (True/False) it is also checked for reuse now (an earlier run is
+    refused unless resumed, or removed with ``overwrite``), otherwise :meth:`Trainer.train` checks it."""
     objective = build_objective(config.objective)  # validates name and parameters before any model loads
     if objective.requires_teacher and config.teacher is None:
         raise ConfigError(f"objective '{objective.name}' needs a teacher: add teacher.path to the config")
+    accelerator = accelerator or make_accelerator(config.train.mixed_precision)
+    run_dir = RunDirectory(config.output_dir, is_main=accelerator.is_main_process)
+    try:
+        if resume is not None or overwrite:
+            run_dir.prepare(config, resume=bool(resume), overwrite=overwrite)
+        else:
+            run_dir.acquire()
+        accelerator.wait_for_everyone()  # the main process may have removed an earlier run (overwrite)
+        trainer, data = _build(config, objective, show_progress, accelerator, run_dir)
+    except BaseException:
+        run_dir.release()
+        raise
+    return trainer, data
+
+
+def _build(config: RunConfig, objective: Any, show_progress: bool, accelerator: Any,
+           run_dir: RunDirectory) -> tuple[Trainer, PreparedData]:
     torch.manual_seed(config.train.seed)
     data = prepare_data(
         config.data.corpus,
@@ -155,13 +185,21 @@ def build_trainer(config: RunConfig, *, show_progress: bool = True, accelerator=
         vocab_size=vocab_size,
         accelerator=accelerator,
         show_progress=show_progress,
+        run_dir=run_dir,
     )
     return trainer, data
 
 
-def run_training(config: RunConfig, *, resume: bool = False, show_progress: bool = True) -> TrainResult:
-    """Train (pretrain, label-only or distil, depending on the config), save the final model."""
-    trainer, _ = build_trainer(config, show_progress=show_progress)
-    result = trainer.train(resume=resume)
-    trainer.save_final()
+def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
+                 show_progress: bool = True) -> TrainResult:
+    """Train (pretrain, label-only or distil, depending on the config), save the final model.
+
+    An output directory that holds an earlier run is refused unless ``resume`` (continue its newest intact
+    checkpoint; settings it depends on must not change) or ``overwrite`` (remove it first)."""
+    trainer, _ = build_trainer(config, show_progress=show_progress, resume=resume, overwrite=overwrite)
+    try:
+        result = trainer.train(resume=resume)
+        trainer.save_final()
+    finally:
+        trainer.close()
     return result

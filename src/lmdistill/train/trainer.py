@@ -1,6 +1,13 @@
 """The one training loop. Pretraining, label-only training and every distillation objective run here;
 methods plug in as an objective (``lmdistill.losses``) and a teacher source (``lmdistill.teachers``).
 
+Divergence guard: every step checks the global loss and the gradients (all ranks, every loss path: plain,
+chunked, eager or compiled kernels) before the optimizer step and stops with :class:`TrainingDiverged`
+when one is NaN or infinite. A checkpoint counts as good only once the step after it has computed a finite
+loss and finite gradients from its weights; a checkpoint whose weights produced the divergence is removed,
+older ones are pruned only after that proof, and no checkpoint or final model is written with non-finite
+parameters or optimizer state, or with a non-finite validation loss.
+
 Devices and processes go through Hugging Face Accelerate (DDP under ``torchrun`` / ``accelerate
 launch``; FSDP/DeepSpeed settings pass through its config). Gradient accumulation is done here with
 ``no_sync`` so that the loss normalisation is exact: every micro-batch's summed per-token loss is
@@ -11,9 +18,9 @@ ranks), so 4 accumulated micro-batches give the same gradient as one batch 4x th
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +30,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from safetensors.torch import load_file
+from safetensors import SafetensorError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmdistill.config import RunConfig, dump_config
@@ -34,16 +41,19 @@ from lmdistill.eval.lm import evaluate_lm
 from lmdistill.losses import Objective, OuterStep, fused_linear_distill, reduce_tokens
 from lmdistill.models.heads import linear_head_mismatch
 from lmdistill.teachers.base import TeacherSource
-from lmdistill.train.checkpoint import CheckpointManager
+from lmdistill.train.checkpoint import (
+    CheckpointContents, CheckpointError, CheckpointManager, file_sha256, io_failure, write_text_atomic,
+)
+from lmdistill.train.guard import (
+    CollectiveTimeout, Heartbeat, TrainingDiverged, collective_timeout_seconds, grads_nonfinite, lost_rank,
+    make_accelerator, nonfinite_names, optimizer_tensors,
+)
+from lmdistill.train.rundir import MetricsLog, RunDirectory
 from lmdistill.train.schedule import accumulation_steps
 from lmdistill.train.sources import BatchSource, BlockSource
 
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingDiverged(LmdistillError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -67,35 +77,6 @@ class TrainResult:
     train_seconds: float = 0.0
 
 
-class MetricsLog:
-    """JSON lines plus TensorBoard events, written by the main process only."""
-
-    def __init__(self, output_dir: Path, enabled: bool) -> None:
-        self.enabled = enabled
-        self.path = output_dir / "metrics.jsonl"
-        self.writer = None
-        if enabled:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        step = record.get("step", 0)
-        for key, value in record.items():
-            if key not in ("step", "kind") and isinstance(value, (int, float)):
-                self.writer.add_scalar(f"{record.get('kind', 'train')}/{key}", value, step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 class Trainer:
     def __init__(
         self,
@@ -112,10 +93,12 @@ class Trainer:
         accelerator: Accelerator | None = None,
         show_progress: bool = True,
         evaluator: Callable[["Trainer"], dict[str, float]] | None = None,
+        run_dir: RunDirectory | None = None,
     ) -> None:
         self.config = config
         self.tc = config.train
-        self.accelerator = accelerator or Accelerator(mixed_precision=self.tc.mixed_precision, cpu=not torch.cuda.is_available())
+        self.accelerator = accelerator or make_accelerator(self.tc.mixed_precision)
+        self.run_dir = run_dir or RunDirectory(config.output_dir, is_main=self.accelerator.is_main_process)
         self.tokenizer = tokenizer
         self.objective = objective
         if objective.requires_teacher and teacher is None:
@@ -159,7 +142,10 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.output_dir, keep=config.checkpoint.keep)
         self.log = MetricsLog(self.output_dir, acc.is_main_process)
         self.step = 0
+        self._prune_pending = False  # the newest checkpoint awaits the next step's proof that it is good
+        self.heartbeat: Heartbeat | None = None
         self.source.bind(self)
+        self.run_dir.acquire()  # locked (and checked writable) for as long as this trainer runs
 
     # ----------------------------------------------------------------------------------------- loss
     def _micro_loss(self, batch: dict[str, torch.Tensor], normalizer: torch.Tensor) -> torch.Tensor:
@@ -253,14 +239,20 @@ class Trainer:
                 # so the gradient is that of (sum of all tokens' losses) / (global valid tokens).
                 acc.backward(loss * acc.num_processes)
             total += loss.detach().double().cpu()
-        global_loss = acc.reduce(total.to(acc.device), reduction="sum").item()
-        if not math.isfinite(global_loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDiverged(
-                f"loss became {global_loss} at step {step + 1}; stopped. The last good checkpoint is kept in "
-                f"{self.checkpoints.root} (lower train.lr, enable train.grad_clip, or check the data)."
-            )
+        # One collective carries the loss and the count of non-finite gradients (sharded under FSDP, so each
+        # rank checks its own). Under fp16 the gradient scaler owns overflowing gradients: it skips the step.
+        bad_grads = 0.0 if acc.scaler is not None else float(grads_nonfinite(self.model.parameters()))
+        stats = acc.reduce(torch.tensor([float(total), bad_grads], dtype=torch.float64, device=acc.device), reduction="sum")
+        global_loss, bad_grads = float(stats[0]), float(stats[1])
+        if not math.isfinite(global_loss) or bad_grads:
+            what = f"loss became {global_loss}" if not math.isfinite(global_loss) else f"gradients became non-finite (loss {global_loss:.4g})"
+            self._diverged(step, f"{what} at step {step + 1}")
         self.objective.outer_step(self._outer_step(batches[0], step))
+        extra = self.objective.parameters()  # learned objective parameters get their gradients in outer_step
+        if extra and acc.scaler is None and grads_nonfinite(extra):
+            self._diverged(step, f"the objective's own parameters got non-finite gradients at step {step + 1}")
+        if self._prune_pending:  # the newest checkpoint's weights just gave a finite loss and gradients
+            self._prune_checkpoints()
         if self.tc.grad_clip is not None:
             acc.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
         self.optimizer.step()
@@ -268,6 +260,30 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.objective.on_step_end(global_loss, step + 1, self.tc.steps)
         return global_loss
+
+    def _diverged(self, step: int, what: str) -> None:
+        """Stop: the weights after ``step`` updates gave ``what`` (in step ``step + 1``, or in the evaluation
+        after step ``step``). A checkpoint of exactly those weights is not good, so it is removed and ``latest``
+        points at the newest earlier one."""
+        self.optimizer.zero_grad(set_to_none=True)
+        acc = self.accelerator
+        removed = ""
+        if acc.is_main_process:
+            if any(c.step == step for c in self.checkpoints.complete()):
+                removed = f"; its checkpoint of step {step} was removed"
+            self.checkpoints.discard(step)
+        kept = [c for c in self.checkpoints.complete() if c.step < step]
+        where = f"the last good checkpoint is {kept[-1].path} (step {kept[-1].step}: --resume continues from it)" if kept else \
+            "no good checkpoint was written before it"
+        raise TrainingDiverged(
+            f"{what}; stopped{removed}; {where}. Lower train.lr (allowed with --resume), "
+            "set train.grad_clip, or check the data"
+        )
+
+    def _prune_checkpoints(self) -> None:
+        if self.accelerator.is_main_process:
+            self.checkpoints.prune()
+        self._prune_pending = False
 
     def _outer_step(self, batch: dict[str, torch.Tensor], step: int) -> OuterStep:
         """What an objective's own outer step may use (see :class:`lmdistill.losses.OuterStep`)."""
@@ -292,7 +308,7 @@ class Trainer:
             return acc.reduce(t, reduction="mean") if acc.num_processes > 1 else t
 
         return OuterStep(
-            step=step, lr=self.scheduler.get_last_lr()[0], batch=batch, student_hidden=student_hidden,
+            step=step, lr=self.optimizer.param_groups[0]["lr"], batch=batch, student_hidden=student_hidden,
             output_layer=(head.weight[: self.vocab_size], None if bias is None else bias[: self.vocab_size]),
             teacher_signal=lambda b: self.teacher.signal(b),
             held_out=lambda b: self._held_out_batch(b, step), backward=acc.backward, mean_over_ranks=mean_over_ranks,
@@ -331,7 +347,20 @@ class Trainer:
             all_reduce=lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu(),
         )
 
-    def save_checkpoint(self) -> None:
+    def _check_finite_state(self, what: str) -> None:
+        """Refuse to write ``what`` from non-finite weights or optimizer state (every rank checks its own)."""
+        acc = self.accelerator
+        bad = nonfinite_names(acc.unwrap_model(self.model).named_parameters()) + nonfinite_names(optimizer_tensors(self.optimizer))
+        count = acc.reduce(torch.tensor(float(len(bad)), device=acc.device), reduction="sum")
+        if float(count):
+            kept = [c for c in self.checkpoints.complete() if c.step < self.step]
+            where = f"the last good checkpoint is {kept[-1].path} (step {kept[-1].step})" if kept else "no good checkpoint exists"
+            names = ", ".join(bad[:3]) or "another rank's shard"
+            raise TrainingDiverged(f"non-finite values after step {self.step} ({names}); {what} was not written; {where}. "
+                                   "Lower train.lr or set train.grad_clip")
+
+    def save_checkpoint(self, prune: bool = True) -> None:
+        self._check_finite_state(f"checkpoint step {self.step}")
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -345,17 +374,26 @@ class Trainer:
                     "objective": self.objective.state_dict(),
                     "data_position": {"next_step": self.step, "seed": self.tc.seed, "source": self.source.state_dict()},
                 },
+                prune=prune,
             )
         acc.wait_for_everyone()
 
     def resume(self) -> bool:
-        """Restore the newest complete checkpoint; False when there is none."""
-        ckpt = self.checkpoints.latest()
-        if ckpt is None:
+        """Restore the newest intact checkpoint (a damaged one is skipped with a warning); False when there is none."""
+        contents = self.checkpoints.read_newest_intact()
+        if contents is None:
             return False
+        self._apply_checkpoint(contents)
+        self.log.resume_at(self.step, redo_final_eval=self.step >= self.tc.steps)
+        if self.accelerator.is_main_process:
+            changed = f" with changed settings: {'; '.join(self.run_dir.resume_changes)}" if self.run_dir.resume_changes else ""
+            print(f"resumed from {contents.checkpoint.path} at step {self.step}{changed}", flush=True)
+        return True
+
+    def _apply_checkpoint(self, contents: CheckpointContents) -> None:
+        ckpt = contents.checkpoint
         model = self.accelerator.unwrap_model(self.model)
-        weights = load_file(str(ckpt.path / "model" / "model.safetensors"))
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        missing, unexpected = model.load_state_dict(contents.weights, strict=False)
         # Tied output weights are stored once; anything else missing means the wrong checkpoint.
         tied = set(getattr(model, "_tied_weights_keys", None) or [])
         real_missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
@@ -363,40 +401,106 @@ class Trainer:
             raise LmdistillError(f"checkpoint {ckpt.path} does not fit this model: missing {real_missing[:5]}, unexpected {unexpected[:5]}")
         if hasattr(model, "tie_weights"):
             model.tie_weights()
-        state = CheckpointManager.load_state(ckpt, self.optimizer)
+        try:
+            self.optimizer.load_state_dict(contents.optimizer)
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint {ckpt.path}: optimizer.pt does not fit this run's optimizer ({exc})") from exc
+        state = contents.state
         self.scheduler.load_state_dict(state["scheduler"])
+        # train.lr and the schedule's shape are this run's (resuming with a lower lr is allowed): the same
+        # expression LambdaLR uses, so an unchanged config gives back the saved values bit for bit
+        self.scheduler.base_lrs = [self.tc.lr for _ in self.optimizer.param_groups]
+        for group, fn, base in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas, self.scheduler.base_lrs):
+            group["initial_lr"] = base
+            group["lr"] = base * fn(self.scheduler.last_epoch)
         self.objective.load_state_dict(state["objective"])
+        contents.restore_rng()
         self.step = int(state["data_position"]["next_step"])
         self.source.load_state_dict(state["data_position"].get("source", {}))
-        if self.accelerator.is_main_process:
-            print(f"resumed from {ckpt.path} at step {self.step}")
-        return True
 
     def save_final(self, path: Path | None = None) -> Path:
         path = path or self.output_dir / "final"
+        self._check_finite_state(f"the final model {path}")
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
             tmp = path.with_name(path.name + ".tmp")
-            model = acc.unwrap_model(self.model)
-            model.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            if path.exists():
-                import shutil
-
-                shutil.rmtree(path)
-            tmp.rename(path)
+            try:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                model = acc.unwrap_model(self.model)
+                model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+                for f in sorted(tmp.rglob("*")):
+                    if f.is_file():
+                        file_sha256(f, fsync=True)  # on disk before the rename publishes it
+                if path.exists():
+                    shutil.rmtree(path)
+                tmp.rename(path)
+            except (OSError, RuntimeError, SafetensorError) as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                where = getattr(exc, "filename", None) or tmp
+                raise LmdistillError(f"could not write the final model {path}: {io_failure(exc, path.parent)} ({where})") from exc
         acc.wait_for_everyone()
+        self.close()
         return path
+
+    def close(self) -> None:
+        """End the run's hold on its output directory (lock, heartbeat); safe to call more than once."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
+        self.log.close()
+        self.run_dir.release()
+
+    def _checked_eval(self) -> dict[str, Any]:
+        metrics = self.evaluate()
+        bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            self._diverged(self.step, f"the validation {', '.join(bad)} became non-finite after step {self.step}")
+        return {"kind": "eval", "step": self.step, **metrics}
 
     # ------------------------------------------------------------------------------------- loop
     def train(self, resume: bool = False) -> TrainResult:
+        """Train to ``train.steps`` (continuing the newest checkpoint with ``resume``). The output directory
+        must not hold another run unless resumed (see :class:`RunDirectory`)."""
         acc = self.accelerator
-        if resume:
-            self.resume()
-        elif acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(dump_config(self.config), encoding="utf-8")
+        self.run_dir.acquire()  # again after an earlier train() of this trainer ended
+        if self.run_dir.prepared_for is None or self.run_dir.prepared_for[0] != resume:
+            self.run_dir.prepare(self.config, resume=resume)
+            acc.wait_for_everyone()  # every rank checked the directory before the main process writes into it
+        try:
+            if resume and not self.resume():
+                raise CheckpointError(f"--resume: no checkpoint found in {self.checkpoints.root}; start without --resume")
+            if acc.is_main_process:  # the settings the next --resume compares with
+                write_text_atomic(self.output_dir / "config.yaml", dump_config(self.config))
+            if acc.num_processes > 1:
+                timeout = collective_timeout_seconds()
+                self.heartbeat = Heartbeat(self.output_dir, acc.process_index, acc.num_processes, min(30.0, max(0.5, timeout / 10)))
+                self.heartbeat.start()
+            return self._train_loop()
+        except RuntimeError as exc:
+            silent = self.heartbeat.silent_ranks() if self.heartbeat is not None else []
+            self.close()
+            if acc.num_processes > 1 and lost_rank(exc):
+                first = str(exc).strip().splitlines()[0][:300]
+                raise CollectiveTimeout(
+                    f"rank {acc.process_index}: waiting for the other ranks failed at step {self.step + 1} ({first}); "
+                    f"stopped answering: {', '.join(silent) if silent else 'no rank identified (all heartbeats recent)'}. "
+                    f"The last complete checkpoint is kept; LMDISTILL_COLLECTIVE_TIMEOUT "
+                    f"({collective_timeout_seconds():.0f}s) sets how long ranks wait"
+                ) from exc
+            raise
+        except OSError as exc:  # a full disk, a read-only or vanished directory: one line naming the file
+            self.close()
+            raise LmdistillError(f"training stopped at step {self.step}: {io_failure(exc, self.output_dir)} "
+                                 f"({exc.filename or self.output_dir})") from exc
+        except BaseException:
+            self.close()
+            raise
+
+    def _train_loop(self) -> TrainResult:
+        acc = self.accelerator
         tokens_per_step = self.tc.batch_size * self.config.data.block_size
         history: list[dict[str, Any]] = []
         start_time = time.perf_counter()
@@ -409,6 +513,8 @@ class Trainer:
         with progress:
             task = progress.add_task("train", total=self.tc.steps, completed=self.step, info="")
             while self.step < self.tc.steps:
+                if self.heartbeat is not None:
+                    self.heartbeat.step = self.step + 1
                 loss = self.train_step(self.step)
                 self.step += 1
                 elapsed = time.perf_counter() - start_time
@@ -424,13 +530,17 @@ class Trainer:
                         eta = (self.tc.steps - self.step) * elapsed / max(1, self.step - start_step)
                         print(f"step {self.step}/{self.tc.steps}  loss {loss:.4f}  {tps:,.0f} tok/s  eta {eta:.0f}s", flush=True)
                 if self.step % self.config.eval.every == 0 and self.step != self.tc.steps:
-                    metrics = {"kind": "eval", "step": self.step, **self.evaluate()}
+                    metrics = self._checked_eval()
                     history.append(metrics)
                     self.log.write(metrics)
                 if self.step % self.config.checkpoint.every == 0 or self.step == self.tc.steps:
-                    self.save_checkpoint()
+                    # older checkpoints go once the next step (or the final evaluation) shows this one is good
+                    self.save_checkpoint(prune=False)
+                    self._prune_pending = True
         train_seconds = time.perf_counter() - start_time
-        final = {"kind": "eval", "step": self.step, **self.evaluate()}
+        final = self._checked_eval()
+        if self._prune_pending:
+            self._prune_checkpoints()
         history.append(final)
         self.log.write(final)
         self.log.close()
