@@ -125,7 +125,8 @@ def find_teacher(cache_root: Path) -> tuple[Path, str]:
         raw["output_dir"] = str(run_dir)
         config = validate_config(raw, "bench teacher")
         log(f"pretraining a bench teacher ({config.student.preset}, {BENCH_TEACHER_STEPS} steps) -> {final}")
-        run_training(config, resume=(run_dir / "checkpoints" / "latest").exists(), show_progress=False)
+        resume = (run_dir / "checkpoints" / "latest").exists()
+        run_training(config, resume=resume, overwrite=not resume, show_progress=False)
     return final, f"bench teacher {final} (demo teacher recipe, {BENCH_TEACHER_STEPS} pretraining steps)"
 
 
@@ -235,7 +236,7 @@ def step_times_and_reads(caches: dict[int, Path], others: dict[str, Path], teach
     for name, section, chunked in timed:
         cfg = student_config(out / "timing" / name.replace(" ", "_").replace(",", "").replace("=", ""), teacher_dir,
                              section, steps=10**6, chunked=chunked, corpus=corpus, objective=objective)
-        trainers.append((name, build_trainer(cfg, show_progress=False)[0]))
+        trainers.append((name, build_trainer(cfg, show_progress=False, overwrite=True)[0]))
     from lmdistill.losses.fused import compile_enabled
 
     kernels = "compiled loss kernels" if compile_enabled() else "eager loss kernels (LMDISTILL_COMPILE=0)"
@@ -331,7 +332,7 @@ def part_cache(teacher_dir: Path, out: Path, steps: int, timing_rounds: int, cor
         cfg = student_config(out / "students" / name.replace(" ", "_").replace("=", ""), teacher_dir, section, steps,
                              corpus=corpus, objective=objective)
         log(f"student: {name}, {steps} steps; {load_note()}")
-        result = run_training(cfg, show_progress=False)
+        result = run_training(cfg, overwrite=True, show_progress=False)
         quality[name] = {**result.final_metrics, "train_seconds": result.train_seconds,
                          "train_tokens_per_second": result.tokens_per_second}
 
@@ -470,7 +471,7 @@ def part_miniplm(teacher_dir: Path, out: Path, steps: int, reference_steps: int,
     if not (ref_dir / "final" / "model.safetensors").exists():
         raw["output_dir"] = str(ref_dir)
         log(f"pretraining the reference model ({reference_steps} steps); {load_note()}")
-        run_training(validate_config(raw, "bench reference"), show_progress=False)
+        run_training(validate_config(raw, "bench reference"), overwrite=True, show_progress=False)
 
     log(f"difference sampling of the training split (window {window}, stride {stride}); {load_note()}")
     selection = MiniPLMConfig.model_validate({

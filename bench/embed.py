@@ -60,7 +60,7 @@ def find_lm(explicit: str | None) -> tuple[str | None, str]:
         raw["eval"] = {"every": 1000, "max_batches": 2}
         raw["checkpoint"] = {"every": 1000, "keep": 1}
         log("no trained LM found: pretraining a 1.5M GPT-2 stand-in on KJV for 200 steps")
-        run_training(validate_config(raw, "bench stand-in LM"))
+        run_training(validate_config(raw, "bench stand-in LM"), overwrite=True)
         return str(standin / "final"), "stand-in: gpt2-student-1.5m, 200 KJV steps"
     except Exception as exc:  # noqa: BLE001 - the bench still prints the other rows
         log(f"could not build a stand-in LM ({type(exc).__name__}: {exc}); skipping flipped KD")

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
                                          objective=objective or "forward_kl")  # label-only: no objective used
         bench_cache.log(f"student: {name}, {args.steps} steps; {bench_cache.load_note()}")
         started = time.perf_counter()
-        result = run_training(cfg, show_progress=False)
+        result = run_training(cfg, overwrite=True, show_progress=False)
         rows.append({"run": name, "ppl": result.final_metrics.get("perplexity"),
                      "tok_s": result.tokens_per_second, "minutes": (time.perf_counter() - started) / 60})
     print()

@@ -49,7 +49,7 @@ def ensure_teacher(cache_root: Path) -> Path:
     config = validate_config(raw, "recipe demo_teacher")
     print(f"pretraining the demo teacher ({config.student.preset}, {config.train.steps} steps) -> {final}")
     resume = (run_dir / "checkpoints" / "latest").exists()  # an interrupted pretraining continues
-    run_training(config, resume=resume)
+    run_training(config, resume=resume, overwrite=not resume)  # killed before its first checkpoint: start again
     return final
 
 
@@ -71,7 +71,7 @@ def run_demo(output: Path, overrides: list[str] | None = None) -> dict[str, Any]
         config = validate_config(raw, f"recipe {recipe_name}")
         print(f"\n== {name}: objective {config.objective}, {config.train.steps} steps")
         t0 = time.perf_counter()
-        result = run_training(config)
+        result = run_training(config, overwrite=True)  # the demo's students are retrained on every run
         runs[name] = {"result": result, "seconds": time.perf_counter() - t0, "config": config}
 
     # The teacher, and agreement of each student with it, on the same validation blocks.
