@@ -119,10 +119,49 @@ def test_a_good_model_path_passes(model_dirs):
 
 
 def test_the_cli_refuses_a_run_directory_as_teacher_in_one_line_before_tokenizing(tmp_path, model_dirs, cache_dir):
-    out = _cli("distill", "--set", f"teacher.path={model_dirs / 'teacher-run'}", "--set", f"output_dir={tmp_path / 'run'}",
-               "--set", f"data.cache_dir={tmp_path / 'empty-cache'}")
+    config = _config(tmp_path, f"teacher: {{path: {model_dirs / 'teacher-run'}}}\noutput_dir: {tmp_path / 'run'}\n"
+                               f"data: {{cache_dir: {tmp_path / 'empty-cache'}}}\n")
+    out = _cli("distill", str(config))
     assert out.returncode == 2, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in out.stderr
     assert "teacher.path" in lines[0] and "did you mean" in lines[0] and "final" in lines[0]
     assert not (tmp_path / "empty-cache").exists()  # nothing was tokenized
+
+
+def test_a_block_size_beyond_a_learned_position_table_names_the_model_and_the_key(tmp_path, small_tokenizer, cache_dir):
+    from lmdistill.config import check_block_size
+
+    teacher = save_tiny_model(tmp_path / "teacher", small_tokenizer, layers=1, hidden=16)  # GPT-2: learned positions
+    positions = json.loads((teacher / "config.json").read_text())["n_positions"]
+    config = load_config(None, [f"teacher.path={teacher}", f"data.block_size={positions * 2}"])
+    with pytest.raises(ConfigError) as info:
+        check_block_size(config, config.block_size)
+    message = str(info.value)
+    assert f"block size {positions * 2} exceeds the teacher's {positions} positions" in message
+    assert "config.json n_positions" in message and f"at most {positions}" in message
+    assert check_block_size(config, positions) == []
+    run_config = _config(tmp_path, f"teacher: {{path: {teacher}}}\noutput_dir: {tmp_path / 'run'}\n"
+                                   f"data: {{block_size: {positions * 2}, cache_dir: {tmp_path / 'empty-cache'}}}\n")
+    out = _cli("distill", str(run_config))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert len([line for line in out.stderr.splitlines() if line.strip()]) == 1
+    assert not (tmp_path / "empty-cache").exists()
+
+
+def test_report_command_and_quiet_then_verbose_logging(tmp_path, model_dirs, kjv_small_txt, cache_dir):
+    """A tiny pretraining through the CLI: no weight-loading bars without -v, debug lines with -v, evaluation
+    results printed, and `lmdistill report` on the run directory."""
+    run = tmp_path / "run"
+    common = ["--set", f"data.corpus={kjv_small_txt}", "--set", f"data.cache_dir={cache_dir}", "--set", "data.block_size=32",
+              "--set", f"student.path={model_dirs / 'student'}", "--set", "student.preset=null",
+              "--set", "train.steps=4", "--set", "train.batch_size=4", "--set", "eval.every=2", "--set", "eval.max_batches=1",
+              "--set", "checkpoint.every=100", "--set", f"tokenizer.path={model_dirs / 'student'}"]
+    out = _cli("pretrain", "--set", f"output_dir={run}", *common)
+    assert out.returncode == 0, out.stderr
+    assert "Loading weights" not in out.stderr and "eval at step 2:" in out.stdout
+    verbose = _cli("-v", "pretrain", "--set", f"output_dir={tmp_path / 'verbose'}", *common)
+    assert verbose.returncode == 0 and "DEBUG" in verbose.stderr
+    rep = _cli("report", str(run), "--output", str(tmp_path / "report"))
+    assert rep.returncode == 0, rep.stderr
+    assert "| run |" in rep.stdout and (tmp_path / "report" / "curves.png").exists()

@@ -65,6 +65,43 @@ def check_model_paths(config: BaseModel) -> None:
                 raise ConfigError(str(exc)) from None
 
 
+# config.json keys holding a model's number of positions, and the families whose positions are a learned table
+# (a longer sequence is an index error there; rotary models degrade instead, so they get a warning)
+POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length")
+LEARNED_POSITION_TYPES = ("gpt2", "gpt_neo", "opt", "bloom", "biogpt", "xglm", "codegen")
+
+
+def model_positions(path: str | Path) -> tuple[int, str, bool] | None:
+    """(positions, config key, learned table?) of a saved model's ``config.json``; None when it names none."""
+    try:
+        cfg = json.loads((Path(path).expanduser() / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for key in POSITION_KEYS:
+        if isinstance(cfg.get(key), int):
+            return cfg[key], key, cfg.get("model_type") in LEARNED_POSITION_TYPES
+    return None
+
+
+def check_block_size(config: BaseModel, block_size: int) -> list[str]:
+    """Refuse a ``block_size`` beyond a learned-position model's table (naming the model and the key to change);
+    returns warnings for rotary models asked to go beyond what they were configured for."""
+    warnings = []
+    for section in ("student", "teacher"):
+        path = getattr(getattr(config, section, None), "path", None)
+        found = model_positions(path) if path is not None else None
+        if found is None or block_size <= found[0]:
+            continue
+        positions, key, learned = found
+        what = (f"the block size {block_size} exceeds the {section}'s {positions} positions ({section}.path {path}: "
+                f"config.json {key})")
+        if learned:
+            raise ConfigError(f"{what}; set data.block_size (or regime.max_length) to at most {positions}, or use "
+                              f"another {section}")
+        warnings.append(f"{what}; it has no learned position table, but it was not trained that long")
+    return warnings
+
+
 def require_model(path: str | None, key: str) -> str | None:
     """A model path (``key``: the config key) must be a hub id or a directory that ``save_pretrained`` wrote: a
     readable ``config.json`` and safetensors weights. Common mistakes get their own message: a typo (with the

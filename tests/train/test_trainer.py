@@ -162,3 +162,36 @@ def test_tgeo_fusion_network_learns_in_the_trainer(tmp_path, kjv_small_txt, cach
     assert any(not torch.equal(a, b) for a, b in zip(after, before)), "fusion network never updated"
     assert all(torch.isfinite(p).all() for p in after)
     assert any(not torch.equal(v, student_before[k]) for k, v in _weights(trainer).items())
+
+
+def test_an_objective_state_with_tensors_checkpoints_and_resumes_exactly(tmp_path, kjv_small_txt, cache_dir, student_dir,
+                                                                        tiny_teacher, monkeypatch):
+    """TGeo-KD's state holds tensors (its network, the class means): they go into the checkpoint (safetensors beside
+    state.json) and come back on resume, so a resumed run ends where an uninterrupted one does."""
+    from lmdistill.train.checkpoint import STATE_TENSORS
+
+    def cfg(where):
+        return run_config(where, kjv_small_txt, cache_dir, student_dir, teacher=tiny_teacher, objective={"name": "tgeo"},
+                          train={"steps": 4, "lr": 1e-2, "warmup_steps": 0}, checkpoint={"every": 2, "keep": 3})
+
+    straight, _ = build_trainer(cfg(tmp_path / "a"), show_progress=False)
+    straight.train()
+    killed, _ = build_trainer(cfg(tmp_path / "b"), show_progress=False)
+    original = killed.train_step
+
+    def dies_in_step_3(step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return original(step)
+
+    monkeypatch.setattr(killed, "train_step", dies_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    killed.close()
+    assert list((tmp_path / "b" / "run" / "checkpoints").glob(f"step-*/{STATE_TENSORS}"))
+    resumed, _ = build_trainer(cfg(tmp_path / "b"), show_progress=False)
+    resumed.train(resume=True)
+    a, b = straight.objective.state_dict(), resumed.objective.state_dict()
+    for key, value in a["net"].items():
+        torch.testing.assert_close(b["net"][key], value, rtol=0, atol=0)
+    torch.testing.assert_close(b["class_mean"], a["class_mean"], rtol=0, atol=0)

@@ -34,9 +34,19 @@ OverwriteOption = typer.Option(
 
 
 def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """INFO lines of lmdistill (DEBUG with ``-v``); other libraries' chatter (transformers' weight-loading bars,
+    its attention-mask and generation warnings, HTTP clients) only with ``-v``."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        force=True)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "matplotlib", "PIL", "torch", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    if verbose:
+        hf_logging.set_verbosity_info()
+    else:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 @app.callback()
@@ -138,6 +148,20 @@ def eval_command(
 
 
 @app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="run directories (each run's output_dir)"),
+    output: Path = typer.Option(Path("runs/report"), help="where table.md, results.json and curves.png go"),
+    title: str = typer.Option("", help="title of the curves figure"),
+) -> None:
+    """The demo's table and learning curves for any runs (read from what they logged)."""
+    from lmdistill.report.runs import report_runs
+
+    out = report_runs(list(run_dirs), output, title=title)
+    typer.echo(out["table"])
+    typer.echo("written: " + ", ".join(out["files"]))
+
+
+@app.command()
 def presets() -> None:
     """List the from-scratch model presets."""
     from lmdistill.models.presets import PRESETS
@@ -160,6 +184,7 @@ def demo(
 def _register_package_commands() -> None:
     """Commands defined next to their packages (their modules import heavy libraries lazily)."""
     from lmdistill.cli import cache as cache_cli
+    from lmdistill.cli import datacentric as datacentric_cli
     from lmdistill.cli import embed as embed_cli
     from lmdistill.cli import generation as generation_cli
     from lmdistill.cli import selection as selection_cli
@@ -183,6 +208,9 @@ def _register_package_commands() -> None:
     app.command("serve")(generation_cli.serve)
     app.command("embed-distill")(embed_cli.embed_distill)
     app.command("embed-eval")(embed_cli.embed_eval)
+    app.command("distill-mixture")(datacentric_cli.distill_mixture)
+    app.command("active-distill")(datacentric_cli.active_distill)
+    app.command("hacking-report")(datacentric_cli.hacking_report)
 
 
 _register_package_commands()

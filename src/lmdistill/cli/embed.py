@@ -12,13 +12,6 @@ from typing import Optional
 import typer
 
 
-def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-
-
 def embed_distill(
     config: Path = typer.Argument(..., help="YAML config (see configs/embed/); method: infonce | margin_mse | flipped_kd | m3"),
     set: list[str] = typer.Option([], "--set", help="key=value overrides, e.g. --set train.steps=50 (repeatable)"),
@@ -28,7 +21,6 @@ def embed_distill(
     from lmdistill.embed.evaluate import format_table
     from lmdistill.embed.run import run_distill
 
-    _quiet_transformers()
     cfg = load_config(config, list(set or []))
     rows = run_distill(cfg, log=typer.echo)
     typer.echo("")
@@ -49,7 +41,6 @@ def embed_eval(
     from lmdistill.embed.run import baseline_rows, evaluate_run_dir, read_run, task_from_config
     from lmdistill.errors import ConfigError
 
-    _quiet_transformers()
     run_dirs = list(runs or [])
     if config is not None:
         cfg = load_config(config, list(set or []))

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from lmdistill.config import DataConfig, RunConfig, check_model_paths
+from lmdistill.config import check_block_size, check_model_paths
 from lmdistill.data.blocks import TokenStream, tokenize_documents
 from lmdistill.data.cache import default_cache_dir
 from lmdistill.data.documents import Document
@@ -112,16 +112,6 @@ def task_tokenizer(cfg: TaskRunConfig, train_docs: list[Document], cache_dir: Pa
     return trained_tokenizer(train_docs, cfg.tokenizer.vocab_size, cache_dir)
 
 
-def to_run_config(cfg: TaskRunConfig) -> RunConfig:
-    """The trainer's view of a task run (its data section only sizes the validation blocks)."""
-    return RunConfig(
-        output_dir=cfg.output_dir,
-        data=DataConfig(corpus="kjv", block_size=cfg.regime.max_length, cache_dir=cfg.cache_dir),
-        tokenizer=cfg.tokenizer, student=cfg.student, teacher=cfg.teacher, objective=cfg.objective,
-        train=cfg.train, eval=cfg.eval, checkpoint=cfg.checkpoint,
-    )
-
-
 @dataclass
 class TaskRun:
     trainer: Trainer
@@ -139,6 +129,8 @@ def build_task_run(
 ) -> TaskRun:
     """Everything a task run needs, wired into one :class:`Trainer` (nothing is trained yet)."""
     check_model_paths(cfg)
+    for warning in check_block_size(cfg, cfg.block_size):
+        log.warning(warning)
     objective = build_objective(cfg.objective)
     if objective.requires_teacher and cfg.teacher is None:
         raise ConfigError(f"objective '{objective.name}' needs a teacher: add teacher.path to the config")
@@ -155,7 +147,7 @@ def build_task_run(
     source = build_batch_source(cfg.regime, tokenizer=tokenizer, global_batch=cfg.train.batch_size, seed=cfg.train.seed,
                                 documents=splits["train"])
     trainer = Trainer(
-        to_run_config(cfg), student=student, tokenizer=tokenizer, objective=objective,
+        cfg, student=student, tokenizer=tokenizer, objective=objective,
         train_stream=streams["train"], validation_stream=streams["validation"], teacher=teacher,
         train_source=source, vocab_size=vocab_size, accelerator=accelerator, show_progress=show_progress,
         evaluator=task_evaluator(splits["validation"], tokenizer, max_length=cfg.regime.max_length,
@@ -224,4 +216,4 @@ def run_generate(cfg: GenerateConfig, *, progress: Any = None, environ: Any = No
                             doc_ids=ids, progress=progress)
 
 
-__all__ = ["TaskConfig", "TaskRun", "build_task_run", "run_generate", "run_task", "task_evaluator", "task_streams", "to_run_config"]
+__all__ = ["TaskConfig", "TaskRun", "build_task_run", "run_generate", "run_task", "task_evaluator", "task_streams"]

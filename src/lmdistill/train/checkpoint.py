@@ -126,6 +126,42 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     random.setstate((version, tuple(internal), gauss))
 
 
+STATE_TENSORS = "state.safetensors"
+_TENSOR_REF = "__tensor__"
+
+
+def split_tensors(state: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """``state`` with every tensor replaced by ``{"__tensor__": name}`` (JSON-able), and the tensors by name;
+    ``None`` values and plain numbers stay in place."""
+    if isinstance(state, torch.Tensor):
+        return {_TENSOR_REF: prefix}, {prefix: state.detach().cpu().contiguous()}
+    if isinstance(state, dict):
+        plain, tensors = {}, {}
+        for key, value in state.items():
+            plain[key], found = split_tensors(value, f"{prefix}/{key}" if prefix else str(key))
+            tensors.update(found)
+        return plain, tensors
+    if isinstance(state, (list, tuple)):
+        plain, tensors = [], {}
+        for i, value in enumerate(state):
+            item, found = split_tensors(value, f"{prefix}/{i}")
+            plain.append(item)
+            tensors.update(found)
+        return plain, tensors
+    return state, {}
+
+
+def join_tensors(state: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of :func:`split_tensors`."""
+    if isinstance(state, dict):
+        if set(state) == {_TENSOR_REF}:
+            return tensors[state[_TENSOR_REF]]
+        return {key: join_tensors(value, tensors) for key, value in state.items()}
+    if isinstance(state, list):
+        return [join_tensors(value, tensors) for value in state]
+    return state
+
+
 @dataclass
 class Checkpoint:
     path: Path
@@ -183,8 +219,12 @@ class CheckpointManager:
             rng_tensors, rng_meta = rng_state()
             current = tmp / "rng.safetensors"
             save_file(rng_tensors, str(current))
+            plain, tensors = split_tensors(state)
+            if tensors:  # e.g. an objective's learned network: tensors go to safetensors, never into a pickle
+                current = tmp / STATE_TENSORS
+                save_file(tensors, str(current))
             current = tmp / "state.json"
-            current.write_text(json.dumps({**state, "step": step, "rng": rng_meta}), encoding="utf-8")
+            current.write_text(json.dumps({**plain, "step": step, "rng": rng_meta}), encoding="utf-8")
             current = tmp
             # hashing reads each file once; the same pass forces it to disk before the rename publishes it
             sums = {p.relative_to(tmp).as_posix(): file_sha256(p, fsync=True) for p in _files_under(tmp)}
@@ -300,6 +340,9 @@ class CheckpointManager:
             optimizer = torch.load(ckpt.path / current, weights_only=True)
             current = "state.json"
             state = json.loads((ckpt.path / current).read_text(encoding="utf-8"))
+            if (ckpt.path / STATE_TENSORS).exists():
+                current = STATE_TENSORS
+                state = join_tensors(state, load_file(str(ckpt.path / current)))
             current = "rng.safetensors"
             rng = load_file(str(ckpt.path / current))
         except pickle.UnpicklingError as exc:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from lmdistill.config import ModelConfig, RunConfig, TeacherConfig
+from lmdistill.config import ModelConfig, RunConfig, TeacherConfig, check_block_size, check_model_paths, dump_config
 from lmdistill.data.blocks import TokenStream
 from lmdistill.data.prepare import PreparedData, default_cache_dir, prepare_data
 from lmdistill.data.tokenizer import load_tokenizer
@@ -141,6 +141,10 @@ def build_trainer(
     objective = build_objective(config.objective)  # validates name and parameters before any model loads
     if objective.requires_teacher and config.teacher is None:
         raise ConfigError(f"objective '{objective.name}' needs a teacher: add teacher.path to the config")
+    check_model_paths(config)  # a mistyped or wrong directory is named before any data is tokenized
+    log.debug("run config (after overrides):\n%s", dump_config(config))
+    for warning in check_block_size(config, config.block_size):
+        log.warning(warning)
     accelerator = accelerator or make_accelerator(config.train.mixed_precision)
     run_dir = RunDirectory(config.output_dir, is_main=accelerator.is_main_process)
     try:

@@ -33,39 +33,40 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from safetensors import SafetensorError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmdistill.config import RunConfig, dump_config
+from lmdistill.config import TrainingRunConfig, dump_config
 from lmdistill.constants import IGNORE_INDEX
 from lmdistill.data.blocks import BlockDataset, TokenStream, collate
 from lmdistill.errors import ConfigError, LmdistillError
 from lmdistill.eval.lm import evaluate_lm
 from lmdistill.losses import Objective, OuterStep, fused_linear_distill, reduce_tokens
 from lmdistill.models.heads import linear_head_mismatch
+from lmdistill.seeds import derived_seed
 from lmdistill.teachers.base import TeacherSource
 from lmdistill.train.checkpoint import (
-    CheckpointContents, CheckpointError, CheckpointManager, file_sha256, io_failure, write_text_atomic,
+    CheckpointContents,
+    CheckpointError,
+    CheckpointManager,
+    file_sha256,
+    io_failure,
+    write_text_atomic,
 )
 from lmdistill.train.guard import (
-    CollectiveTimeout, Heartbeat, TrainingDiverged, collective_timeout_seconds, grads_nonfinite, lost_rank,
-    make_accelerator, nonfinite_names, optimizer_tensors,
+    CollectiveTimeout,
+    Heartbeat,
+    TrainingDiverged,
+    collective_timeout_seconds,
+    grads_nonfinite,
+    lost_rank,
+    make_accelerator,
+    nonfinite_names,
+    optimizer_tensors,
 )
+from lmdistill.train.optim import adamw, cosine_schedule
 from lmdistill.train.rundir import MetricsLog, RunDirectory
 from lmdistill.train.schedule import accumulation_steps
 from lmdistill.train.sources import BatchSource, BlockSource
 
-
 logger = logging.getLogger(__name__)
-
-
-def lr_lambda(warmup: int, total: int, min_ratio: float):
-    """Linear warm-up, then cosine decay to ``min_ratio`` of the peak."""
-
-    def fn(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return fn
 
 
 @dataclass
@@ -80,7 +81,7 @@ class TrainResult:
 class Trainer:
     def __init__(
         self,
-        config: RunConfig,
+        config: TrainingRunConfig,
         *,
         student: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
@@ -107,9 +108,9 @@ class Trainer:
             teacher.check_objective(objective)
         self.teacher = teacher
         self.vocab_size = vocab_size or len(tokenizer)
-        self.train_data = BlockDataset(train_stream, config.data.block_size)
+        self.train_data = BlockDataset(train_stream, config.block_size)
         self.source: BatchSource = train_source or BlockSource(self.train_data, self.tc.batch_size, self.tc.seed)
-        self.val_data = BlockDataset(validation_stream, config.data.block_size)
+        self.val_data = BlockDataset(validation_stream, config.block_size)
         self.val_bytes_per_token = validation_stream.bytes_per_target
         self.output_dir = Path(config.output_dir)
         self.show_progress = show_progress
@@ -127,15 +128,13 @@ class Trainer:
         acc = self.accelerator
         self.micro_batch, self.accum = accumulation_steps(self.tc.batch_size, self.tc.micro_batch_size, acc.num_processes)
 
-        decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim < 2]
         extra = objective.parameters()
-        for p in extra:  # learned objective parameters (e.g. a fusion network) live beside the student
+        for p in extra:  # learned objective parameters (e.g. a fusion network) live beside the student, undecayed
             p.data = p.data.to(self.accelerator.device)
-        groups = [{"params": decay, "weight_decay": self.tc.weight_decay}, {"params": no_decay + extra, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=self.tc.lr, betas=self.tc.betas)
+        optimizer = adamw(student.parameters(), lr=self.tc.lr, weight_decay=self.tc.weight_decay, betas=self.tc.betas,
+                          no_decay=extra)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(self.tc.warmup_steps, self.tc.steps, self.tc.min_lr_ratio)
+            optimizer, cosine_schedule(self.tc.warmup_steps, self.tc.steps, self.tc.min_lr_ratio)
         )
         self.model, self.optimizer = acc.prepare(student, optimizer)
         self.scheduler = scheduler
@@ -319,7 +318,7 @@ class Trainer:
         with (seed, step, rank): reproducible on resume (in task runs, whose batches are padded examples, these
         are packed task text). ``None`` when no other block exists."""
         acc = self.accelerator
-        generator = torch.Generator().manual_seed(self.tc.seed * 1_000_003 + step * 7919 + acc.process_index)
+        generator = torch.Generator().manual_seed(derived_seed(self.tc.seed, step, acc.process_index, "held-out"))
         if len(self.train_data) < 2:
             return None
         own = set(batch["block_index"].tolist()) if "block_index" in batch else set()
@@ -458,6 +457,9 @@ class Trainer:
         bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
             self._diverged(self.step, f"the validation {', '.join(bad)} became non-finite after step {self.step}")
+        if self.show_progress and self.accelerator.is_main_process:
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+            print(f"eval at step {self.step}: {shown}", flush=True)
         return {"kind": "eval", "step": self.step, **metrics}
 
     # ------------------------------------------------------------------------------------- loop
@@ -501,7 +503,7 @@ class Trainer:
 
     def _train_loop(self) -> TrainResult:
         acc = self.accelerator
-        tokens_per_step = self.tc.batch_size * self.config.data.block_size
+        tokens_per_step = self.tc.batch_size * self.config.block_size
         history: list[dict[str, Any]] = []
         start_time = time.perf_counter()
         start_step = self.step
@@ -519,6 +521,7 @@ class Trainer:
                 self.step += 1
                 elapsed = time.perf_counter() - start_time
                 tps = (self.step - start_step) * tokens_per_step / max(elapsed, 1e-9)
+                logger.debug("step %d: loss %.6f, lr %.4g, %.0f tokens/s", self.step, loss, self.scheduler.get_last_lr()[0], tps)
                 progress.update(task, completed=self.step, info=f"loss {loss:.4f}  {tps:,.0f} tok/s")
                 if self.step % self.tc.log_every == 0 or self.step == self.tc.steps:
                     record = {"kind": "train", "step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
