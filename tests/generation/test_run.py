@@ -206,3 +206,28 @@ def test_task_run_validates_on_response_tokens_only(tmp_path, student_dir, saved
     assert final["top1_agreement"] == pytest.approx(agree / n)
     # the intermediate eval scores the same response targets
     assert evals[0]["tokens"] == n and evals[0]["loss"] != final["loss"]
+
+
+@pytest.mark.parametrize("lmbda", [0.0, 1.0])
+def test_distillm2_sees_which_rows_the_student_generated(tmp_path, student_dir, saved_teacher, lmbda, monkeypatch):
+    """The trainer binds each batch's `on_policy` flags to the objective (Objective.for_batch): DistiLLM-2 applies
+    skew reverse KL exactly to the student-generated rows and skew KL to the others."""
+    from lmdistill.losses.distillm2 import DistiLLM2
+
+    seen = []
+    original = DistiLLM2.per_token
+
+    def recording(self, logits, teacher, labels, *, context=None, student_generated=None, **kwargs):
+        seen.append(None if student_generated is None else student_generated.clone())
+        return original(self, logits, teacher, labels, context=context, student_generated=student_generated, **kwargs)
+
+    monkeypatch.setattr(DistiLLM2, "per_token", recording)
+    regime = {"kind": "on_policy", "lmbda": lmbda, "max_length": 48, "sampling": {"max_new_tokens": 6},
+              "task": {"name": "kjv_continue", "prompt_words": 4, "response_words": 6,
+                       "max_examples": {"train": 40, "validation": 8, "test": 8}}}
+    cfg = task_cfg(tmp_path, student_dir, saved_teacher, objective="distillm2", regime=regime,
+                   train={"steps": 1, "chunked_loss": False})
+    run = build_task_run(cfg, show_progress=False)
+    run.trainer.train_step(0)
+    flags = [f for f in seen if f is not None]
+    assert flags and all(bool((f == bool(lmbda)).all()) for f in flags)

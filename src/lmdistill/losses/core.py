@@ -281,6 +281,11 @@ class Objective:
     def outer_step(self, step: "OuterStep") -> None:
         """Once per optimizer step, after backward and before the optimizer: see the class docstring."""
 
+    def for_batch(self, batch: dict[str, Tensor]) -> "Objective":
+        """This objective bound to one batch's per-row fields (which rows the student generated, span ids; see
+        :mod:`lmdistill.losses.batch_rows`); itself for objectives that read nothing but logits, teacher, labels."""
+        return self
+
     def per_token(
         self, student_logits: Tensor, teacher: Teacher | None, labels: Tensor | None, *, context: Any = None
     ) -> Tensor:

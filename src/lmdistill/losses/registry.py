@@ -112,6 +112,12 @@ class Mixture(Objective):
         self.accepted_signals = frozenset.intersection(*(o.accepted_signals for o in objectives if o.requires_teacher)) \
             if self.requires_teacher else type(self).accepted_signals
 
+    def for_batch(self, batch: dict[str, Tensor]) -> Objective:
+        bound = [(objective.for_batch(batch), weight) for objective, weight in self.parts]
+        if all(b is o for (b, _), (o, _) in zip(bound, self.parts)):
+            return self
+        return Mixture(bound)  # the bound parts delegate state and schedules to this mixture's parts
+
     def leaves(self) -> list[Objective]:
         return [leaf for objective, _ in self.parts for leaf in objective.leaves()]
 

@@ -155,6 +155,7 @@ class Trainer:
         extra = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
         if self.use_chunked is None:
             self.use_chunked = self._choose_chunked(input_ids, extra)
+        objective = self.objective.for_batch(batch)  # per-row batch fields, for the objectives that read them
         if self.use_chunked:
             out = self.model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1, **extra)
             hidden = out.hidden_states[-1].reshape(-1, out.hidden_states[-1].shape[-1])
@@ -164,14 +165,14 @@ class Trainer:
             if self.objective.requires_teacher:
                 teacher_signal = self.teacher.chunked_signal(batch)
             return fused_linear_distill(
-                hidden, head.weight[: self.vocab_size], teacher_signal, flat_labels, self.objective,
+                hidden, head.weight[: self.vocab_size], teacher_signal, flat_labels, objective,
                 chunk_size=self.tc.chunk_size, normalizer=normalizer, student_bias=bias,
             )
         logits = self.model(input_ids=input_ids, **extra).logits[..., : self.vocab_size]
         teacher_signal = None
         if self.objective.requires_teacher:
             teacher_signal = self.teacher.signal(batch)
-        per_token = self.objective.per_token(logits.reshape(-1, logits.shape[-1]), teacher_signal, flat_labels)
+        per_token = objective.per_token(logits.reshape(-1, logits.shape[-1]), teacher_signal, flat_labels)
         return reduce_tokens(per_token, flat_labels, normalizer=normalizer)
 
     @torch.no_grad()
