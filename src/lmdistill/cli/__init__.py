@@ -36,8 +36,8 @@ OverwriteOption = typer.Option(
 def _configure_logging(verbose: bool) -> None:
     """INFO lines of lmdistill (DEBUG with ``-v``); other libraries' chatter (transformers' weight-loading bars,
     its attention-mask and generation warnings, HTTP clients) only with ``-v``."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s",
-                        force=True)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")  # a no-op where handlers exist (tests)
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "matplotlib", "PIL", "torch", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
     from transformers.utils import logging as hf_logging

@@ -11,10 +11,17 @@ GPUs; this is an independent CPU/GPU-agnostic implementation).
 
 Per chunk the objective's analytic kernel (:meth:`Objective.chunk_value_and_grad`) is used when it has one;
 otherwise its :meth:`per_token` is differentiated with autograd on the chunk, which gives the same result.
+
+Models whose logits are a known element-wise transform of the product (final-logit soft-capping
+``cap * tanh(s z / cap)``, Gemma 2, arXiv:2408.00118; a constant logit scale ``s``) get it per chunk too: the
+student's through ``student_softcap`` / ``student_scale`` (its derivative ``s (1 - tanh^2)`` is folded into the
+chunk's logit gradient before the two products), the teacher's through its
+:class:`~lmdistill.losses.signals.HiddenStates` fields.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterator
 
 import torch
@@ -48,8 +55,11 @@ class _Runner:
     """Everything one fused call needs, so the autograd function only passes tensors around."""
 
     def __init__(self, teacher: TeacherSignal | None, labels: Tensor, objective: Objective, chunk: int,
-                 normalizer: float, context: Any, keep_per_token: bool) -> None:
+                 normalizer: float, context: Any, keep_per_token: bool, softcap: float | None = None,
+                 scale: float = 1.0) -> None:
         self.teacher = teacher
+        self.softcap = softcap
+        self.scale = scale
         self.labels = labels
         self.objective = objective
         self.chunk = chunk
@@ -95,6 +105,7 @@ class _Runner:
                     z.add_(b_mm)
             else:
                 z.copy_(F.linear(h, w_mm, b_mm))  # low-precision logits, then upcast
+            slope = self._post_process(z, ws)
             labels = self.labels[start:stop]
             teacher = self.teacher_rows(start, stop, ws)
             context = objective.slice_context(self.context, start, stop) if self.context is not None else None
@@ -107,6 +118,8 @@ class _Runner:
                 loss_rows = rows.detach()
             else:
                 loss_rows, g = result
+            if slope is not None:  # chain rule through the transform: dL/dz_raw = dL/dz * dz/dz_raw
+                g = torch.mul(g, slope, out=slope)
             total += loss_rows.sum(dtype=torch.float64)
             if per_token is not None:
                 per_token[start:stop] = loss_rows
@@ -134,6 +147,26 @@ class _Runner:
         if per_token is not None:
             self.per_token = per_token
         return (total * scale).to(work), grad_h, grad_w, grad_b
+
+    def _post_process(self, z: Tensor, ws: Workspace) -> Tensor | None:
+        """Apply the student's scale / soft-cap to the chunk's logits ``z`` in place (work dtype); return
+        ``d z / d z_raw`` (a workspace buffer) or ``None`` when there is no transform."""
+        softcap, scale = self.softcap, self.scale
+        if softcap is None and scale == 1.0:
+            return None
+        slope = ws.buf("logit_transform_slope")
+        if scale != 1.0:
+            z.mul_(scale)
+        if softcap is None:
+            return slope.fill_(scale)
+        z.div_(softcap).tanh_()
+        # d/dz_raw of cap * tanh(s z_raw / cap) = s (1 - tanh^2), from the tanh itself (no second buffer)
+        torch.mul(z, z, out=slope)
+        slope.neg_().add_(1.0)
+        if scale != 1.0:
+            slope.mul_(scale)
+        z.mul_(softcap)
+        return slope
 
 
 class _FusedLinearDistill(torch.autograd.Function):
@@ -171,6 +204,8 @@ def fused_linear_distill(
     normalizer: float | int | Tensor | None = None,
     student_bias: Tensor | None = None,
     return_per_token: bool = False,
+    student_softcap: float | None = None,
+    student_scale: float = 1.0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Reduced distillation loss from hidden states, with gradients, in O(chunk x V) extra memory.
 
@@ -192,10 +227,16 @@ def fused_linear_distill(
             global batch's valid-token count for exact gradient accumulation, as with :func:`reduce_tokens`.
         student_bias: optional ``[V]`` output-layer bias.
         return_per_token: also return the detached per-token losses ``[N]``.
+        student_softcap / student_scale: the student's own logit post-processing
+            (:func:`lmdistill.models.heads.logit_transform`): its logits are
+            ``softcap * tanh(scale * (hidden @ weight.T + bias) / softcap)``, computed per chunk (float32/64 work
+            dtype) with the gradient through it. The teacher's own transform travels in its
+            :class:`~lmdistill.losses.signals.HiddenStates`.
 
     Returns the scalar loss (float32, float64 for float64 inputs): the same value and the same gradients
     w.r.t. ``student_hidden``, ``student_weight`` and ``student_bias`` as
-    ``reduce_tokens(objective.per_token(hidden @ weight.T + bias, teacher_logits, labels), labels, normalizer)``.
+    ``reduce_tokens(objective.per_token(hidden @ weight.T + bias, teacher_logits, labels), labels, normalizer)``
+    (with the student's transform applied to the product, when given).
     """
     if not isinstance(objective, Objective):
         raise TypeError(f"objective must be an Objective (see build_objective), got {type(objective).__name__}")
@@ -212,6 +253,10 @@ def fused_linear_distill(
     if student_bias is not None and student_bias.shape != (vocab,):
         raise ValueError(f"student_bias {tuple(student_bias.shape)} must be [{vocab}]")
     teacher = _check_teacher(teacher, n, vocab, objective)
+    if student_softcap is not None and not (math.isfinite(student_softcap) and student_softcap > 0):
+        raise ValueError(f"student_softcap must be a positive finite number (or None), got {student_softcap}")
+    if not (math.isfinite(student_scale) and student_scale != 0):
+        raise ValueError(f"student_scale must be a finite nonzero number, got {student_scale}")
 
     chunk = default_chunk_size(vocab, n) if chunk_size is None else int(chunk_size)
     if chunk < 1:
@@ -232,7 +277,8 @@ def fused_linear_distill(
     if not normalizer > 0:
         raise ValueError(f"normalizer must be > 0, got {normalizer}")
 
-    runner = _Runner(teacher, flat_labels, objective, chunk, float(normalizer), None, return_per_token)
+    runner = _Runner(teacher, flat_labels, objective, chunk, float(normalizer), None, return_per_token,
+                     None if student_softcap is None else float(student_softcap), float(student_scale))
     if objective.needs_batch_context:
         with torch.no_grad():
             runner.context = objective.batch_context(runner.iter_teacher, flat_labels, vocab)

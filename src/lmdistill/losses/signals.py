@@ -262,11 +262,18 @@ class HiddenStates(NamedTuple):
     weight.T + bias``, built one chunk of rows at a time by the chunked path, so the ``[N, V]`` teacher logits
     never exist. A live teacher serves this (:meth:`lmdistill.teachers.LiveTeacher.chunked_signal`).
 
+    ``softcap`` / ``scale``: the teacher's own known logit post-processing
+    (:class:`lmdistill.models.heads.LogitTransform`), applied to each chunk's product:
+    ``logits = softcap * tanh(scale * z / softcap)`` (Gemma 2's final-logit soft-capping, arXiv:2408.00118;
+    Cohere's / Granite's logit scale). The defaults are a plain product.
+
     A tuple, so ``(hidden, weight)`` / ``(hidden, weight, bias)`` written by hand are the same thing."""
 
     hidden: Tensor  # [N, H_t]
     weight: Tensor  # [V, H_t]
     bias: Tensor | None = None  # [V]
+    softcap: float | None = None  # cap * tanh(z / cap) after the product (and the scale)
+    scale: float = 1.0  # multiplies the product before any soft-cap
 
     kind = HIDDEN  # not annotated: a class attribute, not a tuple field
 
@@ -286,9 +293,20 @@ class HiddenStates(NamedTuple):
         ):
             out = ws.buf("teacher_logits", h.dtype)
             if bias is None:
-                return torch.mm(h, weight.T, out=out)
-            return torch.addmm(bias, h, weight.T, out=out)
-        return F.linear(h, weight, bias)
+                torch.mm(h, weight.T, out=out)
+            else:
+                torch.addmm(bias, h, weight.T, out=out)
+        else:
+            out = F.linear(h, weight, bias)
+        return self._post_process(out)
+
+    def _post_process(self, z: Tensor) -> Tensor:
+        """The scale and soft-cap, in place, in the logits' own dtype (as the model computes them)."""
+        if self.scale != 1.0:
+            z.mul_(self.scale)
+        if self.softcap is not None:
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
+        return z
 
 
 class LowRankCodes(HiddenStates):
@@ -418,8 +436,9 @@ def as_chunk_signal(teacher: TeacherSignal | tuple | list, n: int, vocab: int) -
         return teacher
     if isinstance(teacher, (tuple, list)):
         kind = type(teacher) if isinstance(teacher, HiddenStates) else HiddenStates
-        if len(teacher) not in (2, 3):
+        if not isinstance(teacher, HiddenStates) and len(teacher) not in (2, 3):
             raise ValueError("a teacher given by its output layer is (hidden, weight) or (hidden, weight, bias)")
+        softcap, scale = (teacher.softcap, teacher.scale) if isinstance(teacher, HiddenStates) else (None, 1.0)
         t_hidden = teacher[0].reshape(-1, teacher[0].shape[-1]).detach()
         t_weight = teacher[1].detach()
         if t_hidden.shape[0] != n:
@@ -429,13 +448,13 @@ def as_chunk_signal(teacher: TeacherSignal | tuple | list, n: int, vocab: int) -
                 f"teacher weight {tuple(t_weight.shape)} must be [V={vocab}, H_t={t_hidden.shape[1]}]; "
                 "slice padded vocabularies to the shared real tokens first"
             )
-        t_bias = teacher[2].detach() if len(teacher) == 3 and teacher[2] is not None else None
+        t_bias = teacher[2].detach() if len(teacher) >= 3 and teacher[2] is not None else None
         common = torch.promote_types(t_hidden.dtype, t_weight.dtype)
         if t_bias is not None:
             common = torch.promote_types(common, t_bias.dtype)
         # e.g. bf16 hidden states from an autocast forward with an fp32 output layer: upcast once, exactly
         t_bias = None if t_bias is None else t_bias.to(common)
-        return kind(t_hidden.to(common), t_weight.to(common), t_bias)
+        return kind(t_hidden.to(common), t_weight.to(common), t_bias, softcap, scale)
     dense = teacher.reshape(-1, teacher.shape[-1]).detach()
     if dense.shape != (n, vocab):
         raise ValueError(f"teacher logits {tuple(teacher.shape)} must be [N={n}, V={vocab}]")

@@ -21,7 +21,9 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def load_causal_lm(path_or_id: str | Path, *, dtype: str = "float32") -> PreTrainedModel:
-    """Load any ``AutoModelForCausalLM`` from a local directory or a hub id.
+    """Load any ``AutoModelForCausalLM`` from a local directory or a hub id; a directory holding only a LoRA
+    adapter (``adapter_config.json``, as a LoRA run writes to ``final/adapter``) gives its base model with the
+    adapter merged in (:func:`lmdistill.models.lora.load_adapter_model`).
 
     Weights are read from safetensors only (``use_safetensors=True``): a pickled checkpoint from an
     untrusted source is never unpickled.
@@ -31,6 +33,12 @@ def load_causal_lm(path_or_id: str | Path, *, dtype: str = "float32") -> PreTrai
     # Hub ids look like "org/name"; anything else that is not on disk is a mistyped path.
     if not local and (text.startswith((".", "/", "~")) or text.count("/") > 1):
         raise ConfigError(f"model path '{text}' does not exist")
+    resolve_dtype(dtype)
+    if local:
+        from lmdistill.models.lora import is_adapter_dir, load_adapter_model
+
+        if is_adapter_dir(Path(text).expanduser()):
+            return load_adapter_model(Path(text).expanduser(), dtype=dtype)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     try:
         model = AutoModelForCausalLM.from_pretrained(
