@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmdistill.errors import ConfigError
+from lmdistill.models.lora import LoraSettings
 
 BUILTIN_CORPORA = ("kjv", "gcide", "jargon", "fortunes")
 
@@ -168,11 +169,17 @@ class ModelConfig(Section):
     init: Literal["scratch", "teacher_layers"] = Field(
         "scratch", description="student only: random init, or copy a subset of the teacher's layers"
     )
+    lora: LoraSettings | None = Field(
+        None, description="student only: train LoRA adapters on a frozen base (path:), e.g. {r: 16, alpha: 32}; "
+        "save: adapter | merged | both",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
         if (self.path is None) == (self.preset is None):
             raise ValueError("give exactly one of 'path' or 'preset'")
+        if self.lora is not None and self.path is None:
+            raise ValueError("'lora' adapts a saved model: give 'path' (a preset student trains in full)")
         return self
 
     _path_exists = field_validator("path")(lambda v: require_existing(v, "model path"))
@@ -231,6 +238,8 @@ class TrainConfig(Section):
     )
     chunk_size: int | None = Field(None, gt=0, description="rows per loss chunk; default 256 (fewer for vocabularies > 256k)")
     log_every: int = Field(10, gt=0)
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward (less memory, "
+                                         "about a third more compute)")
 
     @model_validator(mode="after")
     def _micro_batch_fits(self) -> TrainConfig:

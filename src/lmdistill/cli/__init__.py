@@ -36,8 +36,16 @@ OverwriteOption = typer.Option(
 def _configure_logging(verbose: bool) -> None:
     """INFO lines of lmdistill (DEBUG with ``-v``); other libraries' chatter (transformers' weight-loading bars,
     its attention-mask and generation warnings, HTTP clients) only with ``-v``."""
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")  # a no-op where handlers exist (tests)
-    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.INFO)
+    root = logging.getLogger()
+    # one handler of ours on the current stderr, replacing the one an earlier command in this process added (other
+    # handlers, e.g. a test runner's log capture, stay)
+    for handler in [h for h in root.handlers if getattr(h, "_lmdistill", False)]:
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._lmdistill = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "matplotlib", "PIL", "torch", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
     from transformers.utils import logging as hf_logging

@@ -8,7 +8,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmdistill.losses.signals import DENSE, HIDDEN, HiddenStates
-from lmdistill.models.heads import linear_head_mismatch
+from lmdistill.models.heads import LogitTransform, linear_head_mismatch, logit_transform
 from lmdistill.models.vocab import VocabAlignment, check_vocab_compatible
 from lmdistill.teachers.base import TeacherBase
 
@@ -28,6 +28,7 @@ class LiveTeacher(TeacherBase):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.alignment = alignment
+        self.transform = logit_transform(model.config) or LogitTransform()
         self.description = f"the live teacher {name}" if name else "the live teacher"
 
     @torch.no_grad()
@@ -41,12 +42,15 @@ class LiveTeacher(TeacherBase):
         return logits.reshape(-1, logits.shape[-1])
 
     def chunked_signal(self, batch: dict[str, torch.Tensor]) -> HiddenStates:
-        """Final hidden states [B*L, H] with the output layer [V_real, H] (and bias) for the chunked loss path."""
+        """Final hidden states [B*L, H] with the output layer [V_real, H] (and bias) for the chunked loss path, and
+        the model's known logit post-processing (soft-capping, scaling), applied per chunk."""
         hidden, weight, bias = self.hidden_and_weight(batch["input_ids"], batch.get("attention_mask"))
-        return HiddenStates(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
+        return HiddenStates(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                            softcap=self.transform.softcap, scale=self.transform.scale)
 
     def chunked_mismatch(self, probe_ids: torch.Tensor) -> str | None:
-        return linear_head_mismatch(self.model, probe_ids, lambda m: self.hidden_and_weight(probe_ids)[0])
+        return linear_head_mismatch(self.model, probe_ids, lambda m: self.hidden_and_weight(probe_ids)[0],
+                                    allow_transform=True)
 
     @torch.no_grad()
     def hidden_and_weight(

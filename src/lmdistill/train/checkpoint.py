@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmdistill.errors import LmdistillError
+from lmdistill.models.lora import is_lora, lora_state
 
 STEP_PREFIX = "step-"
 CHECKSUMS = "checksums.json"
@@ -211,7 +212,11 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
             current = tmp / "model"
-            model.save_pretrained(tmp / "model", safe_serialization=True)
+            if is_lora(model):  # the adapters only, under the file name every checkpoint has
+                (tmp / "model").mkdir()
+                save_file(lora_state(model), str(tmp / "model" / "model.safetensors"))
+            else:
+                model.save_pretrained(tmp / "model", safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / "model")
             current = tmp / "optimizer.pt"

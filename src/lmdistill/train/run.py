@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmdistill.config import ModelConfig, RunConfig, TeacherConfig, check_block_size, check_model_paths, dump_config
 from lmdistill.data.blocks import TokenStream
@@ -24,6 +24,7 @@ from lmdistill.data.tokenizer import load_tokenizer
 from lmdistill.errors import ConfigError
 from lmdistill.losses import build_objective
 from lmdistill.models.loading import build_from_preset, count_parameters, load_causal_lm
+from lmdistill.models.lora import apply_lora
 from lmdistill.models.vocab import check_vocab_compatible
 from lmdistill.teachers.live import load_live_teacher
 from lmdistill.train.guard import make_accelerator
@@ -94,7 +95,9 @@ def build_models(
     """Student (loaded or from a preset), teacher source, and their checked vocabulary alignment."""
     if student_cfg.path:
         student = load_causal_lm(student_cfg.path, dtype=student_cfg.dtype)
-        student_tokenizer = AutoTokenizer.from_pretrained(student_cfg.path)
+        student_tokenizer = load_tokenizer(student_cfg.path)
+        if student_cfg.lora is not None:
+            student = apply_lora(student, student_cfg.lora)
     else:
         student = build_from_preset(student_cfg.preset, tokenizer, max_positions=max_positions, seed=seed)
         student_tokenizer = tokenizer

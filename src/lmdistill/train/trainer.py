@@ -39,7 +39,8 @@ from lmdistill.data.blocks import BlockDataset, TokenStream, collate
 from lmdistill.errors import ConfigError, LmdistillError
 from lmdistill.eval.lm import evaluate_lm
 from lmdistill.losses import Objective, OuterStep, fused_linear_distill, reduce_tokens
-from lmdistill.models.heads import linear_head_mismatch
+from lmdistill.models.heads import LogitTransform, linear_head_mismatch, logit_transform
+from lmdistill.models.lora import enable_gradient_checkpointing, is_lora, load_lora_state, save_lora_student
 from lmdistill.seeds import derived_seed
 from lmdistill.teachers.base import TeacherSource
 from lmdistill.train.checkpoint import (
@@ -127,6 +128,10 @@ class Trainer:
 
         acc = self.accelerator
         self.micro_batch, self.accum = accumulation_steps(self.tc.batch_size, self.tc.micro_batch_size, acc.num_processes)
+        if self.tc.gradient_checkpointing:
+            enable_gradient_checkpointing(student)
+        # the student's known logit post-processing (soft-capping, scaling), applied per chunk on the chunked path
+        self.student_transform = logit_transform(student.config) or LogitTransform()
 
         extra = objective.parameters()
         for p in extra:  # learned objective parameters (e.g. a fusion network) live beside the student, undecayed
@@ -167,6 +172,7 @@ class Trainer:
             return fused_linear_distill(
                 hidden, head.weight[: self.vocab_size], teacher_signal, flat_labels, objective,
                 chunk_size=self.tc.chunk_size, normalizer=normalizer, student_bias=bias,
+                student_softcap=self.student_transform.softcap, student_scale=self.student_transform.scale,
             )
         logits = self.model(input_ids=input_ids, **extra).logits[..., : self.vocab_size]
         teacher_signal = None
@@ -204,7 +210,10 @@ class Trainer:
             why = linear_head_mismatch(
                 student, probe_ids,
                 lambda m: m(input_ids=probe_ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1],
+                allow_transform=True,  # a known soft-cap or scale is applied per chunk
             )
+            if why is None and self.objective.has_outer_step and not self.student_transform.is_identity:
+                why = f"objective '{self.objective.name}' rebuilds logits from the output layer without the transform"
             if why is not None:
                 why = f"the student: {why}"
             elif needs_teacher:
@@ -393,7 +402,11 @@ class Trainer:
     def _apply_checkpoint(self, contents: CheckpointContents) -> None:
         ckpt = contents.checkpoint
         model = self.accelerator.unwrap_model(self.model)
-        missing, unexpected = model.load_state_dict(contents.weights, strict=False)
+        if is_lora(model):  # a LoRA student's checkpoint holds its adapters only (the base never changes)
+            load_lora_state(model, contents.weights)
+            missing, unexpected = [], []
+        else:
+            missing, unexpected = model.load_state_dict(contents.weights, strict=False)
         # Tied output weights are stored once; anything else missing means the wrong checkpoint.
         tied = set(getattr(model, "_tied_weights_keys", None) or [])
         real_missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
@@ -429,8 +442,11 @@ class Trainer:
                 if tmp.exists():
                     shutil.rmtree(tmp)
                 model = acc.unwrap_model(self.model)
-                model.save_pretrained(tmp, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
+                if is_lora(model):
+                    save_lora_student(model, tmp, self.tokenizer, save=self.config.student.lora.save)
+                else:
+                    model.save_pretrained(tmp, safe_serialization=True)
+                    self.tokenizer.save_pretrained(tmp)
                 for f in sorted(tmp.rglob("*")):
                     if f.is_file():
                         file_sha256(f, fsync=True)  # on disk before the rename publishes it
