@@ -165,3 +165,24 @@ def test_report_command_and_quiet_then_verbose_logging(tmp_path, model_dirs, kjv
     rep = _cli("report", str(run), "--output", str(tmp_path / "report"))
     assert rep.returncode == 0, rep.stderr
     assert "| run |" in rep.stdout and (tmp_path / "report" / "curves.png").exists()
+
+
+def test_the_vocabulary_rung_is_logged_and_a_different_tokenizer_refused_with_what_works(tmp_path, small_tokenizer,
+                                                                                         kjv_small_txt, cache_dir, caplog):
+    import logging
+
+    from lmdistill.data.tokenizer import train_bpe_tokenizer
+    from lmdistill.teachers.live import load_live_teacher
+
+    teacher = save_tiny_model(tmp_path / "teacher", small_tokenizer, layers=1, hidden=16, extra_rows=8)
+    with caplog.at_level(logging.INFO, logger="lmdistill"):
+        live = load_live_teacher(teacher, tokenizer=small_tokenizer, student_tokenizer=small_tokenizer,
+                                 student_rows=len(small_tokenizer))
+    assert live.alignment.rung == "padded"
+    assert any("vocabulary rung 2 (padded)" in r.getMessage() for r in caplog.records)
+    other = train_bpe_tokenizer([kjv_small_txt.read_text()[:20000]], vocab_size=300)
+    with pytest.raises(ConfigError) as info:
+        load_live_teacher(teacher, tokenizer=small_tokenizer, student_tokenizer=other, student_rows=len(other))
+    message = str(info.value)
+    assert "only in teacher" in message or "only in" in message or "rung" in message
+    assert "sequence_kd" in message and "span_kd" not in message  # only what this version can run is offered

@@ -128,7 +128,7 @@ def test_a_method_that_cannot_handle_the_rung_names_the_differing_tokens(kjv_bpe
     with pytest.raises(ConfigError) as err:
         require_rung(partial, "forward_kl", SAME_MAP_RUNGS)
     msg = str(err.value)
-    assert "'forward_kl'" in msg and "rung 3 (partial" in msg and "only in teacher" in msg and "span_kd" in msg
+    assert "'forward_kl'" in msg and "rung 3 (partial" in msg and "only in teacher" in msg and "sequence_kd" in msg
 
 
 # ------------------------------------------------------------------------------------------ the fold

@@ -9,7 +9,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmdistill.losses.signals import DENSE, HIDDEN, HiddenStates
 from lmdistill.models.heads import LogitTransform, linear_head_mismatch, logit_transform
-from lmdistill.models.vocab import VocabAlignment, check_vocab_compatible
+from lmdistill.models.vocab import SAME_MAP_RUNGS, VocabAlignment, check_vocab_compatible, require_rung, vocab_ladder
 from lmdistill.teachers.base import TeacherBase
 
 __all__ = ["LiveTeacher", "load_live_teacher"]
@@ -84,8 +84,10 @@ def load_live_teacher(
     if device is not None:
         model = model.to(device)
     rows = model.get_output_embeddings().weight.shape[0]
-    alignment = check_vocab_compatible(
-        tokenizer, student_tokenizer if student_tokenizer is not None else tokenizer,
-        teacher_rows=rows, student_rows=student_rows if student_rows is not None else rows,
-    )
+    if student_tokenizer is None:
+        alignment = check_vocab_compatible(tokenizer, tokenizer, teacher_rows=rows, student_rows=rows)
+    else:  # logs which rung of the vocabulary ladder applies and why
+        alignment = vocab_ladder(tokenizer, student_tokenizer, teacher_rows=rows,
+                                 student_rows=student_rows if student_rows is not None else rows)
+        require_rung(alignment, "token-level distillation from a live teacher", SAME_MAP_RUNGS)
     return LiveTeacher(model, alignment, name=str(path))
