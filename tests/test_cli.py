@@ -23,7 +23,8 @@ def test_help_lists_commands():
     out = _cli("--help")
     assert out.returncode == 0
     for command in ("pretrain", "distill", "eval", "demo", "presets", "sft", "generate", "serve", "cache-teacher",
-                    "select", "embed-distill", "embed-eval"):
+                    "select", "embed-distill", "embed-eval", "compare", "report", "distill-mixture", "active-distill",
+                    "hacking-report"):
         assert command in out.stdout
 
 

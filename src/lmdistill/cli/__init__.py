@@ -192,6 +192,7 @@ def demo(
 def _register_package_commands() -> None:
     """Commands defined next to their packages (their modules import heavy libraries lazily)."""
     from lmdistill.cli import cache as cache_cli
+    from lmdistill.cli import compare as compare_cli
     from lmdistill.cli import datacentric as datacentric_cli
     from lmdistill.cli import embed as embed_cli
     from lmdistill.cli import generation as generation_cli
@@ -216,6 +217,7 @@ def _register_package_commands() -> None:
     app.command("serve")(generation_cli.serve)
     app.command("embed-distill")(embed_cli.embed_distill)
     app.command("embed-eval")(embed_cli.embed_eval)
+    app.command("compare")(compare_cli.compare)
     app.command("distill-mixture")(datacentric_cli.distill_mixture)
     app.command("active-distill")(datacentric_cli.active_distill)
     app.command("hacking-report")(datacentric_cli.hacking_report)

@@ -1,0 +1,67 @@
+"""`lmdistill compare`: a thin wrapper over :mod:`lmdistill.compare`.
+
+A plain function with typer parameter declarations; `lmdistill.cli` registers it:
+
+    app.command("compare")(compare_cli.compare)
+
+Until then (and in tests) it runs as ``python -m lmdistill.cli.compare CONFIG``.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+SetOption = typer.Option(None, "--set", help="override a compare-config key: --set base.train.steps=100 (repeatable)")
+
+
+def compare(
+    config: Path = typer.Argument(..., help="YAML compare config (see configs/compare/objectives.yaml)"),
+    set: Optional[list[str]] = SetOption,
+    jobs: Optional[int] = typer.Option(
+        None, "--jobs", "-j", min=0, help="cells at once, each its own process (default: the config's jobs; 0: in this process)"),
+    report_only: bool = typer.Option(False, "--report-only", help="write the report from the finished cells; train nothing"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list the cells (and why any would be skipped); train nothing"),
+) -> None:
+    """Train every cell of a grid (objectives x regimes x teachers x seeds) through the one trainer, resumably,
+    and write report.md / report.html: mean ± sd over seeds, the best marked, paired t-tests against the
+    baseline row, learning curves and per-method plots, the configs and versions that produced them. Rerun to continue:
+    finished cells are skipped, interrupted ones resume from their checkpoints."""
+    from lmdistill.compare import load_compare_config, plan_grid, run_compare
+
+    cfg, raw = load_compare_config(config, list(set or []))
+    plan = plan_grid(cfg, raw, str(config))
+    plan.command = shlex.join(["lmdistill", "compare", str(config), *(f"--set={o}" for o in set or []),
+                               *([f"--jobs={jobs}"] if jobs is not None else [])])
+    if dry_run:
+        for cell in plan.cells:
+            typer.echo(f"{cell.id}" + (f"  SKIPPED: {cell.skip.splitlines()[0]}" if cell.skip else ""))
+        typer.echo(f"{len(plan.cells)} cells, {sum(c.skip is None for c in plan.cells)} to run -> {plan.output_dir}")
+        return
+    run_compare(plan, jobs=jobs, report_only=report_only)
+
+
+def main() -> None:
+    """``python -m lmdistill.cli.compare``: the command with the CLI's error handling (one line, exit 2)."""
+    import sys
+
+    import lmdistill.cli  # noqa: F401  (sets the offline defaults of the CLI)
+    from lmdistill.errors import LmdistillError
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(compare)
+    try:
+        app()
+    except LmdistillError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho("interrupted; finished cells are kept and interrupted ones resume on the next run", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
