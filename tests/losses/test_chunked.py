@@ -260,3 +260,23 @@ def test_teacher_hidden_in_bf16_with_fp32_output_layer():
     want = plain(objective, hidden, weight, b, t_hidden.float() @ t_weight.T, labels)
     got = fused_linear_distill(hidden, weight, (t_hidden, t_weight), labels, objective, chunk_size=8, student_bias=b)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("compiled", ["0", "1"])
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "cross_entropy"])
+def test_a_non_finite_student_gives_a_non_finite_loss(name, compiled, monkeypatch):
+    """Kernels treat non-finite logits as zero-probability rows; the chunked path must still report the loss as
+    non-finite, so a diverged student cannot look like a loss of 0."""
+    monkeypatch.setenv("LMDISTILL_COMPILE", compiled)
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(12, 8, generator=gen)
+    weight = torch.randn(40, 8, generator=gen)
+    teacher = torch.randn(12, 40, generator=gen)
+    labels = torch.randint(0, 40, (12,), generator=gen)
+    objective = build_objective(name)
+    assert torch.isfinite(fused_linear_distill(hidden, weight, teacher, labels, objective, chunk_size=5))
+    broken = weight.clone()
+    broken[3, 2] = float("nan")
+    assert not torch.isfinite(fused_linear_distill(hidden, broken, teacher, labels, objective, chunk_size=5))
+    hidden[4, 1] = float("inf")
+    assert not torch.isfinite(fused_linear_distill(hidden, weight, teacher, labels, objective, chunk_size=5))

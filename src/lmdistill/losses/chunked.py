@@ -146,6 +146,10 @@ class _Runner:
             grad_b = grad_b.mul_(scale).to(bias.dtype)
         if per_token is not None:
             self.per_token = per_token
+        if not _all_finite(hidden, weight, bias):
+            # the kernels read non-finite logits as "probability 0" rows and would report a finite loss; a diverged
+            # student must show as a non-finite loss (the trainer's guard stops on it)
+            total.fill_(float("nan"))
         return (total * scale).to(work), grad_h, grad_w, grad_b
 
     def _post_process(self, z: Tensor, ws: Workspace) -> Tensor | None:
@@ -286,6 +290,11 @@ def fused_linear_distill(
     if return_per_token:
         return loss, runner.per_token
     return loss
+
+
+def _all_finite(*tensors: Tensor | None) -> bool:
+    """Every value of every given tensor finite (one pass over the inputs: small next to the chunks' products)."""
+    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
