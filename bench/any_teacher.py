@@ -343,8 +343,8 @@ def part_families(args: argparse.Namespace, tmp: Path) -> None:
         result = launch(job, args.timeout)
         rows.append({"student": family, **result, "path": "chunked" if result.get("chunked") else
                      ("plain" if "chunked" in result else "")})
-    print(f"\n## A KD step with each family as the student (KJV, BPE 8,192; teacher llama d=256 x4; students d=128 x2, "
-          f"saved in bf16, trained in fp32; 16x128 tokens)\n")
+    print("\n## A KD step with each family as the student (KJV, BPE 8,192; teacher llama d=256 x4; students d=128 x2, "
+          "saved in bf16, trained in fp32; 16x128 tokens)\n")
     print(markdown_table(rows, [("student", "student family", ""), ("path", "loss path (auto)", ""),
                                 ("tokens_per_s", "tokens/s", ",.0f"), ("peak_gb", "peak extra GB", ".2f"),
                                 ("error", "error", "")]))

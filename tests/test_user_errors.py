@@ -186,3 +186,30 @@ def test_the_vocabulary_rung_is_logged_and_a_different_tokenizer_refused_with_wh
     message = str(info.value)
     assert "only in teacher" in message or "only in" in message or "rung" in message
     assert "sequence_kd" in message and "span_kd" not in message  # only what this version can run is offered
+
+
+@pytest.mark.parametrize("text, overrides, expected", [
+    ("train: {zzz: 3}\n", [], "train.zzz: unknown key; allowed keys here:"),
+    ("train:\n  lr: [1, 2\n", [], "not valid YAML"),
+    ("", ["data.corpus=kjvv"], "did you mean 'kjv'"),
+    ("", ["train.micro_batch_size=32", "train.batch_size=16"], "micro_batch_size 32 is larger than batch_size 16"),
+])
+def test_config_mistakes_through_the_cli_are_one_line_with_exit_code_2(tmp_path, text, overrides, expected):
+    config = _config(tmp_path, text or "output_dir: runs/x\n")
+    out = _cli("pretrain", str(config), *[a for o in overrides for a in ("--set", o)])
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], out.stderr
+    assert "<unicode string>" not in out.stderr
+
+
+def test_a_too_small_corpus_through_the_cli_says_why(tmp_path, small_tokenizer):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("In the beginning God created the heaven and the earth.\n\nAnd the earth was without form.\n")
+    tok = tmp_path / "tok"
+    small_tokenizer.save_pretrained(tok)
+    out = _cli("pretrain", "--set", f"data.corpus={corpus}", "--set", f"tokenizer.path={tok}", "--set", "data.block_size=64",
+               "--set", f"output_dir={tmp_path / 'run'}", "--set", f"data.cache_dir={tmp_path / 'cache'}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith(("INFO", "WARNING"))]
+    assert len(lines) == 1 and "too small" in lines[0] and "data.split_fractions" in lines[0], out.stderr

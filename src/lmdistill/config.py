@@ -262,6 +262,24 @@ class CheckpointConfig(Section):
     keep: int = Field(2, ge=1)
 
 
+class MonitorConfig(Section):
+    """``monitor:`` of a distillation run: the teacher-hacking monitor (:mod:`lmdistill.eval.monitor`)."""
+
+    oracle: str | None = Field(None, description="the oracle model (a local directory): enables the golden metric")
+    mode: Literal["sequence", "token"] = Field("sequence", description="sequence: KL along sampled responses (paper); token: on validation text")
+    prompts: int = Field(32, ge=1, description="validation prompts (sequence) or validation blocks (token)")
+    prompt_tokens: int = Field(16, ge=1, description="sequence mode on packed text: a prompt is the first tokens of a validation block")
+    generations: int = Field(1, ge=1, description="responses sampled per prompt from each reference model")
+    max_new_tokens: int = Field(32, ge=1)
+    rise_tolerance: float = Field(0.02, ge=0, description="relative rise of the golden metric above its minimum that flags hacking")
+    fit_fraction: float = Field(0.5, gt=0, le=1, description="share of the evaluations the power law is fitted on")
+    powerlaw_tolerance: float = Field(0.1, gt=0, description="relative miss of the power-law fit that flags the proxy")
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)
+
+    _oracle_exists = field_validator("oracle")(lambda v: require_existing(v, "monitor.oracle"))
+
+
 class TrainingRunConfig(Section):
     """The sections every training run has, whatever its data: a corpus (:class:`RunConfig`) or a task with a
     regime (:class:`lmdistill.generation.run_config.TaskRunConfig`). The trainer reads only these and
@@ -275,6 +293,8 @@ class TrainingRunConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    monitor: MonitorConfig | None = Field(None, description="teacher-hacking monitor: proxy (teacher) and golden "
+                                          "(oracle) metrics with every evaluation; {oracle: DIR}")
 
     @property
     def block_size(self) -> int:

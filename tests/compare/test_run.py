@@ -257,13 +257,13 @@ def test_teacher_pretrained_then_fine_tuned_on_the_task(tmp_path, compare_raw, k
 def test_command_line(tmp_path, compare_raw):
     path = write_config(tmp_path, compare_raw)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
-    listed = subprocess.run([sys.executable, "-m", "lmdistill.cli.compare", str(path), "--dry-run",
+    listed = subprocess.run([sys.executable, "-m", "lmdistill.cli", "compare", str(path), "--dry-run",
                              "--set", "grid.objectives=[forward_kl,minillm]"],
                             capture_output=True, text=True, env=env, timeout=300)
     assert listed.returncode == 0, listed.stderr
     assert "tiny--forward_kl--seed1" in listed.stdout
     assert "tiny--minillm--seed0  SKIPPED: objective: unknown objective" in listed.stdout
-    bad = subprocess.run([sys.executable, "-m", "lmdistill.cli.compare", str(path), "--set", "grid.sedes=[1]"],
+    bad = subprocess.run([sys.executable, "-m", "lmdistill.cli", "compare", str(path), "--set", "grid.sedes=[1]"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "grid.sedes: unknown key; did you mean 'seeds'?" in bad.stderr

@@ -31,7 +31,6 @@ from lmdistill.selection.classify import (
     ClassTaskConfig,
     Labelled,
     StudentClassifier,
-    StudentConfig,
     build_class_task,
     class_report,
     load_encoder,

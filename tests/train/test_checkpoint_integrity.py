@@ -204,7 +204,6 @@ def test_a_real_full_disk_stops_the_run_with_one_line(tmp_path, kjv_small_txt, c
         from lmdistill.errors import LmdistillError
         from lmdistill.train.run import run_training
 
-        info = None
         with pytest.raises(LmdistillError) as info:
             run_training(cfg, show_progress=False)
         message = str(info.value)

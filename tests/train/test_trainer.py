@@ -195,3 +195,19 @@ def test_an_objective_state_with_tensors_checkpoints_and_resumes_exactly(tmp_pat
     for key, value in a["net"].items():
         torch.testing.assert_close(b["net"][key], value, rtol=0, atol=0)
     torch.testing.assert_close(b["class_mean"], a["class_mean"], rtol=0, atol=0)
+
+
+def test_monitor_key_logs_proxy_and_golden_metrics(tmp_path, kjv_small_txt, cache_dir, student_dir, tiny_teacher):
+    """`monitor: {oracle: DIR}` on an ordinary distillation run: every evaluation logs the proxy (student vs
+    teacher) and golden (student vs oracle) metrics; with the teacher as its own oracle they coincide."""
+    import json
+
+    cfg = run_config(tmp_path, kjv_small_txt, cache_dir, student_dir, teacher=tiny_teacher,
+                     train={"steps": 4, "warmup_steps": 0}, eval={"every": 2, "max_batches": 1, "batch_size": 4},
+                     monitor={"oracle": str(tiny_teacher), "mode": "token", "prompts": 2})
+    run_training(cfg, show_progress=False)
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line).get("kind") == "eval"]
+    assert len(evals) == 2 and all("proxy_kl" in e and "golden_kl" in e for e in evals)
+    assert all(abs(e["proxy_kl"] - e["golden_kl"]) < 1e-5 for e in evals)
+    assert (tmp_path / "run" / "monitor.png").exists()

@@ -1,10 +1,6 @@
 """`lmdistill compare`: a thin wrapper over :mod:`lmdistill.compare`.
 
-A plain function with typer parameter declarations; `lmdistill.cli` registers it:
-
-    app.command("compare")(compare_cli.compare)
-
-Until then (and in tests) it runs as ``python -m lmdistill.cli.compare CONFIG``.
+A plain function with typer parameter declarations; `lmdistill.cli` registers it as ``lmdistill compare``.
 """
 
 from __future__ import annotations
@@ -42,26 +38,3 @@ def compare(
         typer.echo(f"{len(plan.cells)} cells, {sum(c.skip is None for c in plan.cells)} to run -> {plan.output_dir}")
         return
     run_compare(plan, jobs=jobs, report_only=report_only)
-
-
-def main() -> None:
-    """``python -m lmdistill.cli.compare``: the command with the CLI's error handling (one line, exit 2)."""
-    import sys
-
-    import lmdistill.cli  # noqa: F401  (sets the offline defaults of the CLI)
-    from lmdistill.errors import LmdistillError
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(compare)
-    try:
-        app()
-    except LmdistillError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        typer.secho("interrupted; finished cells are kept and interrupted ones resume on the next run", err=True)
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

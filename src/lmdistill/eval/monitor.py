@@ -42,14 +42,13 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
 
-from lmdistill.config import Section, require_existing
+from lmdistill.config import MonitorConfig
 from lmdistill.data.blocks import collate
 from lmdistill.errors import ConfigError
 from lmdistill.eval.lm import evaluate_lm
@@ -57,24 +56,6 @@ from lmdistill.models.modes import eval_mode
 from lmdistill.seeds import derived_seed
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
-
-
-class MonitorConfig(Section):
-    """``monitor:`` of a distillation run (see the module docstring)."""
-
-    oracle: str | None = Field(None, description="the oracle model (a local directory): enables the golden metric")
-    mode: Literal["sequence", "token"] = Field("sequence", description="sequence: KL along sampled responses (paper); token: on validation text")
-    prompts: int = Field(32, ge=1, description="validation prompts (sequence) or validation blocks (token)")
-    prompt_tokens: int = Field(16, ge=1, description="sequence mode on packed text: a prompt is the first tokens of a validation block")
-    generations: int = Field(1, ge=1, description="responses sampled per prompt from each reference model")
-    max_new_tokens: int = Field(32, ge=1)
-    rise_tolerance: float = Field(0.02, ge=0, description="relative rise of the golden metric above its minimum that flags hacking")
-    fit_fraction: float = Field(0.5, gt=0, le=1, description="share of the evaluations the power law is fitted on")
-    powerlaw_tolerance: float = Field(0.1, gt=0, description="relative miss of the power-law fit that flags the proxy")
-    seed: int = 0
-    batch_size: int = Field(16, ge=1)
-
-    _oracle_exists = field_validator("oracle")(lambda v: require_existing(v, "monitor.oracle"))
 
 
 # ---------------------------------------------------------------------------------------------- the flags
@@ -284,10 +265,7 @@ def _token_kl(reference: LogitsFn, student: LogitsFn, blocks: Any, n_blocks: int
 
 def plot_monitor(runs: dict[str, Sequence[dict[str, float]]], path: str | Path) -> Path:
     """Proxy and golden curves against steps, and the golden metric against the proxy (the paper's Fig. 4 plane)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lmdistill.report.plots import plt, save_figure  # headless matplotlib, imported only to plot
 
     fig, (ax_curves, ax_plane) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, history in runs.items():
@@ -304,11 +282,7 @@ def plot_monitor(runs: dict[str, Sequence[dict[str, float]]], path: str | Path) 
     if ax_plane.lines:
         ax_plane.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- the evaluator

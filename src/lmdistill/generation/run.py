@@ -33,7 +33,8 @@ from lmdistill.data.prepare import trained_tokenizer
 from lmdistill.data.tokenizer import load_tokenizer
 from lmdistill.errors import ConfigError
 from lmdistill.eval.lm import metrics_from_sums
-from lmdistill.generation.batching import encode_examples, pad_id_of
+from lmdistill.eval.monitor import MonitoredEvaluator
+from lmdistill.generation.batching import encode_examples, encode_prompts, pad_id_of
 from lmdistill.generation.blackbox import BlackBoxTeacher, StoreReport
 from lmdistill.generation.config import TaskConfig
 from lmdistill.generation.metrics import GenerationScores, evaluate_generation, response_nll, response_token_sums
@@ -146,12 +147,16 @@ def build_task_run(
     streams = task_streams(splits, tokenizer, cache_dir, stream_name(cfg.regime.task))
     source = build_batch_source(cfg.regime, tokenizer=tokenizer, global_batch=cfg.train.batch_size, seed=cfg.train.seed,
                                 documents=splits["train"])
+    evaluator = task_evaluator(splits["validation"], tokenizer, max_length=cfg.regime.max_length,
+                               batch_size=cfg.eval.batch_size, max_batches=cfg.eval.max_batches)
+    if cfg.monitor is not None:  # the teacher-hacking monitor on the task's validation prompts
+        prompts = encode_prompts(tokenizer, [d.prompt or "" for d in splits["validation"][: cfg.monitor.prompts]])
+        evaluator = MonitoredEvaluator(cfg.monitor, base=evaluator, prompts=prompts)
     trainer = Trainer(
         cfg, student=student, tokenizer=tokenizer, objective=objective,
         train_stream=streams["train"], validation_stream=streams["validation"], teacher=teacher,
         train_source=source, vocab_size=vocab_size, accelerator=accelerator, show_progress=show_progress,
-        evaluator=task_evaluator(splits["validation"], tokenizer, max_length=cfg.regime.max_length,
-                                 batch_size=cfg.eval.batch_size, max_batches=cfg.eval.max_batches),
+        evaluator=evaluator,
     )
     return TaskRun(trainer=trainer, tokenizer=tokenizer, splits=splits, teacher_model=teacher_model)
 

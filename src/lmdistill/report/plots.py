@@ -51,11 +51,7 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: str | Path, *, titl
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_mean_curves(
@@ -79,7 +75,7 @@ def plot_mean_curves(
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", ncol=2 if len(series) > 8 else 1)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_metric_points(
@@ -111,7 +107,7 @@ def plot_metric_points(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _std(values: Sequence[float]) -> float:
@@ -119,7 +115,8 @@ def _std(values: Sequence[float]) -> float:
     return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (parents created) and release it; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -221,10 +221,7 @@ def plot_weights(history: Sequence[dict[str, Any]], names: Sequence[str], path: 
                  title: str = "domain weights") -> Path:
     """A step plot of each domain's sampling weight over training (and, for DDK, the perplexity ratios
     ell_S/ell_T the paper plots in its Fig. 3)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lmdistill.report.plots import plt, save_figure  # headless matplotlib, imported only to plot
 
     path = Path(path)
     with_ratio = any("ratio" in h for h in history)
@@ -240,10 +237,7 @@ def plot_weights(history: Sequence[dict[str, Any]], names: Sequence[str], path: 
     if with_ratio:
         axes[0, 1].set(xlabel="step", ylabel="ell_S / ell_T", title="student / teacher perplexity")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = [

@@ -39,13 +39,13 @@ from lmdistill.data.cache import default_cache_dir
 from lmdistill.data.domains import DomainData, DomainSpec, check_domains, prepare_domains
 from lmdistill.data.tokenizer import load_tokenizer
 from lmdistill.errors import ConfigError, DataError
-from lmdistill.eval.monitor import MonitorConfig, MonitoredEvaluator
+from lmdistill.eval.monitor import MonitoredEvaluator
 from lmdistill.losses import build_objective
 from lmdistill.selection.ddk import MixtureWeights, plot_weights
 from lmdistill.train.guard import make_accelerator
 from lmdistill.train.mixture_source import DomainEvaluator, MixtureSource, domain_sizes
-from lmdistill.train.rundir import RunDirectory
 from lmdistill.train.run import build_models
+from lmdistill.train.rundir import RunDirectory
 from lmdistill.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,6 @@ class MixtureRunConfig(RunConfig):
 
     domains: list[DomainSpec] = Field(..., description="the domains: [{name, source, max_documents}]")
     mixture: MixtureSettings = MixtureSettings()
-    monitor: MonitorConfig | None = Field(None, description="the teacher-hacking monitor (lmdistill.eval.monitor)")
 
     @model_validator(mode="after")
     def _mixture_fits(self) -> MixtureRunConfig:

@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lmdistill.data.cache import fsync_directory
 from lmdistill.errors import LmdistillError
 from lmdistill.models.lora import is_lora, lora_state
 
@@ -54,17 +55,6 @@ class DamagedCheckpoint(CheckpointError):
         super().__init__(f"checkpoint {checkpoint} is damaged: {file} {why}")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -72,7 +62,7 @@ def write_text_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_directory(path.parent)
 
 
 def io_failure(exc: BaseException, where: Path) -> str:
@@ -238,7 +228,7 @@ class CheckpointManager:
                 f.flush()
                 os.fsync(f.fileno())
             for sub in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
-                _fsync_dir(sub)
+                fsync_directory(sub)
             if final.exists():  # a re-run of the same step: replace the old copy only once the new one is whole
                 old = self.root / f".tmp-old-{final.name}"
                 final.rename(old)
@@ -246,7 +236,7 @@ class CheckpointManager:
                 shutil.rmtree(old)
             else:
                 tmp.rename(final)
-            _fsync_dir(self.root)
+            fsync_directory(self.root)
             write_text_atomic(self.root / "latest", final.name)
         except (OSError, RuntimeError, SafetensorError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)

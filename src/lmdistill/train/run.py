@@ -22,6 +22,7 @@ from lmdistill.data.blocks import TokenStream
 from lmdistill.data.prepare import PreparedData, default_cache_dir, prepare_data
 from lmdistill.data.tokenizer import load_tokenizer
 from lmdistill.errors import ConfigError
+from lmdistill.eval.monitor import MonitoredEvaluator
 from lmdistill.losses import build_objective
 from lmdistill.models.loading import build_from_preset, count_parameters, load_causal_lm
 from lmdistill.models.lora import apply_lora
@@ -193,6 +194,7 @@ def _build(config: RunConfig, objective: Any, show_progress: bool, accelerator: 
         accelerator=accelerator,
         show_progress=show_progress,
         run_dir=run_dir,
+        evaluator=None if config.monitor is None else MonitoredEvaluator(config.monitor),
     )
     return trainer, data
 

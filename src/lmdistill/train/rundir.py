@@ -46,7 +46,7 @@ LOCK_NAME = ".lock"
 RESUMABLE_SETTINGS = (
     "output_dir", "data.cache_dir", "train.steps", "train.lr", "train.min_lr_ratio", "train.warmup_steps",
     "train.grad_clip", "train.log_every", "train.micro_batch_size", "train.chunked_loss", "train.chunk_size",
-    "train.gradient_checkpointing",
+    "train.gradient_checkpointing", "monitor.",
     "eval.", "checkpoint.",
 )
 
