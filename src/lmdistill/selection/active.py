@@ -10,6 +10,9 @@ Scale" (PGKD), arXiv 2411.05045 (EMNLP 2024). The loop, round after round:
 4. choose the examples that condition the teacher: the *hard negatives* (validation examples the student gets wrong,
    most confident first), spread over the round's queries, each query with a few confidently right examples of the
    same classes; ``selection: random`` instead draws them uniformly (the baseline of the same budget);
+   ``selection: robust`` draws them by Robust Active Distillation (Baykal et al., arXiv 2210.01213;
+   :mod:`~lmdistill.selection.robust`): examples near the student's decision boundary (small top-2 margin),
+   spread so that a teacher wrong on some of them (``teacher_accuracy``) cannot spoil the round;
 5. ask the teacher, one query per prompt (:func:`build_prompt`: the task, the labels, the validation report, the
    chosen examples with their true label, the student's prediction and confidence, and the classes to focus on),
    for new examples written one per line as ``label: text``;
@@ -55,6 +58,7 @@ from lmdistill.selection.classify import (
     label_counts,
     normalize_text,
 )
+from lmdistill.selection.robust import robust_sample, robust_selection_probabilities, student_margins
 from lmdistill.train.checkpoint import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -89,9 +93,15 @@ class ActiveSettings(Section):
     budget: int = Field(20, ge=1, description="teacher queries in total, all rounds together")
     queries_per_round: int = Field(4, ge=1)
     examples_per_query: int = Field(8, ge=1, description="new examples asked of the teacher per query")
-    hard_per_query: int = Field(4, ge=1, description="examples shown per query (hard negatives, or random ones)")
+    hard_per_query: int = Field(4, ge=1, description="examples shown per query (hard negatives; random and robust "
+                                "selection show this plus correct_per_query)")
     correct_per_query: int = Field(2, ge=0, description="confidently right examples shown per query (hard selection)")
-    selection: Literal["hard", "random"] = Field("hard", description="hard: PGKD's hard negatives; random: the baseline")
+    selection: Literal["hard", "random", "robust"] = Field(
+        "hard", description="hard: PGKD's hard negatives; random: the baseline; robust: Robust Active Distillation "
+        "(arXiv 2210.01213): small-margin examples, spread against teacher mistakes")
+    teacher_accuracy: float = Field(
+        0.9, gt=0, le=1, description="robust selection: the assumed share of examples the teacher handles correctly "
+        "(no teacher scores exist here); RAD's budget of teacher mistakes is (1 - this) x validation size")
     patience: int = Field(2, ge=1, description="rounds without a validation-accuracy gain of min_delta before stopping")
     min_delta: float = Field(0.005, ge=0)
     seed: int = 0
@@ -109,15 +119,24 @@ class ActiveConfig(Section):
 
 # ------------------------------------------------------------------------------------------- selection
 def select_examples(report: ClassReport, validation: Sequence[Labelled], labels: Sequence[str], *, mode: str,
-                    n_queries: int, n_shown: int, n_correct: int, seed: int) -> list[dict[str, Any]]:
+                    n_queries: int, n_shown: int, n_correct: int, seed: int, probabilities: Any = None,
+                    teacher_accuracy: float = 0.9) -> list[dict[str, Any]]:
     """What each of the round's ``n_queries`` prompts shows: ``{"shown": [(index, predicted, confidence)], "correct":
-    [...], "focus": [labels]}`` with indices into ``validation``.
+    [...], "focus": [labels]}`` with indices into ``validation`` (robust queries also carry ``"kind": "robust"``).
 
     ``hard``: the wrongly classified examples, most confident first, dealt out in turn (query j gets the j-th block
     of ``n_shown``; with fewer than needed they repeat across queries, never within one); each query also shows up
     to ``n_correct`` of the most confidently right examples of its hard examples' classes; its focus is those
     classes and then the class of lowest F1. ``random``: as many examples as a hard query shows (``n_shown +
-    n_correct``) drawn uniformly per query (seeded), every class in focus."""
+    n_correct``) drawn uniformly per query (seeded), every class in focus. ``robust``: as many examples, drawn per
+    query (seeded, without replacement) from RAD's distribution
+    (:func:`~lmdistill.selection.robust.robust_selection_probabilities`) over the student's top-2 margins, which
+    ``probabilities`` (the student's class probabilities on ``validation``, examples x labels) give; focus: their
+    classes, then the class of lowest F1. RAD also needs the probability that the teacher is right on each
+    example, and no teacher score exists in this loop: the examples are shown with their gold label, so the label
+    itself is right, and what stays uncertain is the teacher's own error rate when it writes from them, unknown per
+    example; so every example gets ``teacher_accuracy`` (ASSUMPTION: one prior for all; the student's agreement
+    with the gold label is a student signal, not a teacher one, and is not used)."""
     truth = [list(labels).index(e.label) for e in validation]
     pred, conf = report.predictions, report.confidence
     queries: list[dict[str, Any]] = []
@@ -127,9 +146,22 @@ def select_examples(report: ClassReport, validation: Sequence[Labelled], labels:
             idx = rng.sample(range(len(validation)), min(n_shown + n_correct, len(validation)))
             queries.append({"shown": [(i, None, None) for i in idx], "correct": [], "focus": list(labels)})
         return queries
+    worst = min(labels, key=lambda lab: (report.per_class[lab]["f1"], list(labels).index(lab)))
+    if mode == "robust":
+        if probabilities is None:
+            raise ValueError("selection 'robust' needs the student's class probabilities on the validation set")
+        margins = student_margins(probabilities)
+        if margins.shape[0] != len(validation):
+            raise ValueError(f"probabilities: {margins.shape[0]} rows for {len(validation)} validation examples")
+        p = robust_selection_probabilities(margins, [teacher_accuracy] * len(validation))
+        for j in range(n_queries):
+            shown = robust_sample(p, 1.0 - margins, n_shown + n_correct, derived_seed(seed, j, "robust-selection"))
+            focus = list(dict.fromkeys([validation[i].label for i in shown] + [worst]))
+            queries.append({"shown": [(i, labels[pred[i]], conf[i]) for i in shown], "correct": [], "focus": focus,
+                            "kind": "robust"})
+        return queries
     wrong = sorted((i for i in range(len(truth)) if pred[i] != truth[i]), key=lambda i: (-conf[i], i))
     right = sorted((i for i in range(len(truth)) if pred[i] == truth[i]), key=lambda i: (-conf[i], i))
-    worst = min(labels, key=lambda lab: (report.per_class[lab]["f1"], list(labels).index(lab)))
     for j in range(n_queries):
         shown: list[int] = []
         for k in range(min(n_shown, len(wrong))):
@@ -163,7 +195,8 @@ def build_prompt(task: str, labels: Sequence[str], report: ClassReport, round_in
     ]
     lines += [f"- {lab}: {m['precision']:.2f} / {m['recall']:.2f} / {m['f1']:.2f}" for lab, m in report.per_class.items()]
     if query["shown"] and query["shown"][0][1] is not None:
-        lines += ["", "Examples it got wrong with high confidence:"]
+        lines += ["", "Examples it is least sure about (right or wrong):" if query.get("kind") == "robust"
+                  else "Examples it got wrong with high confidence:"]
         lines += [f"{n}. true label: {validation[i].label} | predicted: {p} (confidence {c:.2f}) | text: "
                   f"{_one_line(validation[i].text)}" for n, (i, p, c) in enumerate(query["shown"], 1)]
     elif query["shown"]:
@@ -281,7 +314,8 @@ def _fingerprint(cfg: ActiveConfig) -> dict[str, Any]:
     return {"task": cfg.task.model_dump(mode="json"), "student": cfg.student.model_dump(mode="json"),
             "selection": cfg.active.selection, "queries_per_round": cfg.active.queries_per_round,
             "examples_per_query": cfg.active.examples_per_query, "hard_per_query": cfg.active.hard_per_query,
-            "correct_per_query": cfg.active.correct_per_query, "seed": cfg.active.seed}
+            "correct_per_query": cfg.active.correct_per_query, "seed": cfg.active.seed,
+            **({"teacher_accuracy": cfg.active.teacher_accuracy} if cfg.active.selection == "robust" else {})}
 
 
 def _load_state(path: Path, cfg: ActiveConfig) -> dict[str, Any]:
@@ -344,9 +378,11 @@ def run_active(cfg: ActiveConfig, *, environ: Mapping[str, str] | None = None, e
             state["stopped"] = _stop_reason(state, active)
             if state["stopped"] is None:
                 n = min(active.queries_per_round, active.budget - state["queries_used"])
+                probs = student.probabilities([e.text for e in validation]) if active.selection == "robust" else None
                 chosen = select_examples(report, validation, labels, mode=active.selection, n_queries=n,
                                          n_shown=active.hard_per_query, n_correct=active.correct_per_query,
-                                         seed=derived_seed(active.seed, k))
+                                         seed=derived_seed(active.seed, k), probabilities=probs,
+                                         teacher_accuracy=active.teacher_accuracy)
                 prompts = [build_prompt(cfg.task.name, labels, report, k, q, validation, active.examples_per_query)
                            for q in chosen]
                 state["pending"] = {"round": k, "prompts": prompts, "shown": [[i for i, _, _ in q["shown"]] for q in chosen]}
