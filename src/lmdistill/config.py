@@ -219,6 +219,19 @@ class TeacherConfig(Section):
         return self
 
 
+class VocabConfig(Section):
+    """How teacher and student vocabularies are paired (:func:`lmdistill.models.vocab.vocab_ladder`)."""
+
+    rung: Literal["auto", "identical", "padded", "partial", "different"] = Field(
+        "auto", description="the vocabulary ladder's rung; auto = chosen from the two tokenizers (logged at start): "
+        "identical, padded (one token map), partial (shared token strings), different (cross-tokenizer objectives)",
+    )
+    min_shared_fraction: float = Field(0.5, ge=0, le=1, description="auto picks partial when at least this share of "
+                                       "the smaller vocabulary is shared by string, else different")
+    fold: Literal["prefix", "bucket"] = Field(
+        "prefix", description="rungs 3-4: an unshared token joins its longest shared prefix (prefix) or one bucket")
+
+
 class TrainConfig(Section):
     steps: int = Field(500, gt=0)
     batch_size: int = Field(16, gt=0, description="global batch: sequences per optimizer step, all ranks together")
@@ -289,6 +302,7 @@ class TrainingRunConfig(Section):
     tokenizer: TokenizerConfig = TokenizerConfig()
     student: ModelConfig = ModelConfig(preset="gpt2-student-1.5m")
     teacher: TeacherConfig | None = None
+    vocab: VocabConfig = VocabConfig()
     objective: Any = Field("cross_entropy", description="objective name, {name: ..., params}, or {mix: [...]}")
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()

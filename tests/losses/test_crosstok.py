@@ -424,3 +424,30 @@ def test_distilling_across_tokenizers_on_real_text(batcher, pairing, verses, stu
         opt.step()
     after, agree_after = evaluate()
     assert after < 0.6 * before and agree_after > agree_before + 0.1, (before, after, agree_before, agree_after)
+
+
+@settings(max_examples=25, deadline=None)
+@given(cap=st.integers(min_value=1, max_value=40))
+def test_a_teacher_position_cap_keeps_the_groups_before_the_cut(batcher, verses, student_tok, cap):
+    """A teacher whose position table is shorter than its tokenization: inputs are cut at ``cap`` and exactly the
+    groups whose teacher tokens all sit before the cut stay aligned, unchanged."""
+    blocks = _blocks(student_tok, verses, 24, 3)
+    full = batcher(blocks)
+    cut = batcher(blocks, max_teacher_len=cap)
+    assert cut.teacher_input_ids.shape[1] <= cap
+    rows = cut.teacher_attention_mask.sum(1)
+    assert torch.equal(cut.teacher_input_ids[:, :cap] * cut.teacher_attention_mask,
+                       full.teacher_input_ids[:, : cut.teacher_input_ids.shape[1]] * cut.teacher_attention_mask)
+    lt_full, lt_cut = full.alignment.teacher_len, cut.alignment.teacher_len
+
+    def groups(a, lt):  # each group as (student rows, teacher (sequence, row) pairs)
+        out = {}
+        for g in range(a.num_groups):
+            s_rows = tuple(a.s_rows[a.s_group == g].tolist())
+            t_rows = tuple((r // lt, r % lt) for r in a.t_rows[a.t_group == g].tolist())
+            out[s_rows] = t_rows
+        return out
+
+    before, after = groups(full.alignment, lt_full), groups(cut.alignment, lt_cut)
+    expected = {s: t for s, t in before.items() if all(r < int(rows[b]) for b, r in t)}
+    assert after == expected

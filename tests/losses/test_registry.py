@@ -24,9 +24,11 @@ from tests.losses.helpers import make_inputs
 def test_every_name_builds_and_round_trips_its_config(name):
     objective = build_objective(name)
     assert objective.name == name
-    z, zt, labels = make_inputs((8, 6), ignore_every=3)
     again = build_objective(objective.config())
-    torch.testing.assert_close(again.per_token(z, zt, labels), objective.per_token(z, zt, labels))
+    assert again.config() == objective.config()
+    if objective.reads_logits and "dense" in objective.accepted_signals:  # the others: tests/train, test_crosstok
+        z, zt, labels = make_inputs((8, 6), ignore_every=3)
+        torch.testing.assert_close(again.per_token(z, zt, labels), objective.per_token(z, zt, labels))
 
 
 def test_names_params_and_aliases():

@@ -21,7 +21,10 @@ def main() -> None:
     acc = trainer.accelerator
     if acc.is_main_process:
         model = acc.unwrap_model(trainer.model)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}, out + ".safetensors")
+        weights = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        # learned objective parameters (representation projections) must match one process too
+        weights.update({f"objective.{i}": p.detach().contiguous() for i, p in enumerate(trainer.objective.parameters())})
+        save_file(weights, out + ".safetensors")
         with open(out + ".json", "w") as f:
             json.dump({"losses": losses, "world_size": acc.num_processes}, f)
 

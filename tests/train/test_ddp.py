@@ -25,14 +25,19 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(tmp_path, verse_pairs_jsonl, cache_dir, small_tokenizer, tiny_teacher):
+@pytest.mark.parametrize("objective", [
+    {"mix": [{"name": "forward_kl", "weight": 0.5}, {"name": "cross_entropy", "weight": 0.5}]},
+    # a learned projection outside the DDP-wrapped student: its gradients must be averaged over ranks too
+    {"mix": [{"name": "forward_kl", "weight": 0.5}, {"name": "hidden_states", "weight": 0.5}]},
+], ids=["logits", "hidden-states"])
+def test_two_processes_equal_one(objective, tmp_path, verse_pairs_jsonl, cache_dir, small_tokenizer, tiny_teacher):
     student = save_tiny_model(tmp_path / "student", small_tokenizer, layers=1, hidden=32, seed=7)
     config = {
         "output_dir": str(tmp_path / "run"),
         "data": {"corpus": str(verse_pairs_jsonl), "block_size": 32, "cache_dir": str(cache_dir)},
         "student": {"path": str(student)},
         "teacher": {"path": str(tiny_teacher)},
-        "objective": {"mix": [{"name": "forward_kl", "weight": 0.5}, {"name": "cross_entropy", "weight": 0.5}]},
+        "objective": objective,
         "train": {"steps": 3, "batch_size": 8, "micro_batch_size": 2, "lr": 1e-2, "warmup_steps": 1},
     }
     cfg_path = tmp_path / "cfg.yaml"
@@ -54,5 +59,6 @@ def test_two_processes_equal_one(tmp_path, verse_pairs_jsonl, cache_dir, small_t
     w1, w2 = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
     import torch
 
+    assert w1.keys() == w2.keys()
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5)

@@ -169,8 +169,8 @@ def model_scorer(model: torch.nn.Module) -> LogitsFn:
 def teacher_scorer(teacher: Any) -> LogitsFn:
     """A teacher source's ``logits`` (any :class:`~lmdistill.teachers.base.TeacherSource` that scores text)."""
     if not teacher.scores_text:
-        raise ConfigError(f"the teacher-hacking monitor scores text with the teacher, but {teacher.description} cannot "
-                          "score arbitrary text; use a live teacher (teacher.path)")
+        raise ConfigError(f"the teacher-hacking monitor scores the student's tokens with the teacher, but "
+                          f"{teacher.description} cannot; use a live teacher (teacher.path) with the student's tokenizer")
 
     def fn(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return teacher.logits(input_ids, attention_mask).cpu()

@@ -142,8 +142,10 @@ def build_task_run(
         splits = apply_chat_template(splits, tokenizer)
     torch.manual_seed(cfg.train.seed)
     positions = max(256, cfg.regime.max_length + cfg.regime.sampling.max_new_tokens + 64)
-    models = build_models(cfg.student, cfg.teacher, tokenizer, max_positions=positions, seed=cfg.train.seed)
+    models = build_models(cfg.student, cfg.teacher, tokenizer, max_positions=positions, seed=cfg.train.seed,
+                          objective=objective, vocab=cfg.vocab)
     student, teacher, teacher_model, vocab_size = models.student, models.teacher, models.teacher_model, models.vocab_size
+    objective = models.objective
     streams = task_streams(splits, tokenizer, cache_dir, stream_name(cfg.regime.task))
     source = build_batch_source(cfg.regime, tokenizer=tokenizer, global_batch=cfg.train.batch_size, seed=cfg.train.seed,
                                 documents=splits["train"])

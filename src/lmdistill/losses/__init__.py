@@ -27,16 +27,6 @@ from lmdistill.losses.chunked import default_chunk_size, fused_linear_distill
 from lmdistill.losses.core import Divergence, Objective, OuterStep, reduce_tokens, valid_mask
 from lmdistill.losses.dackl import DACKL, SpanCorrelation
 from lmdistill.losses.distillm2 import DistiLLM2
-from lmdistill.losses.signals import (
-    SIGNAL_KINDS,
-    HiddenStates,
-    LowRankCodes,
-    SparseTeacher,
-    Teacher,
-    TeacherSignal,
-    signal_kind,
-    teacher_log_probs,
-)
 from lmdistill.losses.divergences import (
     CrossEntropy,
     ForwardKL,
@@ -53,7 +43,17 @@ from lmdistill.losses.divergences import (
     skew_reverse_kl,
     total_variation,
 )
-from lmdistill.losses.registry import ALIASES, OBJECTIVES, Mixture, build_objective, objective_names
+from lmdistill.losses.registry import ALIASES, OBJECTIVES, Mixture, build_objective, objective_names, on_aligned_spans
+from lmdistill.losses.signals import (
+    SIGNAL_KINDS,
+    HiddenStates,
+    LowRankCodes,
+    SparseTeacher,
+    Teacher,
+    TeacherSignal,
+    signal_kind,
+    teacher_log_probs,
+)
 from lmdistill.losses.sinkd import SinKD, sinkhorn_log_plan
 from lmdistill.losses.taid import TAID
 from lmdistill.losses.tgeo import TrilateralFusion
@@ -97,6 +97,7 @@ __all__ = [
     "fused_linear_distill",
     "generalized_jsd",
     "objective_names",
+    "on_aligned_spans",
     "reduce_tokens",
     "reverse_kl",
     "signal_kind",

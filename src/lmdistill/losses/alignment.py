@@ -328,21 +328,27 @@ class CrossTokenizerBatcher:
             teacher = TokenSpans(self.teacher_prefix_ids + teacher.ids, (0,) * n + teacher.starts, (0,) * n + teacher.ends)
         return student, teacher
 
-    def __call__(self, student_tokens: Tensor) -> CrossTokenizerInputs:
+    def __call__(self, student_tokens: Tensor, *, max_teacher_len: int | None = None) -> CrossTokenizerInputs:
         """For a block of student tokens ``[B, L + 1]`` (``input_ids`` plus the final label): teacher inputs and the
-        alignment (student label rows ``b * L + r``)."""
+        alignment (student label rows ``b * L + r``); see :meth:`build` for ``max_teacher_len``."""
         if student_tokens.dim() != 2 or student_tokens.shape[1] < 2:
             raise ValueError(f"student tokens must be [B, L + 1] with L >= 1, got {tuple(student_tokens.shape)}")
         pairs = [self.spans_from_ids(row) for row in student_tokens.tolist()]
-        return self.build(pairs, student_len=student_tokens.shape[1] - 1)
+        return self.build(pairs, student_len=student_tokens.shape[1] - 1, max_teacher_len=max_teacher_len)
 
-    def build(self, pairs: Sequence[tuple[TokenSpans, TokenSpans]], *, student_len: int | None = None) -> CrossTokenizerInputs:
+    def build(self, pairs: Sequence[tuple[TokenSpans, TokenSpans]], *, student_len: int | None = None,
+              max_teacher_len: int | None = None) -> CrossTokenizerInputs:
         """Teacher inputs and the alignment from ``(student, teacher)`` spans of each sequence; student sequences
-        must all have ``student_len + 1`` tokens (default: the longest, shorter ones then need their own padding)."""
+        must all have ``student_len + 1`` tokens (default: the longest, shorter ones then need their own padding).
+        ``max_teacher_len`` caps the teacher's input length (its position table): a teacher sequence is cut there
+        and the groups beyond the cut stay unaligned (no loss), never an out-of-range position."""
         if not pairs:
             raise ValueError("no sequences to align")
+        if max_teacher_len is not None and max_teacher_len < 1:
+            raise ValueError(f"max_teacher_len must be >= 1, got {max_teacher_len}")
         L = student_len if student_len is not None else max(len(s) for s, _ in pairs) - 1
-        teacher_rows = [max(0, len(t) - 1) for _, t in pairs]
+        cap = max_teacher_len if max_teacher_len is not None else float("inf")
+        teacher_rows = [int(min(cap, max(0, len(t) - 1))) for _, t in pairs]
         Lt = max(1, max(teacher_rows))
         cols: dict[str, list[int]] = {name: [] for name in (
             "s_rows", "s_group", "s_targets", "s_first", "s_cover_group", "s_cover_ids", "s_last_pos",
@@ -350,7 +356,7 @@ class CrossTokenizerBatcher:
         g = 0
         for b, (s, t) in enumerate(pairs):
             for ra, rb in align_spans(s, t):
-                if not ra or not rb or ra.start == 0 or rb.start == 0 or ra[-1] > L:
+                if not ra or not rb or ra.start == 0 or rb.start == 0 or ra[-1] > L or rb[-1] > teacher_rows[b]:
                     continue
                 for side, rng, spans, width in (("s", ra, s, L), ("t", rb, t, Lt)):
                     for k in rng:

@@ -256,6 +256,9 @@ class Objective:
     * ``accepted_signals``: the teacher-signal kinds (:mod:`lmdistill.losses.signals`) it computes correctly
       from. Every divergence accepts the exact and completed kinds; only objectives linear in the teacher's
       probabilities (forward KL, cross-entropy) also accept ``sampled`` (an unbiased estimate).
+    * :meth:`bind_models`: what it needs from the run's two models (vocabulary maps, projection sizes).
+    * ``uses_states`` / :meth:`state_per_token`: representation KD on both models' hidden states; with
+      ``reads_logits`` False the objective has no logit part (a mixture then sums its parts of each kind).
     * :meth:`outer_step`: work of its own once per optimizer step, after the student's gradients and before
       the update (TGeo-KD's one-step lookahead for its fusion network); a no-op for the others. Objectives
       with one set ``has_outer_step`` and cannot sit inside a mixture.
@@ -269,6 +272,11 @@ class Objective:
     row_group_size: int | None = None
     accepted_signals: frozenset[str] = EXACT_KINDS
     has_outer_step: ClassVar[bool] = False
+    # constructor parameters that come from the run (its models), never from a config
+    bound_params: ClassVar[tuple[str, ...]] = ()
+    # representation objectives read both models' hidden states (state_per_token), not the logits
+    reads_logits: bool = True
+    uses_states: bool = False
 
     def leaves(self) -> list["Objective"]:
         """The plain objectives this one is made of (itself; a mixture's parts, flattened)."""
@@ -280,6 +288,18 @@ class Objective:
 
     def outer_step(self, step: "OuterStep") -> None:
         """Once per optimizer step, after backward and before the optimizer: see the class docstring."""
+
+    def bind_models(self, pair: Any) -> None:
+        """Once before training, with the run's teacher and student (:class:`lmdistill.losses.pairing.ModelPair`:
+        tokenizers and shapes): cross-tokenizer objectives build their vocabulary maps here, representation
+        objectives their projections; a no-op for the others."""
+
+    def state_per_token(self, student_states: tuple[Tensor, ...], teacher_states: tuple[Tensor, ...],
+                        labels: Tensor) -> Tensor:
+        """Representation objectives (``uses_states``): the per-token loss ``[B*L]`` from both models' hidden
+        states (``output_hidden_states`` tuples of ``[B, L, d]``: embeddings, then each block), 0 where the label
+        is ignored. Added to the logit part's per-token loss before the one reduction."""
+        raise NotImplementedError(f"objective '{self.name}' does not read hidden states")
 
     def for_batch(self, batch: dict[str, Tensor]) -> "Objective":
         """This objective bound to one batch's per-row fields (which rows the student generated, span ids; see

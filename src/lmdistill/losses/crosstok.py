@@ -19,7 +19,7 @@ sequence, so the chunked path never splits them (``batch_coupled``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -28,7 +28,16 @@ from lmdistill.constants import IGNORE_INDEX
 from lmdistill.losses.alignment import AlignedBatch
 from lmdistill.losses.core import Objective, compute_dtype, kl_from_log_probs
 from lmdistill.losses.divergences import ForwardKL
-from lmdistill.losses.signals import DENSE, SparseTeacher, is_sparse, log_softmax_at, signal_values, teacher_log_probs
+from lmdistill.losses.pairing import ModelPair
+from lmdistill.losses.signals import (
+    CROSSTOK,
+    DENSE,
+    SparseTeacher,
+    is_sparse,
+    log_softmax_at,
+    signal_values,
+    teacher_log_probs,
+)
 from lmdistill.models.vocab import SharedVocab, safe_logsumexp
 
 __all__ = [
@@ -43,10 +52,6 @@ __all__ = [
     "MinEDKD",
     "mined_log_probs",
 ]
-
-# The signal kind of an AlignedTeacher (to be registered beside the others in lmdistill.losses.signals).
-CROSSTOK = "crosstok"
-
 
 @dataclass(frozen=True)
 class AlignedTeacher:
@@ -202,8 +207,10 @@ class SpanKD(Objective):
     name = "span_kd"
     accepted_signals = frozenset({CROSSTOK})
     batch_coupled = True
+    nested_objectives: ClassVar[tuple[str, ...]] = ("inner",)  # the registry builds it from its spec
+    bound_params: ClassVar[tuple[str, ...]] = ("vocab",)  # from the run's tokenizers, not from a config
 
-    def __init__(self, vocab: SharedVocab, inner: Objective | None = None, temperature: float = 1.0) -> None:
+    def __init__(self, vocab: SharedVocab | None = None, inner: Objective | None = None, temperature: float = 1.0) -> None:
         if not temperature > 0:
             raise ValueError(f"span_kd: temperature must be > 0, got {temperature!r}")
         inner = inner if inner is not None else ForwardKL()
@@ -216,22 +223,32 @@ class SpanKD(Objective):
         self.inner = inner
         self.temperature = float(temperature)
 
+    def bind_models(self, pair: ModelPair) -> None:
+        if self.vocab is None:
+            self.vocab = pair.shared()
+
+    def _shared(self) -> SharedVocab:
+        if self.vocab is None:
+            raise ValueError("span_kd has no vocabulary pairing: bind the run's models first (bind_models)")
+        return self.vocab
+
     def categories(self, student_logits: Tensor, teacher: AlignedTeacher) -> tuple[Tensor, Tensor]:
         """Student and teacher log-probabilities on the common columns, one row per aligned span ``[G, C]``."""
         a = teacher.alignment
+        vocab = self._shared()
         z = student_logits.reshape(-1, student_logits.shape[-1])
         dtype = compute_dtype(z, signal_values(teacher.logits))
-        s_logp = log_softmax_at(z[:, : self.vocab.student.size], self.temperature, dtype)
-        t_logp = teacher.log_probs(self.temperature, dtype, vocab=self.vocab.teacher.size)
+        s_logp = log_softmax_at(z[:, : vocab.student.size], self.temperature, dtype)
+        t_logp = teacher.log_probs(self.temperature, dtype, vocab=vocab.teacher.size)
         g = a.num_groups
         if g == 0:
-            empty = s_logp.new_zeros((0, self.vocab.num_columns + 1))
+            empty = s_logp.new_zeros((0, vocab.num_columns + 1))
             return empty, empty
         s_edits, s_span = span_edits(s_logp, a.s_rows, a.s_group, a.s_targets, a.s_first, a.s_cover_group, a.s_cover_ids, g)
         with torch.no_grad():
             t_edits, t_span = span_edits(t_logp, a.t_rows, a.t_group, a.t_targets, a.t_first, a.t_cover_group, a.t_cover_ids, g)
-            teacher_cats = self.vocab.project(t_logp, "teacher", extra=t_span, rows=a.t_first, edits=t_edits)
-        return self.vocab.project(s_logp, "student", extra=s_span, rows=a.s_first, edits=s_edits), teacher_cats
+            teacher_cats = vocab.project(t_logp, "teacher", extra=t_span, rows=a.t_first, edits=t_edits)
+        return vocab.project(s_logp, "student", extra=s_span, rows=a.s_first, edits=s_edits), teacher_cats
 
     def group_losses(self, student_logits: Tensor, teacher: Any, labels: Tensor | None) -> tuple[Tensor, Tensor]:
         """Per aligned span: the loss ``[G]`` and whether it counts ``[G]`` (every student token of it has a label)."""
@@ -364,21 +381,35 @@ class MinEDKD(Objective):
     name = "mined"
     accepted_signals = frozenset({CROSSTOK})
     batch_coupled = True
+    bound_params: ClassVar[tuple[str, ...]] = ("teacher_to_student", "student_vocab")  # from the run's tokenizers
 
-    def __init__(self, teacher_to_student: Tensor, student_vocab: int, temperature: float = 1.0, unaligned: str = "label") -> None:
+    def __init__(self, teacher_to_student: Tensor | None = None, student_vocab: int | None = None,
+                 temperature: float = 1.0, unaligned: str = "label") -> None:
         if unaligned not in ("label", "skip"):
             raise ValueError(f"mined: unaligned must be 'label' or 'skip', got {unaligned!r}")
         if not temperature > 0:
             raise ValueError(f"mined: temperature must be > 0, got {temperature!r}")
-        if teacher_to_student.dim() != 1 or int(teacher_to_student.max()) >= student_vocab:
-            raise ValueError(f"mined: the map must be [V_teacher] student ids below {student_vocab}")
-        self.teacher_to_student = teacher_to_student.long()
-        self.student_vocab = int(student_vocab)
         self.temperature = float(temperature)
         self.unaligned = unaligned
+        self.teacher_to_student: Tensor | None = None
+        self.student_vocab: int | None = None
+        if teacher_to_student is not None:
+            self._set_map(teacher_to_student, student_vocab)
+
+    def _set_map(self, teacher_to_student: Tensor, student_vocab: int | None) -> None:
+        if student_vocab is None or teacher_to_student.dim() != 1 or int(teacher_to_student.max()) >= student_vocab:
+            raise ValueError(f"mined: the map must be [V_teacher] student ids below student_vocab ({student_vocab})")
+        self.teacher_to_student = teacher_to_student.long()
+        self.student_vocab = int(student_vocab)
+
+    def bind_models(self, pair: ModelPair) -> None:
+        if self.teacher_to_student is None:
+            self._set_map(pair.mined_map(), pair.student_vocab)
 
     def per_token(self, student_logits: Tensor, teacher: Any, labels: Tensor | None, *, context: Any = None) -> Tensor:
         teacher = _aligned(teacher, self.name)
+        if self.teacher_to_student is None or self.student_vocab is None:
+            raise ValueError("mined has no vocabulary map: bind the run's models first (bind_models)")
         a = teacher.alignment.to(student_logits.device)
         z, flat_labels, lead = _flat_student(student_logits, labels, a, self.name)
         dtype = compute_dtype(z, signal_values(teacher.logits))

@@ -14,6 +14,7 @@ from lmdistill.errors import ConfigError
 from lmdistill.losses.akl import AdaptiveKL
 from lmdistill.losses.atkd import ATKD
 from lmdistill.losses.core import Objective, Teacher, Workspace
+from lmdistill.losses.crosstok import ULD, MinEDKD, SpanKD
 from lmdistill.losses.dackl import DACKL, SpanCorrelation
 from lmdistill.losses.distillm2 import DistiLLM2
 from lmdistill.losses.divergences import (
@@ -25,11 +26,12 @@ from lmdistill.losses.divergences import (
     SkewReverseKL,
     TotalVariation,
 )
+from lmdistill.losses.features import HiddenStateObjective, NormDirectionObjective, TokenRelationObjective
 from lmdistill.losses.sinkd import SinKD
 from lmdistill.losses.taid import TAID
 from lmdistill.losses.tgeo import TrilateralFusion
 
-__all__ = ["OBJECTIVES", "ALIASES", "Mixture", "build_objective", "objective_names"]
+__all__ = ["OBJECTIVES", "ALIASES", "Mixture", "build_objective", "objective_names", "on_aligned_spans"]
 
 OBJECTIVES: dict[str, type[Objective]] = {
     cls.name: cls
@@ -49,6 +51,12 @@ OBJECTIVES: dict[str, type[Objective]] = {
         DistiLLM2,
         DACKL,
         SpanCorrelation,
+        SpanKD,
+        ULD,
+        MinEDKD,
+        HiddenStateObjective,
+        TokenRelationObjective,
+        NormDirectionObjective,
     )
 }
 ALIASES = {
@@ -65,6 +73,13 @@ ALIASES = {
     "distillm_2": "distillm2",
     "dackl": "dac_kl",
     "span": "span_correlation",
+    "span_alignment": "span_kd",
+    "universal_logit_distillation": "uld",
+    "min_edit_distance": "mined",
+    "hidden": "hidden_states",
+    "hidden_state": "hidden_states",
+    "token_relations": "trg",
+    "feature_norm_direction": "nd",
 }
 
 
@@ -111,6 +126,11 @@ class Mixture(Objective):
             self.row_group_size = None
         self.accepted_signals = frozenset.intersection(*(o.accepted_signals for o in objectives if o.requires_teacher)) \
             if self.requires_teacher else type(self).accepted_signals
+        # parts of each kind: logit parts (per_token, chunk kernels) and representation parts (state_per_token)
+        self.logit_parts = [(o, w) for o, w in self.parts if o.reads_logits]
+        self.state_parts = [(o, w) for o, w in self.parts if o.uses_states]
+        self.reads_logits = bool(self.logit_parts)
+        self.uses_states = bool(self.state_parts)
 
     def for_batch(self, batch: dict[str, Tensor]) -> Objective:
         bound = [(objective.for_batch(batch), weight) for objective, weight in self.parts]
@@ -122,32 +142,43 @@ class Mixture(Objective):
         return [leaf for objective, _ in self.parts for leaf in objective.leaves()]
 
     def per_token(self, student_logits: Tensor, teacher: Teacher | None, labels: Tensor | None, *, context: Any = None) -> Tensor:
-        contexts = context if context is not None else [None] * len(self.parts)
+        contexts = context if context is not None else [None] * len(self.logit_parts)
         total = None
-        for (objective, weight), part_context in zip(self.parts, contexts):
+        for (objective, weight), part_context in zip(self.logit_parts, contexts):
             if weight == 0:
                 continue
             term = objective.per_token(student_logits, teacher, labels, context=part_context)
             total = weight * term if total is None else total + weight * term
+        if total is None:  # no logit part carries weight
+            total = student_logits.new_zeros(student_logits.shape[:-1])
         return total
+
+    def state_per_token(self, student_states, teacher_states, labels: Tensor) -> Tensor:
+        total = None
+        for objective, weight in self.state_parts:
+            if weight == 0:
+                continue
+            term = objective.state_per_token(student_states, teacher_states, labels)
+            total = weight * term if total is None else total + weight * term
+        return total if total is not None else labels.new_zeros(labels.shape, dtype=torch.float32)
 
     def per_token_parts(self, student_logits: Tensor, teacher: Teacher | None, labels: Tensor | None) -> dict[str, Tensor]:
         """Unweighted per-token losses of each part, keyed ``"<index>:<name>"`` (for logging)."""
         return {
             f"{i}:{objective.name}": objective.per_token(student_logits, teacher, labels)
-            for i, (objective, _) in enumerate(self.parts)
+            for i, (objective, _) in enumerate(self.parts) if objective.reads_logits
         }
 
     def has_chunk_kernel(self) -> bool:
-        return all(objective.has_chunk_kernel() for objective, _ in self.parts)
+        return all(objective.has_chunk_kernel() for objective, _ in self.logit_parts)
 
     def chunk_value_and_grad(self, z, teacher, labels, ws: Workspace, context=None):
-        if not self.has_chunk_kernel():
+        if not self.has_chunk_kernel() or not any(weight for _, weight in self.logit_parts):
             return None
-        contexts = context if context is not None else [None] * len(self.parts)
+        contexts = context if context is not None else [None] * len(self.logit_parts)
         total_loss = None
         total_grad = ws.buf(f"mix_grad@{id(self)}")
-        for (objective, weight), part_context in zip(self.parts, contexts):
+        for (objective, weight), part_context in zip(self.logit_parts, contexts):
             if weight == 0:
                 continue
             loss, grad = objective.chunk_value_and_grad(z, teacher, labels, ws, part_context)
@@ -162,7 +193,7 @@ class Mixture(Objective):
     def batch_context(self, teacher_chunks: Callable[[], Iterable[tuple[int, int, Teacher]]], labels: Tensor, vocab_size: int) -> Any:
         return [
             objective.batch_context(teacher_chunks, labels, vocab_size) if objective.needs_batch_context else None
-            for objective, _ in self.parts
+            for objective, _ in self.logit_parts
         ]
 
     def slice_context(self, context: Any, start: int, stop: int) -> Any:
@@ -170,7 +201,7 @@ class Mixture(Objective):
             return None
         return [
             None if part_context is None else objective.slice_context(part_context, start, stop)
-            for (objective, _), part_context in zip(self.parts, context)
+            for (objective, _), part_context in zip(self.logit_parts, context)
         ]
 
     def state_dict(self) -> dict:
@@ -202,7 +233,7 @@ class Mixture(Objective):
 
 def _allowed_params(cls: type[Objective]) -> list[str]:
     signature = inspect.signature(cls.__init__)
-    return [name for name in signature.parameters if name != "self"]
+    return [name for name in signature.parameters if name != "self" and name not in cls.bound_params]
 
 
 def _build_one(name: Any, params: Mapping[str, Any], key: str) -> Objective:
@@ -290,3 +321,32 @@ def build_objective(spec: Any, *, key: str = "objective") -> Objective:
             raise ConfigError(f"{key}.weight: weights belong to the parts of a mixture ({{mix: [...]}})")
         return _build_one(name, spec, key)
     raise ConfigError(f"{key}: expected an objective name, a mapping with 'name', or a mixture; got {type(spec).__name__}")
+
+
+def on_aligned_spans(objective: Objective, *, key: str = "objective") -> Objective:
+    """Vocabulary rung 3 (partly shared tokens): each part of ``objective`` that needs a same-vocabulary teacher
+    runs on aligned spans folded to the shared tokens (:class:`~lmdistill.losses.crosstok.SpanKD` with that part
+    inside, its temperature moved onto the span merge); label-only parts and cross-tokenizer parts stay as they
+    are. Parts that couple rows or keep their own outer step cannot move inside a span merge: a ConfigError."""
+    from lmdistill.losses.signals import CROSSTOK
+
+    def wrap(part: Objective, where: str) -> Objective:
+        if not part.requires_teacher or not part.refusals(CROSSTOK):
+            return part
+        if isinstance(part, Mixture):
+            return Mixture([(wrap(p, f"{where}.mix[{i}]"), w) for i, (p, w) in enumerate(part.parts)])
+        if part.has_outer_step or part.batch_coupled or part.needs_batch_context:
+            raise ConfigError(
+                f"{where}: '{part.name}' needs one vocabulary (it couples rows or keeps its own step), and this teacher "
+                "and student share only part of theirs (rung 3); use a cross-tokenizer objective (span_kd, uld, mined) "
+                "or a per-token divergence (forward_kl, reverse_kl, jsd, ...)"
+            )
+        spec = part.config()
+        temperature = float(spec.get("temperature", 1.0))
+        if spec.get("scale_by_t2") and temperature != 1.0:
+            raise ConfigError(f"{where}: scale_by_t2 does not carry over to span-aligned KD (rung 3); drop it or use "
+                              "temperature 1")
+        inner = build_objective({**spec, "temperature": 1.0} if "temperature" in spec else spec, key=where)
+        return SpanKD(inner=inner, temperature=temperature)
+
+    return wrap(objective, key)

@@ -13,6 +13,8 @@ kind          form                                                what a loss do
 ``sampled``   :class:`SparseTeacher` with ``sampled=True``         an unbiased estimate: forward KL and CE only
 ``hidden``    :class:`HiddenStates` (hidden, output layer, bias)   logits built chunk by chunk (chunked path)
 ``lowrank``   :class:`LowRankCodes` (codes, projected layer, bias)  logits built chunk by chunk (chunked path)
+``crosstok``  :class:`AlignedTeacher` (its own tokens' logits     compared through the character-offset alignment
+              and their alignment with the student's tokens)       (cross-tokenizer objectives only)
 ============  ==================================================  =============================================
 
 Per-token objectives see only dense logits or a :class:`SparseTeacher` (:data:`Teacher`); the chunked path
@@ -36,8 +38,8 @@ if TYPE_CHECKING:
 
 TAIL_SHAPES = ("student", "uniform")
 
-DENSE, TOPK, SAMPLED, HIDDEN, LOWRANK = "dense", "topk", "sampled", "hidden", "lowrank"
-SIGNAL_KINDS = (DENSE, TOPK, SAMPLED, HIDDEN, LOWRANK)
+DENSE, TOPK, SAMPLED, HIDDEN, LOWRANK, CROSSTOK = "dense", "topk", "sampled", "hidden", "lowrank", "crosstok"
+SIGNAL_KINDS = (DENSE, TOPK, SAMPLED, HIDDEN, LOWRANK, CROSSTOK)
 # kinds that carry the teacher's exact (or completed) distribution: every divergence accepts them
 EXACT_KINDS = frozenset({DENSE, TOPK, HIDDEN, LOWRANK})
 

@@ -43,9 +43,10 @@ SAME_MAP_RUNGS = frozenset({"identical", "padded"})
 DEFAULT_MIN_SHARED_FRACTION = 0.5
 
 CROSS_TOKENIZER_HINT = (
-    "token-level distillation needs one token-to-id map; with different tokenizers distil on teacher-generated "
-    "text (sequence-level KD: `lmdistill generate`, then a run with regime: {kind: sequence_kd}), or give the "
-    "student the teacher's tokenizer (tokenizer.path)"
+    "Same-vocabulary objectives need one token-to-id map (or a partly shared one, rung 3); across tokenizers use a "
+    "cross-tokenizer objective (objective: span_kd, uld or mined, alone or in a mix with cross_entropy), distil on "
+    "teacher-generated text (sequence-level KD: `lmdistill generate`, then a run with regime: {kind: sequence_kd}), "
+    "or give the student the teacher's tokenizer (tokenizer.path)"
 )
 
 # A token's normalised identity: the bytes of text it stands for, or ("special", role-or-content).

@@ -86,7 +86,8 @@ class MixtureRunConfig(RunConfig):
 
 
 def _tokenizer(cfg: MixtureRunConfig) -> Any:
-    for path in (cfg.tokenizer.path, cfg.teacher.path if cfg.teacher else None, cfg.student.path):
+    # the student's tokenizer: a teacher with another one reads the student's text in its own tokens
+    for path in (cfg.tokenizer.path, cfg.student.path, cfg.teacher.path if cfg.teacher else None):
         if path:
             return load_tokenizer(path)
     return None  # a BPE trained on the domains' training text
@@ -113,7 +114,8 @@ def build_mixture_trainer(cfg: MixtureRunConfig, *, show_progress: bool = True, 
             fractions=cfg.data.split_fractions, cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir(),
         )
         models = build_models(cfg.student, cfg.teacher, data.tokenizer, max_positions=max(cfg.data.block_size, 128),
-                              seed=cfg.train.seed)
+                              seed=cfg.train.seed, objective=objective, vocab=cfg.vocab)
+        objective = models.objective
         train_blocks = {n: data.blocks(n, "train") for n in data.names}
         validation = {n: data.blocks(n, "validation") for n in data.names}
         weights = MixtureWeights(data.names, cfg.mixture.policy, interval=cfg.mixture.interval, alpha=cfg.mixture.alpha,

@@ -48,6 +48,14 @@ class TeacherSource(Protocol):
         """Teacher logits ``[B, L, V]`` of any text (only when :attr:`scores_text`)."""
         ...
 
+    #: True when :meth:`signal_and_states` can give the teacher's hidden states (representation objectives)
+    serves_states: bool
+
+    def signal_and_states(self, batch: dict[str, torch.Tensor], *, chunked: bool) -> tuple[TeacherSignal, tuple]:
+        """:meth:`chunked_signal` (``chunked``) or :meth:`signal`, and the teacher's ``output_hidden_states`` tuple
+        (``[B, L, d]`` each), from one forward."""
+        ...
+
     def check_objective(self, objective: Objective) -> None:
         """Raise a :class:`~lmdistill.errors.ConfigError` when this teacher cannot serve ``objective``."""
         ...
@@ -59,6 +67,7 @@ class TeacherBase:
     description: str = "teacher"
     signal_kinds: frozenset[str] = frozenset()
     scores_text: bool = False
+    serves_states: bool = False
 
     def chunked_mismatch(self, probe_ids: torch.Tensor) -> str | None:
         return None
@@ -70,7 +79,16 @@ class TeacherBase:
         """What to do when an objective cannot use this teacher's ``kind`` signals (one clause)."""
         return "choose an objective that accepts it, or another teacher"
 
+    def signal_and_states(self, batch: dict[str, torch.Tensor], *, chunked: bool) -> tuple[TeacherSignal, tuple]:
+        raise ConfigError(f"{self.description} gives no hidden states")
+
     def check_objective(self, objective: Objective) -> None:
+        if objective.uses_states and not self.serves_states:
+            parts = sorted({o.name for o in objective.leaves() if o.uses_states})
+            raise ConfigError(
+                f"objective part(s) {', '.join(parts)} read the teacher's hidden states, which {self.description} "
+                "does not give; use a live teacher (teacher.path) with the student's tokenizer"
+            )
         for kind in sorted(self.signal_kinds):
             refused = objective.refusals(kind)
             if refused:

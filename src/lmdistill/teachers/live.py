@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmdistill.losses.signals import DENSE, HIDDEN, HiddenStates
+from lmdistill.losses import Objective
+from lmdistill.losses.signals import CROSSTOK, DENSE, HIDDEN, HiddenStates
 from lmdistill.models.heads import LogitTransform, linear_head_mismatch, logit_transform
 from lmdistill.models.vocab import SAME_MAP_RUNGS, VocabAlignment, check_vocab_compatible, require_rung, vocab_ladder
 from lmdistill.teachers.base import TeacherBase
@@ -22,12 +24,14 @@ class LiveTeacher(TeacherBase):
 
     signal_kinds = frozenset({DENSE, HIDDEN})
     scores_text = True
+    serves_states = True
 
     def __init__(self, model: PreTrainedModel, alignment: VocabAlignment, name: str | None = None) -> None:
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.alignment = alignment
+        self.pairing = alignment  # the vocabulary ladder's result (an aligned teacher's may be a SharedVocab)
         self.transform = logit_transform(model.config) or LogitTransform()
         self.description = f"the live teacher {name}" if name else "the live teacher"
 
@@ -47,6 +51,25 @@ class LiveTeacher(TeacherBase):
         hidden, weight, bias = self.hidden_and_weight(batch["input_ids"], batch.get("attention_mask"))
         return HiddenStates(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
                             softcap=self.transform.softcap, scale=self.transform.scale)
+
+    @torch.no_grad()
+    def signal_and_states(self, batch: dict[str, torch.Tensor], *, chunked: bool) -> tuple[torch.Tensor | HiddenStates, tuple]:
+        """The signal of :meth:`signal` (or :meth:`chunked_signal`) and every hidden state, from one forward."""
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        extra = {} if mask is None else {"attention_mask": mask}
+        if chunked:
+            out = self.model.base_model(input_ids=ids, output_hidden_states=True, **extra)
+            head = self.model.get_output_embeddings()
+            real = self.alignment.real_vocab_size
+            bias = getattr(head, "bias", None)
+            hidden = out.last_hidden_state
+            signal = HiddenStates(hidden.reshape(-1, hidden.shape[-1]), head.weight[:real],
+                                  None if bias is None else bias[:real], softcap=self.transform.softcap,
+                                  scale=self.transform.scale)
+            return signal, out.hidden_states
+        out = self.model(input_ids=ids, output_hidden_states=True, **extra)
+        logits = self.alignment.slice(out.logits)
+        return logits.reshape(-1, logits.shape[-1]), out.hidden_states
 
     def chunked_mismatch(self, probe_ids: torch.Tensor) -> str | None:
         return linear_head_mismatch(self.model, probe_ids, lambda m: self.hidden_and_weight(probe_ids)[0],
@@ -74,10 +97,20 @@ def load_live_teacher(
     student_tokenizer: PreTrainedTokenizerBase | None = None,
     student_rows: int | None = None,
     device: torch.device | str | None = None,
-) -> LiveTeacher:
-    """Load a teacher model (local directory or hub id) and align its vocabulary with the student's: the one
-    loader of training, evaluation and ``cache-teacher``. ``tokenizer`` is the teacher's; without a student
-    (``cache-teacher``) the teacher is aligned with itself (its real tokens only)."""
+    vocab: Any = None,
+    objective: Objective | None = None,
+) -> TeacherBase:
+    """Load a teacher model (local directory or hub id) and pair its vocabulary with the student's: the one
+    loader of training, evaluation and ``cache-teacher``. ``tokenizer`` is the teacher's own; without a student
+    (``cache-teacher``) the teacher is aligned with itself (its real tokens only).
+
+    With a student, the rung of the vocabulary ladder is chosen (or forced by ``vocab``, a
+    :class:`~lmdistill.config.VocabConfig`) and logged. Rungs 1-2 (one token-to-id map) give a
+    :class:`LiveTeacher` unless ``objective`` is a cross-tokenizer one. With an ``objective`` (a training run on
+    packed text), a cross-tokenizer objective or rung 3 (partial: the caller runs same-vocabulary objectives on
+    aligned spans, :func:`lmdistill.losses.on_aligned_spans`) gives an
+    :class:`~lmdistill.teachers.aligned.AlignedLiveTeacher`. Anything else off rungs 1-2 is refused, naming the
+    differing tokens."""
     from lmdistill.models.loading import load_causal_lm
 
     model = load_causal_lm(str(path), dtype=dtype)
@@ -86,8 +119,17 @@ def load_live_teacher(
     rows = model.get_output_embeddings().weight.shape[0]
     if student_tokenizer is None:
         alignment = check_vocab_compatible(tokenizer, tokenizer, teacher_rows=rows, student_rows=rows)
-    else:  # logs which rung of the vocabulary ladder applies and why
-        alignment = vocab_ladder(tokenizer, student_tokenizer, teacher_rows=rows,
-                                 student_rows=student_rows if student_rows is not None else rows)
-        require_rung(alignment, "token-level distillation from a live teacher", SAME_MAP_RUNGS)
-    return LiveTeacher(model, alignment, name=str(path))
+        return LiveTeacher(model, alignment, name=str(path))
+    ladder = {} if vocab is None else {"rung": vocab.rung, "min_shared_fraction": vocab.min_shared_fraction,
+                                       "fold": vocab.fold}
+    # logs which rung of the vocabulary ladder applies and why
+    pairing = vocab_ladder(tokenizer, student_tokenizer, teacher_rows=rows,
+                           student_rows=student_rows if student_rows is not None else rows, **ladder)
+    cross = objective is not None and objective.requires_teacher and not objective.refusals(CROSSTOK)
+    if objective is not None and (cross or pairing.rung == "partial"):
+        from lmdistill.teachers.aligned import AlignedLiveTeacher, teacher_max_positions
+
+        return AlignedLiveTeacher(model, tokenizer, student_tokenizer, pairing, name=str(path),
+                                  max_positions=teacher_max_positions(str(path)))
+    require_rung(pairing, "token-level distillation with a same-vocabulary objective", SAME_MAP_RUNGS)
+    return LiveTeacher(model, pairing, name=str(path))

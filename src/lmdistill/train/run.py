@@ -17,16 +17,26 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmdistill.config import ModelConfig, RunConfig, TeacherConfig, check_block_size, check_model_paths, dump_config
+from lmdistill.config import (
+    ModelConfig,
+    RunConfig,
+    TeacherConfig,
+    VocabConfig,
+    check_block_size,
+    check_model_paths,
+    dump_config,
+)
 from lmdistill.data.blocks import TokenStream
 from lmdistill.data.prepare import PreparedData, default_cache_dir, prepare_data
 from lmdistill.data.tokenizer import load_tokenizer
 from lmdistill.errors import ConfigError
 from lmdistill.eval.monitor import MonitoredEvaluator
-from lmdistill.losses import build_objective
+from lmdistill.losses import Objective, build_objective, on_aligned_spans
+from lmdistill.losses.pairing import ModelPair, model_shape
+from lmdistill.losses.signals import CROSSTOK
 from lmdistill.models.loading import build_from_preset, count_parameters, load_causal_lm
 from lmdistill.models.lora import apply_lora
-from lmdistill.models.vocab import check_vocab_compatible
+from lmdistill.models.vocab import SharedVocab, check_vocab_compatible
 from lmdistill.teachers.live import load_live_teacher
 from lmdistill.train.guard import make_accelerator
 from lmdistill.train.rundir import RunDirectory
@@ -62,16 +72,18 @@ def init_from_teacher_layers(student: PreTrainedModel, teacher: PreTrainedModel)
 
 
 def _tokenizer_for(config: RunConfig):
+    """The tokenizer of the run's data: the student's (a teacher with another tokenizer reads the student's text
+    in its own tokens). A cache stores blocks of its own tokenizer, so it fixes the data's."""
     if config.tokenizer.path:
         return load_tokenizer(config.tokenizer.path)
-    if config.teacher is not None and config.teacher.path is not None:
-        return load_tokenizer(config.teacher.path)
     if config.teacher is not None and config.teacher.cache is not None:
         from lmdistill.teachers.cache import cache_tokenizer
 
         return cache_tokenizer(config.teacher.cache)
     if config.student.path:
         return load_tokenizer(config.student.path)
+    if config.teacher is not None and config.teacher.path is not None:
+        return load_tokenizer(config.teacher.path)
     return None  # trained on the corpus by prepare_data
 
 
@@ -80,7 +92,8 @@ class Models:
     student: PreTrainedModel
     teacher: Any | None  # a teacher source (live model or offline cache), None for label-only runs
     teacher_model: PreTrainedModel | None  # the live teacher's model, when there is one
-    vocab_size: int  # real tokens shared by teacher and student: logits are sliced to this
+    vocab_size: int  # the student's logits are sliced to this: real tokens (shared with a same-map teacher)
+    objective: Objective | None = None  # the objective as it runs for this pair (rung 3: on aligned spans)
 
 
 def build_models(
@@ -92,8 +105,15 @@ def build_models(
     seed: int,
     cache_stream: TokenStream | None = None,
     block_size: int | None = None,
+    objective: Objective | None = None,
+    vocab: VocabConfig | None = None,
 ) -> Models:
-    """Student (loaded or from a preset), teacher source, and their checked vocabulary alignment."""
+    """Student (loaded or from a preset), teacher source, and their checked vocabulary alignment.
+
+    A live teacher reads with its own tokenizer; the rung of the vocabulary ladder (``vocab``) decides whether it
+    is one token map (rungs 1-2: logits compared column by column) or an aligned teacher (rungs 3-4, or a
+    cross-tokenizer ``objective``). On rung 3 same-vocabulary parts of ``objective`` run on aligned spans; the
+    objective as it runs is returned in :attr:`Models.objective`, its tokenizer maps bound."""
     if student_cfg.path:
         student = load_causal_lm(student_cfg.path, dtype=student_cfg.dtype)
         student_tokenizer = load_tokenizer(student_cfg.path)
@@ -107,10 +127,27 @@ def build_models(
     teacher_model = None
     vocab_size = len(tokenizer)
     if teacher_cfg is not None and teacher_cfg.path is not None:
-        teacher = load_live_teacher(teacher_cfg.path, tokenizer=tokenizer, dtype=teacher_cfg.dtype,
-                                    student_tokenizer=student_tokenizer, student_rows=student_rows)
+        teacher_tokenizer = load_tokenizer(teacher_cfg.path)
+        teacher = load_live_teacher(teacher_cfg.path, tokenizer=teacher_tokenizer, dtype=teacher_cfg.dtype,
+                                    student_tokenizer=student_tokenizer, student_rows=student_rows, vocab=vocab,
+                                    objective=objective)
         teacher_model = teacher.model
-        vocab_size = teacher.alignment.real_vocab_size
+        aligned = CROSSTOK in teacher.signal_kinds  # the teacher reads the student's text in its own tokens
+        if aligned and objective is not None:
+            wrapped = on_aligned_spans(objective)
+            if wrapped is not objective:
+                log.info("rung 3: same-vocabulary parts run on character-aligned spans folded to the shared tokens: %s",
+                         wrapped)
+            objective = wrapped
+        vocab_size = len(student_tokenizer) if aligned else teacher.alignment.real_vocab_size
+        if objective is not None:  # objectives size what they learn, or map vocabularies, from the two models
+            pairing = teacher.pairing
+            pair = ModelPair(teacher_tokenizer, student_tokenizer, teacher_model.get_output_embeddings().weight.shape[0],
+                             student_rows, *model_shape(teacher_model), *model_shape(student), seed=seed,
+                             fold=vocab.fold if vocab else "prefix",
+                             vocab=pairing if isinstance(pairing, SharedVocab) else None)
+            for leaf in objective.leaves():
+                leaf.bind_models(pair)
         if student_cfg.init == "teacher_layers":
             used = init_from_teacher_layers(student, teacher_model)
             log.info("student initialised from teacher layers %s", used)
@@ -128,7 +165,8 @@ def build_models(
             logits_dtype=teacher_cfg.logits_dtype,
         )
     log.info("student: %.2fM parameters", count_parameters(student) / 1e6)
-    return Models(student=student, teacher=teacher, teacher_model=teacher_model, vocab_size=vocab_size)
+    return Models(student=student, teacher=teacher, teacher_model=teacher_model, vocab_size=vocab_size,
+                  objective=objective)
 
 
 def build_trainer(
@@ -180,8 +218,9 @@ def _build(config: RunConfig, objective: Any, show_progress: bool, accelerator: 
     models = build_models(
         config.student, config.teacher, tokenizer, max_positions=max(config.data.block_size, 128),
         seed=config.train.seed, cache_stream=teacher_stream, block_size=config.data.block_size,
+        objective=objective, vocab=config.vocab,
     )
-    student, teacher, vocab_size = models.student, models.teacher, models.vocab_size
+    student, teacher, vocab_size, objective = models.student, models.teacher, models.vocab_size, models.objective
     trainer = Trainer(
         config,
         student=student,

@@ -35,13 +35,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmdistill.config import TrainingRunConfig, dump_config
 from lmdistill.constants import IGNORE_INDEX
-from lmdistill.data.blocks import BlockDataset, TokenStream, collate
+from lmdistill.data.blocks import BlockDataset, TokenStream
 from lmdistill.errors import ConfigError, LmdistillError
 from lmdistill.eval.lm import evaluate_lm
-from lmdistill.losses import Objective, OuterStep, fused_linear_distill, reduce_tokens
+from lmdistill.losses import Objective, fused_linear_distill, reduce_tokens
 from lmdistill.models.heads import LogitTransform, linear_head_mismatch, logit_transform
 from lmdistill.models.lora import enable_gradient_checkpointing, is_lora, load_lora_state, save_lora_student
-from lmdistill.seeds import derived_seed
 from lmdistill.teachers.base import TeacherSource
 from lmdistill.train.checkpoint import (
     CheckpointContents,
@@ -63,6 +62,7 @@ from lmdistill.train.guard import (
     optimizer_tensors,
 )
 from lmdistill.train.optim import adamw, cosine_schedule
+from lmdistill.train.outer import outer_step_inputs
 from lmdistill.train.rundir import MetricsLog, RunDirectory
 from lmdistill.train.schedule import accumulation_steps
 from lmdistill.train.sources import BatchSource, BlockSource
@@ -161,25 +161,38 @@ class Trainer:
         if self.use_chunked is None:
             self.use_chunked = self._choose_chunked(input_ids, extra)
         objective = self.objective.for_batch(batch)  # per-row batch fields, for the objectives that read them
-        if self.use_chunked:
+        # representation objectives read both models' hidden states; objectives without a logit part skip logits
+        states, logit_part = self.objective.uses_states, self.objective.reads_logits
+        chunked = self.use_chunked or not logit_part
+        if chunked:
             out = self.model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1, **extra)
+        else:
+            out = self.model(input_ids=input_ids, output_hidden_states=states, **extra)
+        teacher_signal = teacher_states = None
+        if self.objective.requires_teacher:
+            if states:
+                teacher_signal, teacher_states = self.teacher.signal_and_states(batch, chunked=chunked)
+            else:
+                teacher_signal = self.teacher.chunked_signal(batch) if chunked else self.teacher.signal(batch)
+        loss = None
+        if logit_part and chunked:
             hidden = out.hidden_states[-1].reshape(-1, out.hidden_states[-1].shape[-1])
             head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
             bias = None if getattr(head, "bias", None) is None else head.bias[: self.vocab_size]
-            teacher_signal = None
-            if self.objective.requires_teacher:
-                teacher_signal = self.teacher.chunked_signal(batch)
-            return fused_linear_distill(
+            loss = fused_linear_distill(
                 hidden, head.weight[: self.vocab_size], teacher_signal, flat_labels, objective,
                 chunk_size=self.tc.chunk_size, normalizer=normalizer, student_bias=bias,
                 student_softcap=self.student_transform.softcap, student_scale=self.student_transform.scale,
             )
-        logits = self.model(input_ids=input_ids, **extra).logits[..., : self.vocab_size]
-        teacher_signal = None
-        if self.objective.requires_teacher:
-            teacher_signal = self.teacher.signal(batch)
-        per_token = objective.per_token(logits.reshape(-1, logits.shape[-1]), teacher_signal, flat_labels)
-        return reduce_tokens(per_token, flat_labels, normalizer=normalizer)
+        elif logit_part:
+            logits = out.logits[..., : self.vocab_size]
+            per_token = objective.per_token(logits.reshape(-1, logits.shape[-1]), teacher_signal, flat_labels)
+            loss = reduce_tokens(per_token, flat_labels, normalizer=normalizer)
+        if states:
+            per_token = objective.state_per_token(out.hidden_states, teacher_states, flat_labels)
+            state_loss = reduce_tokens(per_token, flat_labels, normalizer=normalizer)
+            loss = state_loss if loss is None else loss + state_loss
+        return loss
 
     @torch.no_grad()
     def _choose_chunked(self, input_ids: torch.Tensor, extra: dict[str, torch.Tensor]) -> bool:
@@ -248,6 +261,7 @@ class Trainer:
                 # so the gradient is that of (sum of all tokens' losses) / (global valid tokens).
                 acc.backward(loss * acc.num_processes)
             total += loss.detach().double().cpu()
+        self._average_objective_grads()
         # One collective carries the loss and the count of non-finite gradients (sharded under FSDP, so each
         # rank checks its own). Under fp16 the gradient scaler owns overflowing gradients: it skips the step.
         bad_grads = 0.0 if acc.scaler is not None else float(grads_nonfinite(self.model.parameters()))
@@ -256,7 +270,7 @@ class Trainer:
         if not math.isfinite(global_loss) or bad_grads:
             what = f"loss became {global_loss}" if not math.isfinite(global_loss) else f"gradients became non-finite (loss {global_loss:.4g})"
             self._diverged(step, f"{what} at step {step + 1}")
-        self.objective.outer_step(self._outer_step(batches[0], step))
+        self.objective.outer_step(outer_step_inputs(self, batches[0], step))
         extra = self.objective.parameters()  # learned objective parameters get their gradients in outer_step
         if extra and acc.scaler is None and grads_nonfinite(extra):
             self._diverged(step, f"the objective's own parameters got non-finite gradients at step {step + 1}")
@@ -269,6 +283,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.objective.on_step_end(global_loss, step + 1, self.tc.steps)
         return global_loss
+
+    def _average_objective_grads(self) -> None:
+        """Objective parameters trained by the main backward (representation projections) live outside the
+        DDP-wrapped student, so DDP does not average their gradients: average them over ranks here, through
+        Accelerate, to what one process with the global batch computes (each rank's loss was scaled by the world
+        size, so the mean over ranks is the global batch's gradient)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return
+        for p in self.objective.parameters():
+            if p.grad is not None:
+                p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
 
     def _diverged(self, step: int, what: str) -> None:
         """Stop: the weights after ``step`` updates gave ``what`` (in step ``step + 1``, or in the evaluation
@@ -293,50 +319,6 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.checkpoints.prune()
         self._prune_pending = False
-
-    def _outer_step(self, batch: dict[str, torch.Tensor], step: int) -> OuterStep:
-        """What an objective's own outer step may use (see :class:`lmdistill.losses.OuterStep`)."""
-        acc = self.accelerator
-        model = acc.unwrap_model(self.model)
-        head = model.get_output_embeddings()
-        bias = getattr(head, "bias", None)
-        batch = {k: v.to(acc.device) for k, v in batch.items()}
-
-        def student_hidden(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-            extra = {} if attention_mask is None else {"attention_mask": attention_mask}
-            was_training = model.training
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):  # no dropout randomness consumed (exact resume)
-                model.eval()
-                try:
-                    out = model(input_ids=input_ids.to(acc.device), output_hidden_states=True, logits_to_keep=1, **extra)
-                finally:
-                    model.train(was_training)
-            return out.hidden_states[-1]
-
-        def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
-            return acc.reduce(t, reduction="mean") if acc.num_processes > 1 else t
-
-        return OuterStep(
-            step=step, lr=self.optimizer.param_groups[0]["lr"], batch=batch, student_hidden=student_hidden,
-            output_layer=(head.weight[: self.vocab_size], None if bias is None else bias[: self.vocab_size]),
-            teacher_signal=lambda b: self.teacher.signal(b),
-            held_out=lambda b: self._held_out_batch(b, step), backward=acc.backward, mean_over_ranks=mean_over_ranks,
-        )
-
-    def _held_out_batch(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor] | None:
-        """As many training blocks as ``batch`` has rows, none of them in ``batch``, drawn by a generator seeded
-        with (seed, step, rank): reproducible on resume (in task runs, whose batches are padded examples, these
-        are packed task text). ``None`` when no other block exists."""
-        acc = self.accelerator
-        generator = torch.Generator().manual_seed(derived_seed(self.tc.seed, step, acc.process_index, "held-out"))
-        if len(self.train_data) < 2:
-            return None
-        own = set(batch["block_index"].tolist()) if "block_index" in batch else set()
-        candidates = torch.randperm(len(self.train_data), generator=generator).tolist()
-        picks = [i for i in candidates if i not in own][: batch["input_ids"].shape[0]]
-        if not picks:
-            return None
-        return {k: v.to(acc.device) for k, v in collate([self.train_data[int(i)] for i in picks]).items()}
 
     # ------------------------------------------------------------------------------- eval, saving
     def evaluate(self) -> dict[str, float]:
