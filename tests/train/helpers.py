@@ -26,3 +26,28 @@ def run_config(tmp: Path, corpus: Path, cache_dir: Path, student: Path, teacher:
         else:
             raw[key] = value
     return validate_config(raw, "test")
+
+
+def interrupt_then_resume(config: RunConfig, monkeypatch: Any, *, dies_in_step: int) -> Any:
+    """Train ``config`` until the process "dies" (KeyboardInterrupt) at the start of step ``dies_in_step`` (1-based),
+    then build a new trainer on the same directory and finish with ``--resume``; returns that resumed trainer
+    (trained, not closed)."""
+    import pytest
+
+    from lmdistill.train.run import build_trainer
+
+    killed, _ = build_trainer(config, show_progress=False)
+    original = killed.train_step
+
+    def dies(step: int) -> float:
+        if step == dies_in_step - 1:
+            raise KeyboardInterrupt
+        return original(step)
+
+    monkeypatch.setattr(killed, "train_step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    killed.close()
+    resumed, _ = build_trainer(config, show_progress=False)
+    resumed.train(resume=True)
+    return resumed

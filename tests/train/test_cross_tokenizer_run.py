@@ -25,7 +25,7 @@ from lmdistill.losses.crosstok import SpanKD
 from lmdistill.teachers.live import LiveTeacher, load_live_teacher
 from lmdistill.train.run import build_trainer
 from tests.conftest import save_tiny_model
-from tests.train.helpers import run_config
+from tests.train.helpers import interrupt_then_resume, run_config
 
 
 @pytest.fixture(scope="module")
@@ -155,20 +155,7 @@ def test_a_cross_tokenizer_run_resumes_exactly(tmp_path, kjv_small_txt, cache_di
 
     straight, _ = build_trainer(cfg(tmp_path / "a"), show_progress=False)
     straight.train()
-    killed, _ = build_trainer(cfg(tmp_path / "b"), show_progress=False)
-    original = killed.train_step
-
-    def dies_in_step_3(step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return original(step)
-
-    monkeypatch.setattr(killed, "train_step", dies_in_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        killed.train()
-    killed.close()
-    resumed, _ = build_trainer(cfg(tmp_path / "b"), show_progress=False)
-    resumed.train(resume=True)
+    resumed = interrupt_then_resume(cfg(tmp_path / "b"), monkeypatch, dies_in_step=3)
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
     straight.close()

@@ -22,7 +22,7 @@ from lmdistill.losses.pairing import ModelPair
 from lmdistill.teachers.live import load_live_teacher
 from lmdistill.train.run import build_trainer
 from tests.conftest import save_tiny_model
-from tests.train.helpers import run_config
+from tests.train.helpers import interrupt_then_resume, run_config
 
 MIX = {"mix": [{"name": "forward_kl"}, {"name": "hidden_states", "weight": 0.5},
                {"name": "nd", "weight": 0.1}, {"name": "trg", "weight": 0.1}]}
@@ -137,22 +137,8 @@ def test_a_run_with_learned_projections_resumes_exactly(tmp_path, kjv_small_txt,
     straight, _ = build_trainer(_cfg(tmp_path / "a", kjv_small_txt, cache_dir, student_dir, tiny_teacher),
                                 show_progress=False)
     straight.train()
-    killed, _ = build_trainer(_cfg(tmp_path / "b", kjv_small_txt, cache_dir, student_dir, tiny_teacher),
-                              show_progress=False)
-    original = killed.train_step
-
-    def dies_in_step_3(step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return original(step)
-
-    monkeypatch.setattr(killed, "train_step", dies_in_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        killed.train()
-    killed.close()
-    resumed, _ = build_trainer(_cfg(tmp_path / "b", kjv_small_txt, cache_dir, student_dir, tiny_teacher),
-                               show_progress=False)
-    resumed.train(resume=True)
+    resumed = interrupt_then_resume(_cfg(tmp_path / "b", kjv_small_txt, cache_dir, student_dir, tiny_teacher),
+                                    monkeypatch, dies_in_step=3)
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
     a, b = straight.objective.state_dict(), resumed.objective.state_dict()

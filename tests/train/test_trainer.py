@@ -9,7 +9,7 @@ from lmdistill.errors import LmdistillError
 from lmdistill.train.run import build_trainer, run_training
 from lmdistill.train.trainer import TrainingDiverged
 from tests.conftest import save_tiny_model
-from tests.train.helpers import run_config
+from tests.train.helpers import interrupt_then_resume, run_config
 
 
 def _weights(trainer) -> dict[str, torch.Tensor]:
@@ -176,21 +176,8 @@ def test_an_objective_state_with_tensors_checkpoints_and_resumes_exactly(tmp_pat
 
     straight, _ = build_trainer(cfg(tmp_path / "a"), show_progress=False)
     straight.train()
-    killed, _ = build_trainer(cfg(tmp_path / "b"), show_progress=False)
-    original = killed.train_step
-
-    def dies_in_step_3(step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return original(step)
-
-    monkeypatch.setattr(killed, "train_step", dies_in_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        killed.train()
-    killed.close()
+    resumed = interrupt_then_resume(cfg(tmp_path / "b"), monkeypatch, dies_in_step=3)
     assert list((tmp_path / "b" / "run" / "checkpoints").glob(f"step-*/{STATE_TENSORS}"))
-    resumed, _ = build_trainer(cfg(tmp_path / "b"), show_progress=False)
-    resumed.train(resume=True)
     a, b = straight.objective.state_dict(), resumed.objective.state_dict()
     for key, value in a["net"].items():
         torch.testing.assert_close(b["net"][key], value, rtol=0, atol=0)
