@@ -27,7 +27,6 @@ compare ratios, not absolute numbers.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
@@ -38,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+from memprobe import peak_gb_since, reset_peak  # noqa: E402  (bench/, beside this script)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -48,25 +48,6 @@ FAMILY_STUDENTS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "ph
 
 
 # ------------------------------------------------------------------------------------------ memory probes
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _release_and_reset_peak() -> int:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
-    return _status_kb("VmRSS")
-
-
-def _peak_gb_since(before_kb: int) -> float:
-    return (_status_kb("VmHWM") - before_kb) / 2**20
-
-
 # ------------------------------------------------------------------------------------------ workers
 def _fresh_accelerate_state() -> None:
     from accelerate.state import AcceleratorState
@@ -91,12 +72,12 @@ def work_trainer(job: dict) -> dict:
     trainer, _ = build_trainer(validate_config(raw, "bench"), show_progress=False, overwrite=True)
     for s in range(job["warmup"]):
         trainer.train_step(s)
-    before = _release_and_reset_peak()
+    before = reset_peak()
     start = time.perf_counter()
     for s in range(job["warmup"], job["warmup"] + job["steps"]):
         loss = trainer.train_step(s)
     elapsed = time.perf_counter() - start
-    return {"tokens_per_s": job["steps"] * job["batch"] * job["block"] / elapsed, "peak_gb": _peak_gb_since(before),
+    return {"tokens_per_s": job["steps"] * job["batch"] * job["block"] / elapsed, "peak_gb": peak_gb_since(before),
             "loss": loss, "chunked": bool(trainer.use_chunked)}
 
 
@@ -130,7 +111,7 @@ def work_trl(job: dict) -> dict:
     class Probe(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == job["warmup"]:
-                marks["before"] = _release_and_reset_peak()
+                marks["before"] = reset_peak()
                 marks["start"] = time.perf_counter()
 
     class Rows(torch.utils.data.Dataset):
@@ -156,7 +137,7 @@ def work_trl(job: dict) -> dict:
     trainer.train_dataset = Rows()
     trainer.train()
     elapsed = time.perf_counter() - marks["start"]
-    return {"tokens_per_s": job["steps"] * job["batch"] * job["block"] / elapsed, "peak_gb": _peak_gb_since(marks["before"])}
+    return {"tokens_per_s": job["steps"] * job["batch"] * job["block"] / elapsed, "peak_gb": peak_gb_since(marks["before"])}
 
 
 def work_softcap(job: dict) -> dict:
@@ -186,10 +167,10 @@ def work_softcap(job: dict) -> dict:
         return float(loss)
 
     run()  # warm-up
-    before = _release_and_reset_peak()
+    before = reset_peak()
     start = time.perf_counter()
     loss = run()
-    return {"time_s": time.perf_counter() - start, "peak_gb": _peak_gb_since(before), "loss": loss}
+    return {"time_s": time.perf_counter() - start, "peak_gb": peak_gb_since(before), "loss": loss}
 
 
 WORKERS = {"trainer": work_trainer, "trl": work_trl, "softcap": work_softcap}

@@ -24,7 +24,6 @@ Usage: ``python bench/losses.py`` (all), ``--vocabs 32768`` (quick), ``--objecti
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
@@ -34,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+from memprobe import reset_peak, status_kb  # noqa: E402  (bench/, beside this script)
 
 OBJECTIVES: dict[str, tuple[object, float | None]] = {
     "forward_kl": ("forward_kl", 0.0),
@@ -52,21 +52,6 @@ OBJECTIVES: dict[str, tuple[object, float | None]] = {
 
 
 # ------------------------------------------------------------------------------------------ worker side
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _release_and_reset_peak() -> int:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
-    return _status_kb("VmRSS")
-
-
 def worker(job: dict) -> dict:
     import torch
 
@@ -139,11 +124,11 @@ def worker(job: dict) -> dict:
     for _ in range(job["repeats"]):
         inputs[0].grad = None
         inputs[1].grad = None
-        before = _release_and_reset_peak()
+        before = reset_peak()
         start = time.perf_counter()
         loss = run(inputs)
         times.append(time.perf_counter() - start)
-        peaks.append(_status_kb("VmHWM") - before)
+        peaks.append(status_kb("VmHWM") - before)
     if floors:
         floors.append(floor_time(inputs))
     result = {"time_s": min(times), "peak_gb": max(peaks) / 2**20, "loss": loss}
