@@ -101,13 +101,8 @@ def build_mixture_trainer(cfg: MixtureRunConfig, *, show_progress: bool = True, 
     if objective.requires_teacher and cfg.teacher is None:
         raise ConfigError(f"objective '{objective.name}' needs a teacher: add teacher.path to the config")
     accelerator = accelerator or make_accelerator(cfg.train.mixed_precision)
-    run_dir = RunDirectory(cfg.output_dir, is_main=accelerator.is_main_process)
+    run_dir = RunDirectory.claim(cfg, accelerator, resume=resume, overwrite=overwrite)
     try:
-        if resume is not None or overwrite:
-            run_dir.prepare(cfg, resume=bool(resume), overwrite=overwrite)
-        else:
-            run_dir.acquire()
-        accelerator.wait_for_everyone()
         torch.manual_seed(cfg.train.seed)
         data = prepare_domains(
             cfg.domains, block_size=cfg.data.block_size, tokenizer=_tokenizer(cfg), vocab_size=cfg.tokenizer.vocab_size,

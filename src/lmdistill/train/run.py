@@ -188,13 +188,8 @@ def build_trainer(
     for warning in check_block_size(config, config.block_size):
         log.warning(warning)
     accelerator = accelerator or make_accelerator(config.train.mixed_precision)
-    run_dir = RunDirectory(config.output_dir, is_main=accelerator.is_main_process)
+    run_dir = RunDirectory.claim(config, accelerator, resume=resume, overwrite=overwrite)
     try:
-        if resume is not None or overwrite:
-            run_dir.prepare(config, resume=bool(resume), overwrite=overwrite)
-        else:
-            run_dir.acquire()
-        accelerator.wait_for_everyone()  # the main process may have removed an earlier run (overwrite)
         trainer, data = _build(config, objective, show_progress, accelerator, run_dir)
     except BaseException:
         run_dir.release()

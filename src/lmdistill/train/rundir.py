@@ -108,6 +108,23 @@ class RunDirectory:
         self.prepared_for: tuple[bool, bool] | None = None
         self.resume_changes: list[str] = []
 
+    @classmethod
+    def claim(cls, config: BaseModel, accelerator: Any, *, resume: bool | None, overwrite: bool) -> "RunDirectory":
+        """The run directory of ``config.output_dir``, locked (main process) before any data or model loads. With
+        ``resume`` given (True/False) or ``overwrite``, also checked for reuse now (:meth:`prepare`: an earlier run
+        is refused unless resumed, or removed with ``overwrite``); otherwise the trainer checks it when it starts."""
+        run_dir = cls(config.output_dir, is_main=accelerator.is_main_process)
+        try:
+            if resume is not None or overwrite:
+                run_dir.prepare(config, resume=bool(resume), overwrite=overwrite)
+            else:
+                run_dir.acquire()
+            accelerator.wait_for_everyone()  # the main process may have removed an earlier run (overwrite)
+        except BaseException:
+            run_dir.release()
+            raise
+        return run_dir
+
     # ------------------------------------------------------------------------------ lock, writes
     def check_writable(self) -> None:
         try:
