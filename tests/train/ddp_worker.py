@@ -27,6 +27,10 @@ def main() -> None:
         save_file(weights, out + ".safetensors")
         with open(out + ".json", "w") as f:
             json.dump({"losses": losses, "world_size": acc.num_processes}, f)
+    trainer.close()
+    # leave the process group together before exit: a gloo group alive at interpreter exit can abort the process
+    acc.wait_for_everyone()
+    acc.end_training()
 
 
 if __name__ == "__main__":
