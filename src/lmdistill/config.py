@@ -388,21 +388,24 @@ def load_config(
     path: str | Path | None, overrides: list[str] | None = None, model: type[BaseModel] = RunConfig
 ) -> Any:
     """Read a YAML config (or start from defaults when ``path`` is None), apply overrides, validate."""
-    raw: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        source = str(p)
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}{_yaml_location(exc)}: not valid YAML: {_yaml_problem(exc)}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}")
-        raw = loaded or {}
+    raw = {} if path is None else read_config_mapping(path)
+    source = "defaults" if path is None else str(Path(path))
     return validate_config(apply_overrides(raw, overrides or []), source, model)
+
+
+def read_config_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (an empty file is ``{}``); a missing file, broken YAML (with its
+    line and column) or another top level is a one-line :class:`ConfigError` naming the file."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{what} '{path}' does not exist")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}{_yaml_location(exc)}: not valid YAML: {_yaml_problem(exc)}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+    return loaded or {}
 
 
 def _yaml_location(exc: yaml.YAMLError) -> str:

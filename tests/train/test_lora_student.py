@@ -12,7 +12,7 @@ from lmdistill.models.loading import load_causal_lm
 from lmdistill.models.lora import lora_state
 from lmdistill.train.run import build_trainer
 from tests.conftest import save_tiny_model
-from tests.train.helpers import run_config
+from tests.train.helpers import interrupt_then_resume, run_config
 
 
 @pytest.fixture()
@@ -42,22 +42,10 @@ def test_only_the_adapters_train_and_resume_is_exact(tmp_path, kjv_small_txt, ca
     merged = load_causal_lm(final)
     assert not any("lora" in k for k in merged.state_dict())
 
-    killed, _ = build_trainer(_cfg(tmp_path / "b", kjv_small_txt, cache_dir, student_dir, tiny_teacher), show_progress=False)
-    original = killed.train_step
-
-    def dies_in_step_3(step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return original(step)
-
-    monkeypatch.setattr(killed, "train_step", dies_in_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        killed.train()
-    killed.close()
+    resumed = interrupt_then_resume(_cfg(tmp_path / "b", kjv_small_txt, cache_dir, student_dir, tiny_teacher),
+                                    monkeypatch, dies_in_step=3)
     saved = load_file(str(tmp_path / "b" / "run" / "checkpoints" / "step-0000002" / "model" / "model.safetensors"))
     assert saved and all("lora_" in k for k in saved)  # a checkpoint holds the adapters only
-    resumed, _ = build_trainer(_cfg(tmp_path / "b", kjv_small_txt, cache_dir, student_dir, tiny_teacher), show_progress=False)
-    resumed.train(resume=True)
     got = lora_state(resumed.accelerator.unwrap_model(resumed.model))
     assert got.keys() == expected.keys()
     for key in expected:

@@ -9,11 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, field_validator, model_validator
 
-from lmdistill.config import Section, apply_overrides, validate_config
-from lmdistill.errors import ConfigError
+from lmdistill.config import Section, apply_overrides, read_config_mapping, validate_config
 
 __all__ = ["CompareConfig", "TeacherChoice", "BuildSpec", "GridConfig", "EvaluationConfig", "BudgetConfig",
            "load_compare_config", "base_mapping"]
@@ -144,28 +142,10 @@ def base_mapping(config: CompareConfig, source: str) -> dict[str, Any]:
     """The base run config as a mapping (read from its file when ``base`` names one)."""
     if isinstance(config.base, dict):
         return dict(config.base)
-    path = Path(config.base).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"{source}: base: config file '{config.base}' does not exist")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return loaded
+    return read_config_mapping(config.base, f"{source}: base: config file")
 
 
 def load_compare_config(path: str | Path, overrides: list[str] | None = None) -> tuple[CompareConfig, dict[str, Any]]:
     """The validated config and the raw mapping it came from (after overrides; the report prints it)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"compare config '{path}' does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping (output_dir, base, teachers, grid, ...)")
-    raw = apply_overrides(raw, list(overrides or []))
-    return validate_config(raw, str(p), model=CompareConfig), raw
+    raw = apply_overrides(read_config_mapping(path, "compare config"), list(overrides or []))
+    return validate_config(raw, str(Path(path)), model=CompareConfig), raw
