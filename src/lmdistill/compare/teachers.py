@@ -18,11 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lmdistill.compare.config import TEACHER_ANSWERS, BuildSpec, CompareConfig, TeacherChoice
 from lmdistill.compare.grid import Cell
-from lmdistill.config import apply_overrides, validate_config
+from lmdistill.config import apply_overrides, read_config_mapping, validate_config
 from lmdistill.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -54,10 +52,7 @@ def _read_build(spec: BuildSpec, what: str) -> dict[str, Any]:
         except FileNotFoundError:
             raise ConfigError(f"{what}.recipe: no built-in recipe '{spec.recipe}' (e.g. demo_teacher)") from None
     else:
-        loaded = yaml.safe_load(Path(spec.config).expanduser().read_text(encoding="utf-8")) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{what}.config {spec.config}: the top level must be a mapping")
-        raw = loaded
+        raw = read_config_mapping(spec.config, f"{what}.config: file")  # missing or broken: a one-line error
     return apply_overrides(copy.deepcopy(raw), list(spec.set))
 
 
