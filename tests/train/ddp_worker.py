@@ -6,6 +6,7 @@ Usage: python ddp_worker.py CONFIG.yaml OUT_PREFIX
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from safetensors.torch import save_file
@@ -28,9 +29,11 @@ def main() -> None:
         with open(out + ".json", "w") as f:
             json.dump({"losses": losses, "world_size": acc.num_processes}, f)
     trainer.close()
-    # leave the process group together before exit: a gloo group alive at interpreter exit can abort the process
-    acc.wait_for_everyone()
-    acc.end_training()
+    # Results are written: leave without interpreter teardown. A gloo group alive at teardown aborted a run once
+    # ("terminate called without an active exception"), and destroying it at the end hung once.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
