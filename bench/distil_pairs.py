@@ -12,7 +12,8 @@ step):
 
 * ``same``  - the teacher's own tokenizer: label-only and forward KL (the demo's pair): the gain to match;
 * ``other`` - a byte-level BPE of ``--other-vocab`` ids trained on other corpora (GCIDE, the Jargon File, fortunes):
-  label-only, ``span_kd`` (span-aligned forward KL) alone and with cross-entropy, ``uld`` (with cross-entropy,
+  label-only, ``projected_kd`` (the teacher's distribution spelled in the student's tokens) alone and with
+  cross-entropy, ``span_kd`` (span-aligned forward KL) alone and with cross-entropy, ``uld`` (with cross-entropy,
   weight 1 each), ``mined`` (``--other-objectives``);
 * ``qwen``  - Qwen's 151,851-id tokenizer (``--qwen``; slow here: the student's logits are 151k wide on the plain
   path): label-only and the objectives of ``--qwen-objectives``.
@@ -50,6 +51,8 @@ OBJECTIVES = {
     "span_kd + ce": {"mix": [{"name": "cross_entropy"}, {"name": "span_kd"}]},
     "uld + ce": {"mix": [{"name": "cross_entropy"}, {"name": "uld"}]},
     "mined": "mined",
+    "projected_kd": "projected_kd",
+    "projected_kd + ce": {"mix": [{"name": "cross_entropy"}, {"name": "projected_kd"}]},
     "fkl + hidden mse": {"mix": [{"name": "forward_kl"}, {"name": "hidden_states", "weight": 1.0}]},
     "fkl + hidden cosine": {"mix": [{"name": "forward_kl"}, {"name": "hidden_states", "loss": "cosine", "weight": 1.0}]},
     "fkl + nd": {"mix": [{"name": "forward_kl"}, {"name": "nd", "weight": 1.0}]},
@@ -139,10 +142,10 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=20)
     parser.add_argument("--other-vocab", type=int, default=4096)
     parser.add_argument("--qwen", action="store_true", help="also students with Qwen's 151,851-id tokenizer")
-    parser.add_argument("--qwen-objectives", default="label-only,span_kd + ce")
+    parser.add_argument("--qwen-objectives", default="label-only,projected_kd")
     parser.add_argument("--same-objectives", default="label-only,forward_kl",
                         help="rows with the teacher's tokenizer (the reference is its forward_kl row)")
-    parser.add_argument("--other-objectives", default="label-only,span_kd,span_kd + ce,uld + ce,mined",
+    parser.add_argument("--other-objectives", default="label-only,projected_kd,projected_kd + ce,span_kd,span_kd + ce,uld + ce,mined",
                         help=f"rows with the other BPE; any of: {', '.join(OBJECTIVES)}")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

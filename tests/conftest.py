@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -85,3 +86,20 @@ def small_tokenizer(kjv_small_txt: Path, cache_dir: Path):
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory: pytest.TempPathFactory, small_tokenizer) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("models") / "teacher", small_tokenizer, layers=2, hidden=48, seed=1)
+
+
+# a teacher with its own tokenizer (cross-tokenizer tests in tests/train and tests/teachers)
+@pytest.fixture(scope="session")
+def fortune_tokenizer():
+    """Another corpus, another size: the teacher's own BPE."""
+    from lmdistill.data.corpora import read_fortunes
+    from lmdistill.data.tokenizer import train_bpe_tokenizer
+
+    return train_bpe_tokenizer([d.text for d in itertools.islice(read_fortunes(), 3000)], vocab_size=700)
+
+
+@pytest.fixture(scope="session")
+def other_teacher(tmp_path_factory, fortune_tokenizer):
+    # 64 learned positions: the teacher's tokenization of a 32-token student block can be longer; the cut is tested
+    return save_tiny_model(tmp_path_factory.mktemp("xtok") / "teacher", fortune_tokenizer, layers=2, hidden=48,
+                           seed=3, max_positions=64)

@@ -53,11 +53,11 @@ def test_entry_label_and_overrides(tmp_path):
 
 def test_unknown_objective_is_skipped_not_fatal(tmp_path):
     cfg = config(teachers={"t": {"path": str(tmp_path)}},
-                 grid={"objectives": ["forward_kl", "minillm", {"name": "jsd", "bta": 0.5}], "seeds": [0, 1]})
+                 grid={"objectives": ["forward_kl", "not_installed", {"name": "jsd", "bta": 0.5}], "seeds": [0, 1]})
     cells = cells_of(cfg)
     skipped = {c.row.objective: c.skip for c in cells if c.skip}
-    assert set(skipped) == {"minillm", "jsd(bta=0.5)"}
-    assert "unknown objective 'minillm'" in skipped["minillm"]
+    assert set(skipped) == {"not_installed", "jsd(bta=0.5)"}
+    assert "unknown objective 'not_installed'" in skipped["not_installed"]
     assert "unknown parameter" in skipped["jsd(bta=0.5)"] and "beta" in skipped["jsd(bta=0.5)"]
     assert [c.row.objective for c in cells if c.skip is None] == ["forward_kl", "forward_kl"]
 
@@ -71,13 +71,13 @@ def test_objective_needing_a_teacher_is_skipped_without_one():
 def test_task_regimes_inherit_task_and_unknown_kind_is_skipped(tmp_path):
     cfg = config(base=TASK_BASE, teachers={"t": {"path": str(tmp_path)}}, grid={"regimes": [
         {"kind": "fixed", "label": "off-policy"}, {"kind": "on_policy", "lmbda": 0.5},
-        {"kind": "minillm"},
+        {"kind": "not_installed"},
         {"kind": "on_policy", "lmbda": 0.5, "label": "on-policy DistiLLM-2", "set": ["objective=distillm2"]}]})
     cells = cells_of(cfg)
-    assert [c.row.regime for c in cells] == ["off-policy", "on_policy(lmbda=0.5)", "minillm", "on-policy DistiLLM-2"]
+    assert [c.row.regime for c in cells] == ["off-policy", "on_policy(lmbda=0.5)", "not_installed", "on-policy DistiLLM-2"]
     assert all(c.kind == "task" and c.config["regime"]["task"] == TASK_BASE["regime"]["task"] for c in cells)
     assert cells[1].config["regime"] == {"task": TASK_BASE["regime"]["task"], "max_length": 48, "kind": "on_policy", "lmbda": 0.5}
-    assert "regime.kind 'minillm' is not available" in cells[2].skip
+    assert "regime.kind 'not_installed' is not available" in cells[2].skip
     assert cells[3].row.objective == "distillm2" and cells[3].config["objective"] == "distillm2"
 
 
@@ -114,7 +114,7 @@ def test_labels():
 
 
 OBJECTIVES = ["forward_kl", "reverse_kl", "tvd", "taid", "atkd", {"name": "jsd", "beta": 0.1}, {"name": "jsd", "beta": 0.9},
-              "minillm"]
+              "not_installed"]
 
 
 @settings(max_examples=60, deadline=None)
@@ -129,4 +129,4 @@ def test_every_row_and_seed_exactly_once(objectives, seeds, n_teachers):
     assert len({c.id for c in cells}) == len(cells)
     assert len({(c.row, c.seed) for c in cells}) == len(cells)
     assert sorted({c.seed for c in cells}) == sorted(seeds)
-    assert all((c.skip is not None) == (c.row.objective == "minillm") for c in cells)
+    assert all((c.skip is not None) == (c.row.objective == "not_installed") for c in cells)

@@ -22,7 +22,7 @@ AGREE = {"forward_kl": [0.30, 0.32, 0.31], "reverse_kl": [0.29, 0.30, 0.28]}
 def _plan(tmp_path: Path) -> Plan:
     raw = {"output_dir": str(tmp_path / "grid"), "base": {"data": {"corpus": "kjv"}},
            "teachers": {"t": {"path": str(tmp_path)}},
-           "grid": {"objectives": ["forward_kl", "reverse_kl", "minillm"], "seeds": [0, 1, 2]}}
+           "grid": {"objectives": ["forward_kl", "reverse_kl", "not_installed"], "seeds": [0, 1, 2]}}
     config = validate_config(raw, "test", model=CompareConfig)
     plan = Plan(config=config, raw=raw, source="compare.yaml", base=raw["base"], cells=expand_grid(config, raw["base"]),
                 output_dir=tmp_path / "grid")
@@ -72,7 +72,7 @@ def test_tables_by_hand(tmp_path):
     assert f"{mean:+.4f} ± {sd:.4f} (p={p:.3f})" in diff_row
     assert "-0.0833 ± 0.0153 (p=0.011)" in diff_row
     assert "| steps |" not in md  # equal steps: no steps column
-    assert "`t--minillm--seed0` (skipped): objective: unknown objective 'minillm'" in md
+    assert "`t--not_installed--seed0` (skipped): objective: unknown objective 'not_installed'" in md
     assert "![learning curves](curves.png)" in md and "lmdistill compare compare.yaml" in md
     assert "| torch |" in md and "`cells/t--reverse_kl--seed2/config.yaml`" in md
 

@@ -32,7 +32,7 @@ def _result(plan, cell_id: str) -> dict:
 
 def test_cells_in_processes_failure_isolated_metrics_real(tmp_path, compare_raw, fortunes_small):
     raw = copy.deepcopy(compare_raw)
-    raw["grid"] = {"objectives": ["forward_kl", "minillm",
+    raw["grid"] = {"objectives": ["forward_kl", "not_installed",
                                   # fails in its process when the models are built: the widths do not allow it
                                   {"name": "forward_kl", "label": "broken", "set": ["student.init=teacher_layers"]}],
                    "seeds": [0]}
@@ -61,7 +61,7 @@ def test_cells_in_processes_failure_isolated_metrics_real(tmp_path, compare_raw,
     assert "student.init=teacher_layers" in failure["error"] and failure["returncode"] == 2
     text = report.read_text()
     assert "`tiny--broken--seed0` (failed): student.init=teacher_layers" in text
-    assert "`tiny--minillm--seed0` (skipped)" in text and "| tiny / forward_kl | 1 |" in text
+    assert "`tiny--not_installed--seed0` (skipped)" in text and "| tiny / forward_kl | 1 |" in text
 
 
 def test_finished_cells_skipped_interrupted_cell_resumes(tmp_path, compare_raw, capsys):
@@ -258,11 +258,11 @@ def test_command_line(tmp_path, compare_raw):
     path = write_config(tmp_path, compare_raw)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
     listed = subprocess.run([sys.executable, "-m", "lmdistill.cli", "compare", str(path), "--dry-run",
-                             "--set", "grid.objectives=[forward_kl,minillm]"],
+                             "--set", "grid.objectives=[forward_kl,not_installed]"],
                             capture_output=True, text=True, env=env, timeout=300)
     assert listed.returncode == 0, listed.stderr
     assert "tiny--forward_kl--seed1" in listed.stdout
-    assert "tiny--minillm--seed0  SKIPPED: objective: unknown objective" in listed.stdout
+    assert "tiny--not_installed--seed0  SKIPPED: objective: unknown objective" in listed.stdout
     bad = subprocess.run([sys.executable, "-m", "lmdistill.cli", "compare", str(path), "--set", "grid.sedes=[1]"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr

@@ -13,9 +13,10 @@ import yaml
 from typer.testing import CliRunner
 
 from lmdistill.config import validate_config
-from lmdistill.generation.run_config import TaskRunConfig
 from lmdistill.generation.run import build_task_run
+from lmdistill.generation.run_config import TaskRunConfig
 from tests.generation.conftest import tiny_gpt2
+from tests.train.helpers import interrupt_then_resume
 
 
 @pytest.fixture(scope="module")
@@ -66,19 +67,8 @@ def test_on_policy_distillation_resumes_bit_identically(tmp_path, student_dir, s
     assert full.source.stats["student_steps"] == 4
 
     cfg = task_cfg(tmp_path / "b", student_dir, saved_teacher, objective={"name": "jsd", "beta": 0.5}, regime=regime)
-    killed = build_task_run(cfg, splits=continue_task, show_progress=False).trainer
-    original = killed.train_step
-
-    def dies_in_step_4(step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(step)
-
-    monkeypatch.setattr(killed, "train_step", dies_in_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        killed.train()
-    resumed = build_task_run(cfg, splits=continue_task, show_progress=False).trainer
-    resumed.train(resume=True)
+    resumed = interrupt_then_resume(cfg, monkeypatch, dies_in_step=4, build=lambda c: build_task_run(
+        c, splits=continue_task, show_progress=False).trainer)
     got = weights(resumed)
     for key in expected:
         assert torch.equal(got[key], expected[key]), key

@@ -96,3 +96,29 @@ CASE_IDS = [c.id for c in CASES]
 
 def to_np(t: torch.Tensor) -> np.ndarray:
     return t.detach().double().reshape(-1, t.shape[-1]).numpy()
+
+
+# ------------------------------------------------------------------ cross-tokenizer inputs (tokenizers: conftest)
+def blocks_of(tok, verses: list[str], length: int, count: int, start: int = 0) -> torch.Tensor:
+    """``count`` packed blocks of ``length + 1`` tokens of the verses (one eos after each)."""
+    ids: list[int] = []
+    for text in verses[start:]:
+        ids += tok(text + "\n", add_special_tokens=False).input_ids + [tok.eos_token_id]
+        if len(ids) >= (length + 1) * count:
+            break
+    return torch.tensor(ids[: (length + 1) * count]).reshape(count, length + 1)
+
+
+def softmax_np(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def aligned_inputs(batcher, blocks: torch.Tensor, teacher_vocab: int, seed: int):
+    """The batcher's teacher inputs for student ``blocks`` and random float64 logits of both sides."""
+    inputs = batcher(blocks)
+    g = torch.Generator().manual_seed(seed)
+    B, L = blocks.shape[0], blocks.shape[1] - 1
+    zs = torch.randn(B * L, len(batcher.student_tokenizer), generator=g, dtype=torch.float64) * 2
+    zt = torch.randn(B, inputs.teacher_input_ids.shape[1], teacher_vocab, generator=g, dtype=torch.float64) * 2
+    return inputs, zs, zt

@@ -4,7 +4,6 @@ and a short end-to-end distillation across tokenizers on real text."""
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -14,49 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmdistill.constants import IGNORE_INDEX
-from lmdistill.data.corpora import read_fortunes
-from lmdistill.data.tokenizer import train_bpe_tokenizer
 from lmdistill.losses import CrossEntropy, ForwardKL, GeneralizedJSD, ReverseKL, SparseTeacher, TotalVariation
 from lmdistill.losses.alignment import CrossTokenizerBatcher, align_spans, edit_distances, min_edit_distance_map
 from lmdistill.losses.crosstok import ULD, AlignedTeacher, MinEDKD, SpanKD, span_log_probs
 from lmdistill.models.vocab import shared_vocab, token_keys, vocab_ladder
+from tests.losses.helpers import aligned_inputs, blocks_of, softmax_np
 
 UNICODE_TEXT = "Naïve café — 日本語, 🙂!\n\tAnd the LORD said: “Let there be light.”"
-
-
-@pytest.fixture(scope="module")
-def verses(kjv_verses) -> list[str]:
-    return [t for _, t in kjv_verses]
-
-
-@pytest.fixture(scope="module")
-def student_tok(verses):
-    return train_bpe_tokenizer(verses[:3000], vocab_size=600)
-
-
-@pytest.fixture(scope="module")
-def teacher_tok():
-    """Another corpus, another size: a realistic rung 3 partner for the KJV tokenizer."""
-    return train_bpe_tokenizer([d.text for d in itertools.islice(read_fortunes(), 3000)], vocab_size=900)
-
-
-@pytest.fixture(scope="module")
-def batcher(student_tok, teacher_tok):
-    return CrossTokenizerBatcher(student_tok, teacher_tok)
-
-
-@pytest.fixture(scope="module")
-def pairing(student_tok, teacher_tok):
-    return vocab_ladder(teacher_tok, student_tok, teacher_rows=len(teacher_tok), student_rows=len(student_tok))
-
-
-def _blocks(tok, verses, length, count, start=0):
-    ids = []
-    for text in verses[start:]:
-        ids += tok(text + "\n", add_special_tokens=False).input_ids + [tok.eos_token_id]
-        if len(ids) >= (length + 1) * count:
-            break
-    return torch.tensor(ids[: (length + 1) * count]).reshape(count, length + 1)
 
 
 # ------------------------------------------------------------------------------------------ alignment
@@ -128,8 +91,8 @@ def test_a_word_level_teacher_with_uncovered_spaces(student_tok, verses):
         assert data[s.starts[ra[0]]:s.ends[ra[-1]]].strip() == data[t.starts[rb[0]]:t.ends[rb[-1]]].strip()
     pairing = vocab_ladder(words, student_tok, teacher_rows=len(words), student_rows=len(student_tok))
     assert pairing.rung == "different"
-    blocks = _blocks(student_tok, verses, 24, 2, start=40)
-    inputs, zs, zt = _aligned_inputs(batcher, blocks, len(words), seed=7)
+    blocks = blocks_of(student_tok, verses, 24, 2, start=40)
+    inputs, zs, zt = aligned_inputs(batcher, blocks, len(words), seed=7)
     teacher = AlignedTeacher(zt, inputs.alignment, inputs.teacher_valid, len(words))
     s_cat, t_cat = SpanKD(pairing).categories(zs, teacher)
     assert torch.logsumexp(s_cat, -1).abs().max() < 1e-9 and torch.logsumexp(t_cat, -1).abs().max() < 1e-9
@@ -138,11 +101,6 @@ def test_a_word_level_teacher_with_uncovered_spaces(student_tok, verses):
 
 
 # ------------------------------------------------------------------------------------------ span KD: reference
-def _softmax(z):
-    e = np.exp(z - z.max())
-    return e / e.sum()
-
-
 def _fold_columns(own_keys, other_keys, shared):
     """Reference of the prefix fold (SharedVocab's docstring), columns by shared key."""
     out = []
@@ -159,9 +117,9 @@ def _fold_columns(own_keys, other_keys, shared):
 def _reference_span_categories(side_logits, tokens, rng, text, keys, other_keys):
     """One side's category distribution at one aligned span, from span_log_probs's docstring (float64)."""
     shared = (set(keys) & set(other_keys)) - {None}
-    q1 = _softmax(side_logits[rng[0] - 1])
+    q1 = softmax_np(side_logits[rng[0] - 1])
     x = [tokens[k] for k in rng]
-    logp = [math.log(_softmax(side_logits[k - 1])[tokens[k]]) for k in rng]
+    logp = [math.log(softmax_np(side_logits[k - 1])[tokens[k]]) for k in rng]
     cover = {v for v, key in enumerate(keys) if key == text}
     if isinstance(text, bytes):
         cover |= {v for v, key in enumerate(keys)
@@ -185,18 +143,9 @@ def _kl(p, q):
     return sum(pv * (math.log(pv) - math.log(q[k])) for k, pv in p.items() if pv > 0)
 
 
-def _aligned_inputs(batcher, blocks, teacher_vocab, seed):
-    inputs = batcher(blocks)
-    g = torch.Generator().manual_seed(seed)
-    B, L = blocks.shape[0], blocks.shape[1] - 1
-    zs = torch.randn(B * L, len(batcher.student_tokenizer), generator=g, dtype=torch.float64) * 2
-    zt = torch.randn(B, inputs.teacher_input_ids.shape[1], teacher_vocab, generator=g, dtype=torch.float64) * 2
-    return inputs, zs, zt
-
-
 def test_span_kd_matches_the_float64_reference(batcher, pairing, verses, student_tok, teacher_tok):
-    blocks = _blocks(student_tok, verses, 24, 2, start=100)
-    inputs, zs, zt = _aligned_inputs(batcher, blocks, len(teacher_tok), seed=1)
+    blocks = blocks_of(student_tok, verses, 24, 2, start=100)
+    inputs, zs, zt = aligned_inputs(batcher, blocks, len(teacher_tok), seed=1)
     teacher = AlignedTeacher(zt, inputs.alignment, inputs.teacher_valid, len(teacher_tok))
     labels = blocks[:, 1:].reshape(-1)
     losses, valid = SpanKD(pairing).group_losses(zs, teacher, labels)
@@ -226,11 +175,11 @@ def test_span_kd_matches_the_float64_reference(batcher, pairing, verses, student
                          ids=["fkl", "rkl", "jsd", "tvd", "ce"])
 def test_same_tokenizer_span_kd_is_exact_token_kd(student_tok, verses, inner):
     """One tokenizer on both sides: every span is one token, and span KD is the objective itself on every row."""
-    blocks = _blocks(student_tok, verses, 20, 2, start=300)
+    blocks = blocks_of(student_tok, verses, 20, 2, start=300)
     batcher = CrossTokenizerBatcher(student_tok, student_tok)
     n = len(student_tok)
     pairing = shared_vocab(student_tok, student_tok, teacher_rows=n, student_rows=n)
-    inputs, zs, zt = _aligned_inputs(batcher, blocks, n, seed=2)
+    inputs, zs, zt = aligned_inputs(batcher, blocks, n, seed=2)
     assert bool(inputs.alignment.one_to_one.all())
     labels = blocks[:, 1:].reshape(-1).clone()
     labels[::7] = IGNORE_INDEX
@@ -261,8 +210,8 @@ def test_span_log_probs_gradients_and_normalisation():
 
 
 def test_span_kd_refuses_mismatched_inputs(batcher, pairing, verses, student_tok, teacher_tok):
-    blocks = _blocks(student_tok, verses, 16, 2, start=500)
-    inputs, zs, zt = _aligned_inputs(batcher, blocks, len(teacher_tok), seed=3)
+    blocks = blocks_of(student_tok, verses, 16, 2, start=500)
+    inputs, zs, zt = aligned_inputs(batcher, blocks, len(teacher_tok), seed=3)
     teacher = AlignedTeacher(zt, inputs.alignment, inputs.teacher_valid, len(teacher_tok))
     with pytest.raises(ValueError, match="needs an AlignedTeacher"):
         SpanKD(pairing).per_token(zs, zt.reshape(-1, len(teacher_tok)), blocks[:, 1:].reshape(-1))
@@ -274,8 +223,8 @@ def test_span_kd_refuses_mismatched_inputs(batcher, pairing, verses, student_tok
 
 def test_span_kd_from_a_cache_signal(batcher, pairing, verses, student_tok, teacher_tok):
     """A top-k cache of the teacher's tokens works as the signal; with k = V it is the live teacher exactly."""
-    blocks = _blocks(student_tok, verses, 16, 2, start=700)
-    inputs, zs, zt = _aligned_inputs(batcher, blocks, len(teacher_tok), seed=4)
+    blocks = blocks_of(student_tok, verses, 16, 2, start=700)
+    inputs, zs, zt = aligned_inputs(batcher, blocks, len(teacher_tok), seed=4)
     labels = blocks[:, 1:].reshape(-1)
     dense = AlignedTeacher(zt, inputs.alignment, inputs.teacher_valid, len(teacher_tok))
     flat = zt.reshape(-1, len(teacher_tok))
@@ -289,8 +238,8 @@ def test_span_kd_from_a_cache_signal(batcher, pairing, verses, student_tok, teac
 
 # ------------------------------------------------------------------------------------------ ULD
 def test_uld_matches_the_paper_formula(batcher, verses, student_tok, teacher_tok):
-    blocks = _blocks(student_tok, verses, 20, 3, start=900)
-    inputs, zs, zt = _aligned_inputs(batcher, blocks, len(teacher_tok), seed=5)
+    blocks = blocks_of(student_tok, verses, 20, 3, start=900)
+    inputs, zs, zt = aligned_inputs(batcher, blocks, len(teacher_tok), seed=5)
     labels = blocks[:, 1:].reshape(-1).clone()
     labels[3:9] = IGNORE_INDEX
     teacher_valid = inputs.teacher_valid.clone()
@@ -303,8 +252,8 @@ def test_uld_matches_the_paper_formula(batcher, verses, student_tok, teacher_tok
         t_rows = [r for r in range(zt.shape[1]) if teacher_valid[b, r]]
         expected = np.zeros(20)
         for rs, rt in zip(s_rows, t_rows):  # k-th with k-th, up to the shorter
-            ps = np.sort(_softmax(zs3[b, rs] / 2.0))[::-1]
-            pt = np.sort(_softmax(zt[b, rt].numpy() / 1.5))[::-1]
+            ps = np.sort(softmax_np(zs3[b, rs] / 2.0))[::-1]
+            pt = np.sort(softmax_np(zt[b, rt].numpy() / 1.5))[::-1]
             pt = np.pad(pt, (0, max(0, len(ps) - len(pt))))
             ps = np.pad(ps, (0, max(0, len(pt) - len(ps))))
             expected[rs] = np.abs(ps - pt).sum()
@@ -346,25 +295,25 @@ def test_mined_map_against_brute_force(student_tok, teacher_tok):
 
 
 def test_mined_objective_matches_its_formula(batcher, verses, student_tok, teacher_tok):
-    blocks = _blocks(student_tok, verses, 20, 2, start=1100)
-    inputs, zs, zt = _aligned_inputs(batcher, blocks, len(teacher_tok), seed=6)
+    blocks = blocks_of(student_tok, verses, 20, 2, start=1100)
+    inputs, zs, zt = aligned_inputs(batcher, blocks, len(teacher_tok), seed=6)
     labels = blocks[:, 1:].reshape(-1)
     mapping = min_edit_distance_map(teacher_tok, student_tok)
     teacher = AlignedTeacher(zt, inputs.alignment, inputs.teacher_valid, len(teacher_tok))
     got = MinEDKD(mapping, len(student_tok)).per_token(zs, teacher, labels)
-    expected = np.array([-math.log(_softmax(zs[r].numpy())[int(labels[r])]) for r in range(40)])  # one-hot on gold
+    expected = np.array([-math.log(softmax_np(zs[r].numpy())[int(labels[r])]) for r in range(40)])  # one-hot on gold
     for b in range(2):
         s, t = batcher.spans_from_ids(blocks[b].tolist())
         for ra, rb in align_spans(s, t):
             if len(ra) == 1 and len(rb) == 1 and ra.start > 0 and rb.start > 0:
                 row = b * 20 + ra[0] - 1
-                pt = _softmax(zt[b, rb[0] - 1].numpy())
+                pt = softmax_np(zt[b, rb[0] - 1].numpy())
                 target = np.zeros(len(student_tok))
                 for u, v in enumerate(mapping.tolist()):
                     if v >= 0:
                         target[v] += pt[u]
                 target /= target.sum()
-                q = _softmax(zs[row].numpy())
+                q = softmax_np(zs[row].numpy())
                 expected[row] = sum(p * (math.log(p) - math.log(q[v])) for v, p in enumerate(target) if p > 0)
     np.testing.assert_allclose(got.detach().numpy(), expected, rtol=1e-9)
 
@@ -383,7 +332,7 @@ def test_distilling_across_tokenizers_on_real_text(batcher, pairing, verses, stu
     """A teacher trained on KJV in its own tokens teaches a student with another tokenizer through span KD:
     the held-out span KD falls and the student's next-span predictions come to agree with the teacher's."""
     teacher = _tiny_lm(len(teacher_tok), 48, 0, teacher_tok.eos_token_id)
-    t_blocks = _blocks(teacher_tok, verses, 32, 64, start=0)
+    t_blocks = blocks_of(teacher_tok, verses, 32, 64, start=0)
     opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
     for step in range(60):
         batch = t_blocks[(step * 8) % 64:][:8]
@@ -393,8 +342,8 @@ def test_distilling_across_tokenizers_on_real_text(batcher, pairing, verses, stu
         opt.step()
     teacher.eval()
     student = _tiny_lm(len(student_tok), 32, 1, student_tok.eos_token_id)
-    train = _blocks(student_tok, verses, 32, 48, start=0)
-    held_out = _blocks(student_tok, verses, 32, 4, start=20000)
+    train = blocks_of(student_tok, verses, 32, 48, start=0)
+    held_out = blocks_of(student_tok, verses, 32, 4, start=20000)
     objective = SpanKD(pairing)
 
     def evaluate():
@@ -431,7 +380,7 @@ def test_distilling_across_tokenizers_on_real_text(batcher, pairing, verses, stu
 def test_a_teacher_position_cap_keeps_the_groups_before_the_cut(batcher, verses, student_tok, cap):
     """A teacher whose position table is shorter than its tokenization: inputs are cut at ``cap`` and exactly the
     groups whose teacher tokens all sit before the cut stay aligned, unchanged."""
-    blocks = _blocks(student_tok, verses, 24, 3)
+    blocks = blocks_of(student_tok, verses, 24, 3)
     full = batcher(blocks)
     cut = batcher(blocks, max_teacher_len=cap)
     assert cut.teacher_input_ids.shape[1] <= cap

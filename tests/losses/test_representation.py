@@ -24,11 +24,14 @@ from lmdistill.losses.representation import (
     attention_relations,
     hidden_cosine,
     hidden_mse,
+    knn_bandwidth,
     knn_gaussian_graph,
     nd_loss,
     qkv_capture,
+    relation_heads,
     resolve_layer_map,
     span_features,
+    span_sequences,
     trg_global_loss,
     trg_inner_loss,
     trg_local_loss,
@@ -189,6 +192,15 @@ def test_trg_losses_match_numpy():
     np.testing.assert_allclose(glob, -(np.diag(logits) - np.log(np.exp(logits).sum(-1))), rtol=1e-10)
 
 
+def test_knn_bandwidth_is_the_mean_squared_neighbour_distance():
+    x = _randn(8, 5, seed=30)
+    d = ((x.numpy()[:, None] - x.numpy()[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    expected = np.sort(d, axis=0)[:3].mean()
+    assert float(knn_bandwidth(x, 3)) == pytest.approx(expected, rel=1e-12)
+    assert float(knn_bandwidth(4.0 * x, 3)) == pytest.approx(16 * expected, rel=1e-12)
+
+
 def test_trg_inner_loss_matches_numpy_and_ignores_masked_tokens():
     s, t = _randn(2, 5, 3, seed=12), _randn(2, 5, 8, seed=13)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
@@ -238,6 +250,16 @@ def test_attention_relation_kd_values_and_widths():
     assert bool((loss[later] > 0).all()) and bool((loss[~later] == 0).all())
     loss.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in small)
+
+
+def test_relation_heads():
+    assert relation_heads("auto", 32, 48) == 16 and relation_heads("auto", 768, 1024) == 64
+    assert relation_heads("auto", 1536, 2048) == 64 and relation_heads("auto", 1200) == 60
+    assert relation_heads(8, 32, 48) == 8
+    with pytest.raises(ConfigError, match="do not split the widths 32, 48"):
+        relation_heads(32, 32, 48)
+    with pytest.raises(ConfigError, match="positive integer"):
+        relation_heads(0, 32)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -290,3 +312,27 @@ def test_span_features_pair_states_after_the_same_text(kjv_verses):
     torch.testing.assert_close(t_feat, ht[0, [e[1] for e in expected]])
     proj = HiddenProjection(3, 5).double()
     assert torch.isfinite(hidden_mse(proj(s_feat), t_feat)).all()
+
+
+def test_span_sequences_pool_each_sequence_in_text_order(kjv_verses):
+    """The padded per-sequence index holds exactly span_features' pairs, each sequence's spans in text order,
+    each span's student and teacher positions in that sequence."""
+    texts = [t for _, t in kjv_verses[:2000]]
+    student_tok = train_bpe_tokenizer(texts, vocab_size=400)
+    teacher_tok = train_bpe_tokenizer(texts[1000:], vocab_size=700)
+    batcher = CrossTokenizerBatcher(student_tok, teacher_tok)
+    rows = [student_tok(" ".join(texts[k:k + 6]), add_special_tokens=False).input_ids[:33] for k in (0, 40, 90)]
+    inputs = batcher(torch.tensor(rows))
+    a = inputs.alignment
+    s_index, t_index, mask = span_sequences(a, "cpu")
+    assert s_index.shape == mask.shape == (3, int(mask.sum(1).max()))
+    hs = _randn(3, 32, 3, seed=31)
+    ht = _randn(3, a.teacher_len, 4, seed=32)
+    s_feat, t_feat = span_features(hs, ht, a)
+    torch.testing.assert_close(hs.reshape(-1, 3)[s_index[mask]], s_feat)
+    torch.testing.assert_close(ht.reshape(-1, 4)[t_index[mask]], t_feat)
+    for b in range(3):
+        s_pos, t_pos = s_index[b][mask[b]], t_index[b][mask[b]]
+        assert len(s_pos) > 5 and bool((s_pos // 32 == b).all()) and bool((t_pos // a.teacher_len == b).all())
+        assert bool((s_pos.diff() > 0).all()) and bool((t_pos.diff() > 0).all())
+        assert not mask[b][int(mask[b].sum()):].any()  # real spans first, padding after

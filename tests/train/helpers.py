@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lmdistill.config import RunConfig, validate_config
 
@@ -28,15 +31,19 @@ def run_config(tmp: Path, corpus: Path, cache_dir: Path, student: Path, teacher:
     return validate_config(raw, "test")
 
 
-def interrupt_then_resume(config: RunConfig, monkeypatch: Any, *, dies_in_step: int) -> Any:
+def interrupt_then_resume(config: Any, monkeypatch: Any, *, dies_in_step: int, build: Any = None) -> Any:
     """Train ``config`` until the process "dies" (KeyboardInterrupt) at the start of step ``dies_in_step`` (1-based),
     then build a new trainer on the same directory and finish with ``--resume``; returns that resumed trainer
-    (trained, not closed)."""
+    (trained, not closed). ``build(config)`` makes a trainer (default: the packed-text run's ``build_trainer``)."""
     import pytest
 
-    from lmdistill.train.run import build_trainer
+    if build is None:
+        from lmdistill.train.run import build_trainer
 
-    killed, _ = build_trainer(config, show_progress=False)
+        def build(cfg: RunConfig) -> Any:
+            return build_trainer(cfg, show_progress=False)[0]
+
+    killed = build(config)
     original = killed.train_step
 
     def dies(step: int) -> float:
@@ -48,6 +55,56 @@ def interrupt_then_resume(config: RunConfig, monkeypatch: Any, *, dies_in_step: 
     with pytest.raises(KeyboardInterrupt):
         killed.train()
     killed.close()
-    resumed, _ = build_trainer(config, show_progress=False)
+    resumed = build(config)
     resumed.train(resume=True)
     return resumed
+
+
+def distill_through_cli(tmp: Path, corpus: Path, cache_dir: Path, student: Path, teacher: dict[str, Any], objective: Any,
+                        *, steps: int = 3, block_size: int = 32, **sections: Any) -> str:
+    """``lmdistill distill`` on a small run config written to ``tmp/run.yaml`` (output ``tmp/run``); asserts it exits 0
+    and saves the final model, and returns its output."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from lmdistill.cli import app
+
+    cfg = {
+        "output_dir": str(tmp / "run"),
+        "data": {"corpus": str(corpus), "block_size": block_size, "cache_dir": str(cache_dir)},
+        "teacher": teacher,
+        "student": {"path": str(student)},
+        "objective": objective,
+        "train": {"steps": steps, "batch_size": 4, "lr": 1e-2, "warmup_steps": 0},
+        "eval": {"every": steps, "max_batches": 1, "batch_size": 4},
+        "checkpoint": {"every": 100},
+        **sections,
+    }
+    (tmp / "run.yaml").write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(app, ["distill", str(tmp / "run.yaml")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert (tmp / "run" / "final" / "model.safetensors").exists()
+    return result.output
+
+
+def relation_kl_reference(s, t, heads, mask):
+    """MiniLMv2 written out: per token t, mean over relation heads of KL(R_T[t] || R_S[t]), with R = softmax over
+    the real keys up to t of a_t . a_j / sqrt(d / heads)."""
+    b_size, length = mask.shape
+    out = np.zeros((b_size, length))
+    for b in range(b_size):
+        for i in range(length):
+            if not mask[b, i]:
+                continue
+            keys = [j for j in range(i + 1) if mask[b, j]]
+            kl = 0.0
+            for h in range(heads):
+                rel = []
+                for x in (s, t):
+                    dh = x.shape[-1] // heads
+                    a = x[b, :, h * dh:(h + 1) * dh]
+                    z = np.array([a[i] @ a[j] / math.sqrt(dh) for j in keys])
+                    rel.append(z - z.max() - np.log(np.exp(z - z.max()).sum()))
+                kl += (np.exp(rel[1]) * (rel[1] - rel[0])).sum()
+            out[b, i] = kl / heads
+    return out

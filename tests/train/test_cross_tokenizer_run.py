@@ -4,53 +4,19 @@ on rung 4, the cross-tokenizer objectives through the CLI, and an exact resume."
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 
 import pytest
 import torch
-import yaml
-from typer.testing import CliRunner
 
-from lmdistill.cli import app
 from lmdistill.config import VocabConfig
-from lmdistill.data.blocks import BlockDataset, collate
-from lmdistill.data.corpora import read_fortunes
-from lmdistill.data.prepare import prepare_data
-from lmdistill.data.tokenizer import train_bpe_tokenizer
 from lmdistill.errors import ConfigError
 from lmdistill.losses import ForwardKL, build_objective
 from lmdistill.losses.crosstok import SpanKD
 from lmdistill.teachers.live import LiveTeacher, load_live_teacher
 from lmdistill.train.run import build_trainer
-from tests.conftest import save_tiny_model
-from tests.train.helpers import interrupt_then_resume, run_config
-
-
-@pytest.fixture(scope="module")
-def fortune_tokenizer():
-    """Another corpus, another size: the teacher's own BPE."""
-    return train_bpe_tokenizer([d.text for d in itertools.islice(read_fortunes(), 3000)], vocab_size=700)
-
-
-@pytest.fixture(scope="module")
-def other_teacher(tmp_path_factory, fortune_tokenizer):
-    # 64 learned positions: the teacher's tokenization of a 32-token student block can be longer; the cut is tested
-    return save_tiny_model(tmp_path_factory.mktemp("xtok") / "teacher", fortune_tokenizer, layers=2, hidden=48,
-                           seed=3, max_positions=64)
-
-
-@pytest.fixture()
-def student_dir(tmp_path, small_tokenizer):
-    return save_tiny_model(tmp_path / "student", small_tokenizer, layers=1, hidden=32, seed=2)
-
-
-@pytest.fixture(scope="module")
-def student_batch(kjv_small_txt, cache_dir, small_tokenizer):
-    data = prepare_data(str(kjv_small_txt), block_size=32, tokenizer=small_tokenizer, cache_dir=cache_dir)
-    blocks = BlockDataset(data.streams["train"], 32)
-    return collate([blocks[i] for i in range(4)])
+from tests.train.helpers import distill_through_cli, interrupt_then_resume, run_config
 
 
 def test_the_teacher_reads_its_own_tokens_of_the_students_text(other_teacher, fortune_tokenizer, small_tokenizer,
@@ -126,25 +92,13 @@ def test_rung_3_runs_a_same_vocabulary_objective_on_aligned_spans(tmp_path, kjv_
     {"mix": [{"name": "cross_entropy"}, {"name": "uld", "weight": 0.5}]},
     {"name": "span_kd", "inner": "reverse_kl", "temperature": 1.5},
     {"name": "mined", "unaligned": "label"},
-], ids=["uld+ce", "span_kd", "mined"])
+    {"mix": [{"name": "cross_entropy"}, {"name": "projected_kd", "temperature": 2.0}]},
+], ids=["uld+ce", "span_kd", "mined", "projected_kd+ce"])
 def test_cross_tokenizer_objectives_through_the_cli(objective, tmp_path, kjv_small_txt, cache_dir, student_dir,
                                                     other_teacher):
-    cfg = {
-        "output_dir": str(tmp_path / "run"),
-        "data": {"corpus": str(kjv_small_txt), "block_size": 32, "cache_dir": str(cache_dir)},
-        "teacher": {"path": str(other_teacher)},
-        "student": {"path": str(student_dir)},
-        "vocab": {"rung": "different"},
-        "objective": objective,
-        "train": {"steps": 3, "batch_size": 4, "lr": 1e-2, "warmup_steps": 0},
-        "eval": {"every": 3, "max_batches": 1, "batch_size": 4},
-        "checkpoint": {"every": 100},
-    }
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    result = CliRunner().invoke(app, ["distill", str(tmp_path / "run.yaml")], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    assert "rung 4 (different)" in result.output
-    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    output = distill_through_cli(tmp_path, kjv_small_txt, cache_dir, student_dir, {"path": str(other_teacher)}, objective,
+                                 vocab={"rung": "different"})
+    assert "rung 4 (different)" in output
 
 
 def test_a_cross_tokenizer_run_resumes_exactly(tmp_path, kjv_small_txt, cache_dir, student_dir, other_teacher,

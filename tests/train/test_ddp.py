@@ -62,3 +62,31 @@ def test_two_processes_equal_one(objective, tmp_path, verse_pairs_jsonl, cache_d
     assert w1.keys() == w2.keys()
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_cli_under_torchrun_finishes_with_exit_code_zero(tmp_path, verse_pairs_jsonl, cache_dir, small_tokenizer,
+                                                             tiny_teacher):
+    """`torchrun ... lmdistill distill` as users run it: both ranks finish, leave the process group, and exit 0."""
+    student = save_tiny_model(tmp_path / "student", small_tokenizer, layers=1, hidden=32, seed=7)
+    config = {
+        "output_dir": str(tmp_path / "run"),
+        "data": {"corpus": str(verse_pairs_jsonl), "block_size": 32, "cache_dir": str(cache_dir)},
+        "student": {"path": str(student)},
+        "teacher": {"path": str(tiny_teacher)},
+        "objective": "forward_kl",
+        "train": {"steps": 2, "batch_size": 4, "lr": 1e-2, "warmup_steps": 0},
+        "eval": {"every": 2, "max_batches": 1, "batch_size": 4},
+    }
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+         "-m", "lmdistill.cli", "distill", str(cfg_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "terminate called" not in done.stderr
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    assert json.loads(done.stdout[done.stdout.index("{"):])["output_dir"] == str(tmp_path / "run")

@@ -71,6 +71,8 @@ def _train_command(config: Optional[Path], overrides: Optional[list[str]], resum
     if need_teacher and cfg.teacher is None:
         raise LmdistillError("distill needs a 'teacher:' section with the teacher's path (or --set teacher.path=DIR)")
     result = run_training(cfg, resume=resume, overwrite=overwrite)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: one summary, from rank 0
+        return
     typer.echo(json.dumps({"output_dir": str(result.output_dir), **{k: v for k, v in result.final_metrics.items() if k != "kind"},
                            "train_tokens_per_second": round(result.tokens_per_second, 1)}, indent=2))
 
@@ -95,7 +97,7 @@ def distill(
 ) -> None:
     """Distil a teacher into a student with any objective or mixture of objectives.
 
-    With a `regime:` section (fixed, sequence_kd, on_policy, scrg, kid) the run trains on a
+    With a `regime:` section (fixed, sequence_kd, on_policy, scrg, kid, minillm) the run trains on a
     prompt/response task with that data regime and then scores the student's generations."""
     if config.is_file() and "regime" in (_read_yaml(config) or {}):
         from lmdistill.cli.generation import task_distill

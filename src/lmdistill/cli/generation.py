@@ -50,7 +50,7 @@ def sft(
 
 
 def task_distill(
-    config: Path = typer.Argument(..., help="YAML task-run config with a regime (fixed, sequence_kd, on_policy, scrg, kid)"),
+    config: Path = typer.Argument(..., help="YAML task-run config with a regime (fixed, sequence_kd, on_policy, scrg, kid, minillm)"),
     set: Optional[list[str]] = SetOption,
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in output_dir"),
 ) -> None:
@@ -67,8 +67,8 @@ def generate(
     """A teacher (local model or OpenAI-compatible endpoint) answers a task's prompts into a resumable
     JSONL store: the dataset of sequence-level KD. Rerun to resume after an interruption."""
     from lmdistill.config import load_config
-    from lmdistill.generation.run_config import GenerateConfig
     from lmdistill.generation.run import run_generate
+    from lmdistill.generation.run_config import GenerateConfig
 
     cfg = load_config(config, list(set or []), model=GenerateConfig)
 

@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 
 from lmdistill.config import Section
 
-RegimeKind = Literal["fixed", "sequence_kd", "on_policy", "scrg", "kid"]
+RegimeKind = Literal["fixed", "sequence_kd", "on_policy", "scrg", "kid", "minillm"]
 TaskName = Literal["gcide_define", "kjv_verse", "kjv_continue"]
 
 
@@ -113,6 +113,7 @@ _REGIME_FIELDS: dict[str, set[str]] = {
     "on_policy": {"lmbda", "sampling", "off_policy_store"},
     "scrg": {"lmbda", "sampling", "off_policy_store", "scrg_threshold", "scrg_metric", "scrg_selection"},
     "kid": {"kid_mask_ratio"},
+    "minillm": {"mix_alpha", "sampling"},
 }
 _COMMON_FIELDS = {"kind", "task", "max_length"}
 
@@ -131,6 +132,10 @@ class RegimeConfig(Section):
     - ``kid``: KID (arXiv 2410.11371): a ``kid_mask_ratio`` share (paper: alpha = 0.2) of each
       response's tokens is masked, predicted by the student in one forward pass over the masked
       sequence, and rewritten with those predictions; targets stay the gold continuation.
+    - ``minillm``: MiniLLM (arXiv 2306.08543): every step's responses are sampled from the teacher-mixed
+      policy ``mix_alpha * p + (1 - mix_alpha) * q`` (paper: alpha = 0.2) at temperature 1, and trained
+      with the ``minillm`` objective (the policy-gradient reverse KL whose importance weights assume
+      exactly that sampling distribution: no greedy, temperature or top-k/top-p settings).
     """
 
     kind: RegimeKind = "fixed"
@@ -152,6 +157,10 @@ class RegimeConfig(Section):
         "max", description="scrg: correct the most divergent disagreeing position (paper) or the first one above the threshold"
     )
     kid_mask_ratio: float = Field(0.2, gt=0, le=1, description="kid: share alpha of response tokens masked and rewritten (paper default 0.2)")
+    mix_alpha: float = Field(
+        0.2, ge=0, le=1, description="minillm: teacher share alpha of the sampling policy alpha*p + (1-alpha)*q "
+        "(paper default 0.2; 0 samples from the student alone)",
+    )
 
     @model_validator(mode="after")
     def _fields_fit_kind(self) -> RegimeConfig:
@@ -165,6 +174,12 @@ class RegimeConfig(Section):
             users = {f: [k for k, v in _REGIME_FIELDS.items() if f in v] for f in stray}
             detail = "; ".join(f"{f} applies to {', '.join(u) or 'no regime'}" for f, u in users.items())
             raise ValueError(f"regime.kind={self.kind} does not use {', '.join(stray)} ({detail})")
+        if self.kind == "minillm":
+            s = self.sampling
+            if s.greedy or s.temperature != 1.0 or s.top_k is not None or s.top_p is not None:
+                raise ValueError("regime.kind=minillm samples from alpha*p + (1-alpha)*q at temperature 1 (the minillm "
+                                 "objective's importance weights assume it): leave sampling.greedy, temperature, top_k "
+                                 "and top_p unset; only sampling.max_new_tokens applies")
         if self.kind == "sequence_kd" and not self.store:
             raise ValueError("regime.kind=sequence_kd needs regime.store: the JSONL file written by `lmdistill generate`")
         for name in ("store", "off_policy_store"):

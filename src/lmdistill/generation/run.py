@@ -41,7 +41,7 @@ from lmdistill.generation.metrics import GenerationScores, evaluate_generation, 
 from lmdistill.generation.run_config import GenerateConfig, TaskRunConfig
 from lmdistill.generation.sampling import SamplingParams
 from lmdistill.generation.seqkd import fill_store_local, local_teacher_id
-from lmdistill.generation.sources import build_batch_source
+from lmdistill.generation.sources import MiniLLMSource, build_batch_source, check_regime_objective
 from lmdistill.generation.store import ResponseStore
 from lmdistill.generation.tasks import apply_chat_template, build_task
 from lmdistill.losses import build_objective
@@ -133,6 +133,7 @@ def build_task_run(
     for warning in check_block_size(cfg, cfg.block_size):
         log.warning(warning)
     objective = build_objective(cfg.objective)
+    check_regime_objective(cfg.regime.kind, objective)
     if objective.requires_teacher and cfg.teacher is None:
         raise ConfigError(f"objective '{objective.name}' needs a teacher: add teacher.path to the config")
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
@@ -149,6 +150,8 @@ def build_task_run(
     streams = task_streams(splits, tokenizer, cache_dir, stream_name(cfg.regime.task))
     source = build_batch_source(cfg.regime, tokenizer=tokenizer, global_batch=cfg.train.batch_size, seed=cfg.train.seed,
                                 documents=splits["train"])
+    if isinstance(source, MiniLLMSource):  # it samples from the teacher model itself, step by step
+        source.teacher_lm = teacher_model
     evaluator = task_evaluator(splits["validation"], tokenizer, max_length=cfg.regime.max_length,
                                batch_size=cfg.eval.batch_size, max_batches=cfg.eval.max_batches)
     if cfg.monitor is not None:  # the teacher-hacking monitor on the task's validation prompts

@@ -11,12 +11,16 @@ mask hides the padding and position ids count real tokens only, so a padded row 
 function as the prompt alone. With ``use_cache`` only the newest token is fed at each step and the
 keys/values of earlier ones come from the cache (``past_key_values``); without it the whole sequence
 is re-run every step (the reference the cached path must equal).
+
+:func:`generate_mixed` runs the same loop over two models (student and teacher, each with its own cache) and
+draws every token from MiniLLM's teacher-mixed distribution ``alpha p + (1 - alpha) q``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -107,37 +111,105 @@ def generate(
     the candidates to the first ``vocab_size`` logits (the tokenizer's real tokens). The model is put
     in eval mode for the call and restored afterwards.
     """
+    return _decode([model], prompts, lambda logits: next_tokens(logits[0], params, generator),
+                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, max_new_tokens=params.max_new_tokens,
+                   use_cache=use_cache, vocab_size=vocab_size)
+
+
+def mixed_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    """MiniLLM's teacher-mixed next-token distribution ``alpha p + (1 - alpha) q`` [B, V] from the student's and
+    the teacher's next-token logits [B, V] (temperature 1; both cut to the narrower vocabulary)."""
+    n = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    q = F.softmax(student_logits[..., :n].float(), dim=-1)
+    p = F.softmax(teacher_logits[..., :n].float(), dim=-1)
+    return alpha * p + (1.0 - alpha) * q
+
+
+@torch.no_grad()
+def generate_mixed(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    prompts: Sequence[Sequence[int]],
+    *,
+    alpha: float,
+    eos_token_id: int,
+    pad_token_id: int | None = None,
+    max_new_tokens: int = 48,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
+) -> list[list[int]]:
+    """Like :func:`generate`, each token drawn from ``alpha p + (1 - alpha) q`` (:func:`mixed_probs`): the
+    teacher-mixed sampling of MiniLLM (Gu et al., arXiv 2306.08543, Eq. 4), both models stepping through the same
+    prefixes (each with its own KV cache). ``alpha = 0`` draws exactly what :func:`generate` draws from the student
+    at temperature 1 with the same generator, ``alpha = 1`` what it draws from the teacher; only models with a
+    nonzero share are run (``teacher`` may be None when ``alpha = 0``)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    if teacher is None and alpha > 0:
+        raise ValueError("generate_mixed: alpha > 0 needs the teacher model")
+    models = [m for m, share in ((student, 1.0 - alpha), (teacher, alpha)) if share > 0 and m is not None]
+
+    def choose(logits: list[torch.Tensor]) -> torch.Tensor:
+        if len(logits) == 1:
+            probs = F.softmax(logits[0].float(), dim=-1)
+        else:
+            probs = mixed_probs(logits[0], logits[1], alpha)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    return _decode(models, prompts, choose, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                   max_new_tokens=max_new_tokens, use_cache=use_cache, vocab_size=vocab_size)
+
+
+def _decode(
+    models: Sequence[torch.nn.Module],
+    prompts: Sequence[Sequence[int]],
+    choose: Callable[[list[torch.Tensor]], torch.Tensor],
+    *,
+    eos_token_id: int,
+    pad_token_id: int | None,
+    max_new_tokens: int,
+    use_cache: bool,
+    vocab_size: int | None,
+) -> list[list[int]]:
+    """The decoding loop: every model reads the same left-padded prefixes; ``choose`` turns their next-token logits
+    (one [B, V] per model, cut to ``vocab_size``) into one token per row."""
     if not prompts:
         return []
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     pad = eos_token_id if pad_token_id is None else pad_token_id
-    device = next(model.parameters()).device
-    limit = _max_positions(model)
-    longest = max(len(p) for p in prompts) + params.max_new_tokens
-    if limit is not None and longest > limit:
-        raise ConfigError(
-            f"generation needs {longest} positions (prompt {longest - params.max_new_tokens} + {params.max_new_tokens} "
-            f"new tokens) but the model has {limit}; lower max_new_tokens or shorten the prompts"
-        )
-    with eval_mode(model):
+    device = next(models[0].parameters()).device
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    for model in models:
+        limit = _max_positions(model)
+        if limit is not None and longest > limit:
+            raise ConfigError(
+                f"generation needs {longest} positions (prompt {longest - max_new_tokens} + {max_new_tokens} "
+                f"new tokens) but the model has {limit}; lower max_new_tokens or shorten the prompts"
+            )
+    with contextlib.ExitStack() as modes:
+        for model in models:
+            modes.enter_context(eval_mode(model))
         ids, mask = _left_pad(prompts, pad, device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         batch = ids.shape[0]
         out: list[list[int]] = [[] for _ in range(batch)]
         done = torch.zeros(batch, dtype=torch.bool, device=device)
-        past = None
+        pasts: list = [None] * len(models)
         step_ids, step_pos = ids, positions
-        for _ in range(params.max_new_tokens):
-            if use_cache:
-                result = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past, use_cache=True)
-                past = result.past_key_values
-            else:
-                result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-            logits = result.logits[:, -1, :]
-            if vocab_size is not None:
-                logits = logits[:, :vocab_size]
-            token = next_tokens(logits, params, generator)
+        for _ in range(max_new_tokens):
+            logits = []
+            for k, model in enumerate(models):
+                if use_cache:
+                    result = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                                   past_key_values=pasts[k], use_cache=True)
+                    pasts[k] = result.past_key_values
+                else:
+                    result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+                z = result.logits[:, -1, :]
+                logits.append(z[:, :vocab_size] if vocab_size is not None else z)
+            token = choose(logits)
             token = torch.where(done, torch.full_like(token, pad), token)
             for i in torch.nonzero(~done).flatten().tolist():
                 out[i].append(int(token[i]))

@@ -21,6 +21,8 @@ on_policy       GKD (Agarwal et al., "On-Policy Distillation of Language Models:
 scrg            as on_policy, the student samples revised by SCRG (arXiv 2407.10068)
 kid             prompt + gold reference with a share of its tokens masked, predicted by the student on
                 the masked sequence and rewritten; gold targets (KID, arXiv 2410.11371)
+minillm         prompt + a sample from the teacher-mixed policy alpha p + (1 - alpha) q at every step,
+                for the ``minillm`` objective (MiniLLM, arXiv 2306.08543)
 =============== ===================================================================================
 """
 
@@ -44,10 +46,11 @@ from lmdistill.generation.batching import (
 )
 from lmdistill.generation.config import RegimeConfig
 from lmdistill.generation.kid import imperfect_inputs
-from lmdistill.generation.sampling import SamplingParams, generate
+from lmdistill.generation.sampling import SamplingParams, generate, generate_mixed
 from lmdistill.generation.scrg import scrg_revise
 from lmdistill.generation.seqkd import documents_from_store
 from lmdistill.generation.tasks import build_task
+from lmdistill.losses.minillm import MIX_ALPHA_FIELD
 from lmdistill.seeds import derived_seed
 
 
@@ -165,6 +168,58 @@ class SCRGSource(OnPolicySource):
         return batch
 
 
+class MiniLLMSource(OnPolicySource):
+    """MiniLLM's data (Gu et al., "MiniLLM: Knowledge Distillation of Large Language Models", arXiv 2306.08543,
+    Eq. 4): at every step each prompt's response is sampled token by token from the teacher-mixed policy
+    ``mix_alpha * p + (1 - mix_alpha) * q`` (:func:`~lmdistill.generation.sampling.generate_mixed`, temperature 1,
+    the step's seeded generator), with the current student q and the teacher p. Batches carry ``on_policy`` [B]
+    (1.0) and ``mix_alpha`` [B], which the ``minillm`` objective reads for its importance weights.
+
+    The teacher it samples from is the teacher model itself (``teacher_lm``, set by the task run; or a model given
+    to :meth:`use_models`), each model stepping with its own KV cache."""
+
+    def __init__(self, examples: Sequence[Example], *, mix_alpha: float = 0.2, **kwargs: Any) -> None:
+        kwargs["lmbda"] = 1.0  # every step samples
+        super().__init__(examples, **kwargs)
+        if not 0.0 <= mix_alpha <= 1.0:
+            raise ConfigError(f"regime.mix_alpha must lie in [0, 1], got {mix_alpha}")
+        self.mix_alpha = float(mix_alpha)
+        self.teacher_lm: torch.nn.Module | None = None
+
+    def _teacher_lm(self) -> torch.nn.Module | None:
+        if self.mix_alpha == 0.0:
+            return None  # the teacher has no share of the sampling policy
+        for candidate in (self.teacher_lm, self.teacher_model):
+            if isinstance(candidate, torch.nn.Module):
+                return candidate
+        raise ConfigError("regime minillm samples from the teacher model at every generation step: give the source the "
+                          "teacher model (a live teacher, teacher.path)")
+
+    def sample(self, examples: list[Example], generator: torch.Generator) -> list[Example]:
+        outputs = generate_mixed(self._student(), self._teacher_lm(), [e.prompt for e in examples],
+                                 alpha=self.mix_alpha, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+                                 max_new_tokens=self.params.max_new_tokens, generator=generator, vocab_size=self._vocab())
+        return [Example(e.prompt, tuple(o)) for e, o in zip(examples, outputs)]
+
+    def transform(self, examples: list[Example], step: int, rank: int, micro_index: int) -> dict[str, torch.Tensor]:
+        batch = super().transform(examples, step, rank, micro_index)
+        batch[MIX_ALPHA_FIELD] = torch.full((len(examples),), self.mix_alpha)
+        return batch
+
+
+def check_regime_objective(kind: str, objective: Any) -> None:
+    """The ``minillm`` regime and the ``minillm`` objective go together (one is a policy gradient on the other's
+    samples): a :class:`ConfigError` of one line when only one of them is configured. ``objective`` is an
+    :class:`~lmdistill.losses.Objective` (a mixture counts when one of its parts is ``minillm``)."""
+    names = [leaf.name for leaf in objective.leaves()]
+    if kind == "minillm" and "minillm" not in names:
+        raise ConfigError(f"regime.kind=minillm trains with objective: minillm (its policy gradient is what the "
+                          f"teacher-mixed samples are for), got objective '{objective.name}'")
+    if kind != "minillm" and "minillm" in names:
+        raise ConfigError(f"objective 'minillm' is a policy gradient on teacher-mixed samples: use it with regime.kind: "
+                          f"minillm (mix_alpha: 0 samples from the student alone), not regime.kind={kind}")
+
+
 class KIDSource(_StudentAccess, PromptResponseSource):
     """KID's imperfect data (Zhong et al. 2024, arXiv 2410.11371; see :mod:`lmdistill.generation.kid`):
     a ``ratio`` share (paper: 0.2) of each response's input tokens is masked with ``mask_token_id``,
@@ -216,4 +271,6 @@ def build_batch_source(
     if regime.kind == "scrg":
         return SCRGSource(examples, threshold=regime.scrg_threshold, metric=regime.scrg_metric,
                           selection=regime.scrg_selection, **on_policy)
+    if regime.kind == "minillm":
+        return MiniLLMSource(examples, mix_alpha=regime.mix_alpha, **on_policy)
     raise ConfigError(f"unknown regime.kind {regime.kind!r}")

@@ -143,7 +143,7 @@ class ReverseKL(Divergence):
     """Reverse KL ``KL(q || p)``: the mode-seeking direction MiniLLM distils with.
 
     Gu et al., "MiniLLM: Knowledge Distillation of Large Language Models", arXiv 2306.08543 (the token-level
-    reverse KL; MiniLLM's sequence-level policy-gradient optimisation is a training regime, not a loss).
+    reverse KL; MiniLLM's sequence-level policy gradient is the `minillm` regime and objective, losses/minillm.py).
     Gradient: ``dL/dz_j = (1/T) q_j (log q_j - log p_j - L)``.
     """
 

@@ -26,7 +26,14 @@ from lmdistill.losses.divergences import (
     SkewReverseKL,
     TotalVariation,
 )
-from lmdistill.losses.features import HiddenStateObjective, NormDirectionObjective, TokenRelationObjective
+from lmdistill.losses.features import (
+    AttentionRelationObjective,
+    HiddenStateObjective,
+    NormDirectionObjective,
+    TokenRelationObjective,
+)
+from lmdistill.losses.minillm import MiniLLM
+from lmdistill.losses.projection import ProjectedKD
 from lmdistill.losses.sinkd import SinKD
 from lmdistill.losses.taid import TAID
 from lmdistill.losses.tgeo import TrilateralFusion
@@ -54,9 +61,12 @@ OBJECTIVES: dict[str, type[Objective]] = {
         SpanKD,
         ULD,
         MinEDKD,
+        ProjectedKD,
         HiddenStateObjective,
         TokenRelationObjective,
         NormDirectionObjective,
+        AttentionRelationObjective,
+        MiniLLM,
     )
 }
 ALIASES = {
@@ -76,9 +86,12 @@ ALIASES = {
     "span_alignment": "span_kd",
     "universal_logit_distillation": "uld",
     "min_edit_distance": "mined",
+    "projected": "projected_kd",
     "hidden": "hidden_states",
     "hidden_state": "hidden_states",
     "token_relations": "trg",
+    "minilmv2": "attention_relations",
+    "attention_relation": "attention_relations",
     "feature_norm_direction": "nd",
 }
 
@@ -338,7 +351,7 @@ def on_aligned_spans(objective: Objective, *, key: str = "objective") -> Objecti
         if part.has_outer_step or part.batch_coupled or part.needs_batch_context:
             raise ConfigError(
                 f"{where}: '{part.name}' needs one vocabulary (it couples rows or keeps its own step), and this teacher "
-                "and student share only part of theirs (rung 3); use a cross-tokenizer objective (span_kd, uld, mined) "
+                "and student share only part of theirs (rung 3); use a cross-tokenizer objective (projected_kd, span_kd, uld, mined) "
                 "or a per-token divergence (forward_kl, reverse_kl, jsd, ...)"
             )
         spec = part.config()

@@ -7,7 +7,9 @@ the output of block i. Features are ``[B, L, d]`` (or flattened ``[N, d]``); a `
 real tokens. Per-token results are 0 at masked positions, so they add to a logit objective's per-token loss
 before the project's one reduction. Across tokenizers, :func:`span_features` pools each side's hidden states at
 the aligned spans of :class:`~lmdistill.losses.alignment.AlignedBatch` (the state after a span's last token has
-read the same text on both sides), and every function here applies to the pooled pairs.
+read the same text on both sides), and every function here applies to the pooled pairs; :func:`span_sequences`
+keeps them per sequence in text order, for the relations within a sequence. A teacher with another tokenizer
+hands its states over as :class:`AlignedStates` (the tuple and the alignment).
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ __all__ = [
     "attention_relation_kd",
     "qkv_capture",
     "span_features",
+    "AlignedStates",
+    "span_sequences",
+    "knn_bandwidth",
+    "relation_heads",
 ]
 
 
@@ -243,6 +249,16 @@ def knn_gaussian_graph(nodes: Tensor, k: int, sigma: float) -> Tensor:
     return torch.where(member, torch.exp(-sq / (2.0 * sigma)), torch.zeros((), dtype=sq.dtype, device=sq.device))
 
 
+@torch.no_grad()
+def knn_bandwidth(nodes: Tensor, k: int) -> Tensor:
+    """A scale for :func:`knn_gaussian_graph`'s ``sigma`` from the nodes themselves (this project's choice where the
+    paper's value is not known): the mean squared distance of each node to its ``k`` nearest others, so a typical
+    neighbour weighs ``exp(-1/2)`` on either side whatever the model's feature scale. No gradient."""
+    sq = torch.cdist(nodes, nodes).pow(2)
+    sq.fill_diagonal_(float("inf"))
+    return sq.topk(k, dim=0, largest=False).values.mean().clamp_min(torch.finfo(sq.dtype).tiny)
+
+
 def trg_local_loss(student_graph: Tensor, teacher_graph: Tensor) -> Tensor:
     """TRG's local preserving loss per node ``i``: ``KL(softmax_j A_S[i, j] || softmax_j A_T[i, j])`` (the
     direction as the paper writes it)."""
@@ -309,6 +325,23 @@ def attention_relations(x: Tensor, heads: int, mask: Tensor | None = None, causa
     return torch.log_softmax(scores, dim=-1)
 
 
+def relation_heads(heads: int | str, *widths: int, most: int = 64) -> int:
+    """The relation-head count for widths that may differ: ``heads`` itself when it divides every width (else a
+    ConfigError), or for ``"auto"`` the largest count up to ``most`` that does (MiniLMv2 uses 48 relation heads for
+    base-size and 64 for large-size teachers; a count must split each side's width evenly)."""
+    common = 0
+    for width in widths:
+        common = math.gcd(common, int(width))
+    if heads == "auto":
+        return max(h for h in range(1, most + 1) if common % h == 0)
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ConfigError(f"heads must be a positive integer or 'auto', got {heads!r}")
+    if common % heads:
+        raise ConfigError(f"heads: {heads} relation heads do not split the widths {', '.join(map(str, widths))} evenly; "
+                          "use a divisor of every width, or heads: auto")
+    return heads
+
+
 def attention_relation_kd(student: Sequence[Tensor], teacher: Sequence[Tensor], heads: int,
                           mask: Tensor | None = None, causal: bool = True) -> Tensor:
     """MiniLMv2's loss per token: over the given relation types (Q-Q, K-K, V-V: pass the three projections of one
@@ -367,3 +400,38 @@ def span_features(student_hidden: Tensor, teacher_hidden: Tensor, alignment: Ali
     s_pos, t_pos = alignment.s_last_pos.to(s.device), alignment.t_last_pos.to(t.device)
     both = (s_pos >= 0) & (t_pos >= 0)
     return s[s_pos[both]], t[t_pos[both].to(t.device)]
+
+
+class AlignedStates(tuple):
+    """A teacher's ``output_hidden_states`` tuple (``[B, Lt, d]`` each, in its own tokens) with the
+    :class:`~lmdistill.losses.alignment.AlignedBatch` pairing its tokens with the student's: what a teacher with
+    another tokenizer gives the representation objectives, which then compare both sides at the aligned span ends
+    (:func:`span_sequences`) instead of token by token."""
+
+    alignment: AlignedBatch
+
+    def __new__(cls, states: Sequence[Tensor], alignment: AlignedBatch) -> "AlignedStates":
+        self = super().__new__(cls, states)
+        self.alignment = alignment
+        return self
+
+
+def span_sequences(alignment: AlignedBatch, device: torch.device | str) -> tuple[Tensor, Tensor, Tensor]:
+    """Per sequence, in text order, the aligned spans after which both sides have a state (as
+    :func:`span_features` pairs them): the flat student and teacher input positions of the spans' last tokens,
+    ``[B, G]`` each (0 where padded), and a mask ``[B, G]`` of the real ones, ``G`` the most spans of any sequence.
+    Indexing each side's flattened hidden states with them gives span-pooled sequences that read the same text,
+    so the sequence-level relations (TRG's contextual term, MiniLMv2's relations) apply unchanged."""
+    s_pos, t_pos = alignment.s_last_pos.to(device), alignment.t_last_pos.to(device)
+    both = (s_pos >= 0) & (t_pos >= 0)
+    s_pos, t_pos = s_pos[both], t_pos[both]
+    batch = alignment.batch_size
+    seq = torch.div(s_pos, alignment.student_len, rounding_mode="floor")
+    counts = torch.bincount(seq, minlength=batch)
+    width = max(1, int(counts.max())) if s_pos.numel() else 1
+    rank = torch.arange(s_pos.numel(), device=s_pos.device) - (torch.cumsum(counts, 0) - counts)[seq]
+    s_index = torch.zeros(batch, width, dtype=torch.long, device=s_pos.device)
+    t_index = torch.zeros_like(s_index)
+    mask = torch.zeros(batch, width, dtype=torch.bool, device=s_pos.device)
+    s_index[seq, rank], t_index[seq, rank], mask[seq, rank] = s_pos, t_pos, True
+    return s_index, t_index, mask

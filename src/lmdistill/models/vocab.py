@@ -44,7 +44,7 @@ DEFAULT_MIN_SHARED_FRACTION = 0.5
 
 CROSS_TOKENIZER_HINT = (
     "Same-vocabulary objectives need one token-to-id map (or a partly shared one, rung 3); across tokenizers use a "
-    "cross-tokenizer objective (objective: span_kd, uld or mined, alone or in a mix with cross_entropy), distil on "
+    "cross-tokenizer objective (objective: projected_kd, span_kd, uld or mined, alone or in a mix with cross_entropy), distil on "
     "teacher-generated text (sequence-level KD: `lmdistill generate`, then a run with regime: {kind: sequence_kd}), "
     "or give the student the teacher's tokenizer (tokenizer.path)"
 )

@@ -3,7 +3,9 @@
 For each batch the student's tokens are turned back into text, the teacher tokenizes that text itself, and the
 two tokenizations are paired by character offsets (:class:`~lmdistill.losses.alignment.CrossTokenizerBatcher`).
 The teacher never receives a student id: its signal is an :class:`~lmdistill.losses.crosstok.AlignedTeacher`,
-its logits over its own vocabulary and the alignment, which only cross-tokenizer objectives accept.
+its logits over its own vocabulary and the alignment, which only cross-tokenizer objectives accept; its hidden
+states come with the same alignment (:class:`~lmdistill.losses.representation.AlignedStates`), which the
+representation objectives compare with the student's at the aligned span ends.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from lmdistill.constants import IGNORE_INDEX
 from lmdistill.errors import ConfigError
 from lmdistill.losses.alignment import CrossTokenizerBatcher
 from lmdistill.losses.crosstok import AlignedTeacher
+from lmdistill.losses.representation import AlignedStates
 from lmdistill.losses.signals import CROSSTOK
 from lmdistill.models.vocab import SharedVocab, VocabAlignment
 from lmdistill.teachers.base import TeacherBase
@@ -30,6 +33,7 @@ class AlignedLiveTeacher(TeacherBase):
 
     signal_kinds = frozenset({CROSSTOK})
     scores_text = False  # it cannot score student ids; agreement metrics need one vocabulary
+    serves_states = True  # its hidden states in its own tokens, with the alignment (representation objectives)
 
     def __init__(
         self,
@@ -55,7 +59,7 @@ class AlignedLiveTeacher(TeacherBase):
         self.description = f"the live teacher {name} (its own tokenizer)" if name else "the live teacher (its own tokenizer)"
 
     def refusal_advice(self, kind: str) -> str:
-        return ("cannot compare distributions across tokenizers; use a cross-tokenizer objective (span_kd, uld, mined, "
+        return ("cannot compare distributions across tokenizers; use a cross-tokenizer objective (projected_kd, span_kd, uld, mined, "
                 "or a mix of one with cross_entropy), or give both models one tokenizer")
 
     def student_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -73,15 +77,33 @@ class AlignedLiveTeacher(TeacherBase):
 
     @torch.no_grad()
     def signal(self, batch: dict[str, torch.Tensor]) -> AlignedTeacher:
-        inputs = self.batcher(self.student_tokens(batch).cpu(), max_teacher_len=self.max_positions)
-        device = next(self.model.parameters()).device
-        logits = self.model(input_ids=inputs.teacher_input_ids.to(device),
-                            attention_mask=inputs.teacher_attention_mask.to(device)).logits[..., : self.vocab_size]
-        return AlignedTeacher(logits.reshape(-1, logits.shape[-1]), inputs.alignment.to(device),
-                              inputs.teacher_valid.to(device), self.vocab_size)
+        return self._forward(batch, states=False)[0]
 
     def chunked_signal(self, batch: dict[str, torch.Tensor]) -> AlignedTeacher:
         return self.signal(batch)  # never chunked: the objectives couple each sequence's rows
+
+    def chunked_mismatch(self, probe_ids: torch.Tensor) -> str | None:
+        return "its signal lives on its own tokens (the chunked path builds logits on the student's rows)"
+
+    @torch.no_grad()
+    def signal_and_states(self, batch: dict[str, torch.Tensor], *, chunked: bool) -> tuple[AlignedTeacher, AlignedStates]:
+        """The signal of :meth:`signal` and every hidden state of the same forward, in the teacher's own tokens, as
+        :class:`~lmdistill.losses.representation.AlignedStates` (with the alignment): representation objectives
+        compare them with the student's at the aligned span ends. ``chunked`` changes nothing (the trainer asks
+        for it only when no logit part reads the teacher: this teacher keeps the plain path, see
+        :meth:`chunked_mismatch`)."""
+        return self._forward(batch, states=True)
+
+    def _forward(self, batch: dict[str, torch.Tensor], *, states: bool) -> tuple[AlignedTeacher, AlignedStates | None]:
+        inputs = self.batcher(self.student_tokens(batch).cpu(), max_teacher_len=self.max_positions)
+        device = next(self.model.parameters()).device
+        out = self.model(input_ids=inputs.teacher_input_ids.to(device),
+                         attention_mask=inputs.teacher_attention_mask.to(device), output_hidden_states=states)
+        logits = out.logits[..., : self.vocab_size]
+        alignment = inputs.alignment.to(device)
+        signal = AlignedTeacher(logits.reshape(-1, logits.shape[-1]), alignment, inputs.teacher_valid.to(device),
+                                self.vocab_size)
+        return signal, AlignedStates(out.hidden_states, alignment) if states else None
 
 
 def teacher_max_positions(path: str) -> int | None:

@@ -87,7 +87,7 @@ class TeacherBase:
             parts = sorted({o.name for o in objective.leaves() if o.uses_states})
             raise ConfigError(
                 f"objective part(s) {', '.join(parts)} read the teacher's hidden states, which {self.description} "
-                "does not give; use a live teacher (teacher.path) with the student's tokenizer"
+                "does not give (a cache stores none); use a live teacher (teacher.path), with any tokenizer"
             )
         for kind in sorted(self.signal_kinds):
             refused = objective.refusals(kind)

@@ -125,7 +125,11 @@ def load_live_teacher(
     # logs which rung of the vocabulary ladder applies and why
     pairing = vocab_ladder(tokenizer, student_tokenizer, teacher_rows=rows,
                            student_rows=student_rows if student_rows is not None else rows, **ladder)
-    cross = objective is not None and objective.requires_teacher and not objective.refusals(CROSSTOK)
+    # objectives that accept the aligned signal: cross-tokenizer ones (they accept nothing else) always take the
+    # aligned teacher; representation objectives (they accept any signal) follow the rung
+    accepts = objective is not None and objective.requires_teacher and not objective.refusals(CROSSTOK)
+    only_aligned = accepts and any(not (o.accepted_signals - {CROSSTOK}) for o in objective.leaves() if o.requires_teacher)
+    cross = only_aligned or (accepts and pairing.rung not in SAME_MAP_RUNGS)
     if objective is not None and (cross or pairing.rung == "partial"):
         from lmdistill.teachers.aligned import AlignedLiveTeacher, teacher_max_positions
 

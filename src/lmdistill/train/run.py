@@ -112,8 +112,10 @@ def build_models(
 
     A live teacher reads with its own tokenizer; the rung of the vocabulary ladder (``vocab``) decides whether it
     is one token map (rungs 1-2: logits compared column by column) or an aligned teacher (rungs 3-4, or a
-    cross-tokenizer ``objective``). On rung 3 same-vocabulary parts of ``objective`` run on aligned spans; the
-    objective as it runs is returned in :attr:`Models.objective`, its tokenizer maps bound."""
+    cross-tokenizer ``objective``). A teacher cache is in the data's tokens, the student's: a cache of the teacher's
+    own tokens of that text (a cross-tokenizer cache) is an aligned teacher too. On rung 3 same-vocabulary parts of
+    ``objective`` run on aligned spans; the objective as it runs is returned in :attr:`Models.objective`, its
+    tokenizer maps bound."""
     if student_cfg.path:
         student = load_causal_lm(student_cfg.path, dtype=student_cfg.dtype)
         student_tokenizer = load_tokenizer(student_cfg.path)
@@ -126,44 +128,56 @@ def build_models(
     teacher = None
     teacher_model = None
     vocab_size = len(tokenizer)
+    teacher_side = None  # (tokenizer, output rows, (blocks, width)) of a teacher the objectives bind to
     if teacher_cfg is not None and teacher_cfg.path is not None:
         teacher_tokenizer = load_tokenizer(teacher_cfg.path)
         teacher = load_live_teacher(teacher_cfg.path, tokenizer=teacher_tokenizer, dtype=teacher_cfg.dtype,
                                     student_tokenizer=student_tokenizer, student_rows=student_rows, vocab=vocab,
                                     objective=objective)
         teacher_model = teacher.model
-        aligned = CROSSTOK in teacher.signal_kinds  # the teacher reads the student's text in its own tokens
-        if aligned and objective is not None:
-            wrapped = on_aligned_spans(objective)
-            if wrapped is not objective:
-                log.info("rung 3: same-vocabulary parts run on character-aligned spans folded to the shared tokens: %s",
-                         wrapped)
-            objective = wrapped
-        vocab_size = len(student_tokenizer) if aligned else teacher.alignment.real_vocab_size
-        if objective is not None:  # objectives size what they learn, or map vocabularies, from the two models
-            pairing = teacher.pairing
-            pair = ModelPair(teacher_tokenizer, student_tokenizer, teacher_model.get_output_embeddings().weight.shape[0],
-                             student_rows, *model_shape(teacher_model), *model_shape(student), seed=seed,
-                             fold=vocab.fold if vocab else "prefix",
-                             vocab=pairing if isinstance(pairing, SharedVocab) else None)
-            for leaf in objective.leaves():
-                leaf.bind_models(pair)
-        if student_cfg.init == "teacher_layers":
-            used = init_from_teacher_layers(student, teacher_model)
-            log.info("student initialised from teacher layers %s", used)
+        teacher_side = (teacher_tokenizer, teacher_model.get_output_embeddings().weight.shape[0], model_shape(teacher_model))
+        if CROSSTOK not in teacher.signal_kinds:
+            vocab_size = teacher.alignment.real_vocab_size
     elif student_cfg.init == "teacher_layers":
         raise ConfigError("student.init=teacher_layers needs a live teacher (teacher.path)")
     if teacher_cfg is not None and teacher_cfg.cache is not None:
         from lmdistill.teachers.cache import open_teacher_cache
 
-        vocab_size = check_vocab_compatible(
-            tokenizer, student_tokenizer, teacher_rows=len(tokenizer), student_rows=student_rows
-        ).real_vocab_size
+        try:  # the cache's data are in its tokenizer: the student's own (a cross-tokenizer cache) or one map with it
+            vocab_size = check_vocab_compatible(
+                tokenizer, student_tokenizer, teacher_rows=len(tokenizer), student_rows=student_rows
+            ).real_vocab_size
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{exc} A teacher cache for this student stores the teacher's own tokens of the student's text: build it "
+                "with `lmdistill cache-teacher` and tokenizer: <the student's tokenizer directory> (cache.mode: topk)"
+            ) from None
         # The cache checks its manifest (tokenizer, data, block size) against this run and refuses a mismatch.
         teacher = open_teacher_cache(
             teacher_cfg.cache, stream=cache_stream, tokenizer=tokenizer, block_size=block_size, tail=teacher_cfg.tail,
             logits_dtype=teacher_cfg.logits_dtype,
         )
+        if CROSSTOK in teacher.signal_kinds:  # a cross-tokenizer cache: the teacher's top-k over its own tokens
+            teacher.pair_with(student_tokenizer, student_rows=student_rows, vocab=vocab, objective=objective)
+            teacher_side = (teacher.teacher_tokenizer, teacher.teacher_rows, teacher.teacher_shape)
+    if teacher is not None and CROSSTOK in teacher.signal_kinds:  # the teacher reads the student's text in its own tokens
+        vocab_size = len(student_tokenizer)
+        if objective is not None:
+            wrapped = on_aligned_spans(objective)
+            if wrapped is not objective:
+                log.info("rung 3: same-vocabulary parts run on character-aligned spans folded to the shared tokens: %s",
+                         wrapped)
+            objective = wrapped
+    if teacher_side is not None and objective is not None:  # objectives size what they learn, or map vocabularies
+        pairing = teacher.pairing
+        pair = ModelPair(teacher_side[0], student_tokenizer, teacher_side[1], student_rows, *teacher_side[2],
+                         *model_shape(student), seed=seed, fold=vocab.fold if vocab else "prefix",
+                         vocab=pairing if isinstance(pairing, SharedVocab) else None)
+        for leaf in objective.leaves():
+            leaf.bind_models(pair)
+    if teacher_model is not None and student_cfg.init == "teacher_layers":
+        used = init_from_teacher_layers(student, teacher_model)
+        log.info("student initialised from teacher layers %s", used)
     log.info("student: %.2fM parameters", count_parameters(student) / 1e6)
     return Models(student=student, teacher=teacher, teacher_model=teacher_model, vocab_size=vocab_size,
                   objective=objective)

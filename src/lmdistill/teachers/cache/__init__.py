@@ -23,11 +23,17 @@ Four kinds of content (``mode`` in the plan and manifest; absent = ``topk``):
 * ``hybrid``: the likely tokens' exact probabilities and systematic draws from the rest (threshold sampling);
   unbiased like ``sampled``, with less variance, same objectives.
 
+A cache for a teacher with another tokenizer than the data's (the student's; vocabulary rungs 3-4) is a ``topk``
+cache of the teacher's own rows (``rows: teacher``): per student block, the teacher's tokens of its text and its
+top-k at each of them; training rebuilds the character-offset alignment and serves it to the cross-tokenizer
+objectives (:mod:`.crosstok`, :class:`AlignedTeacherCache`).
+
 Modules, one concern each: :mod:`.format` (a shard's byte layout), :mod:`.manifest` (names, plan, manifest,
 checksums), :mod:`.extract` (the teacher's top-k / sampled / hybrid entries), :mod:`.projection` (the low-rank
 projection), :mod:`.shards` (a cache directory while it is written), :mod:`.writer` (the plan, the teacher run,
 shrinking), :mod:`.reader` (the shard reader shared by the modes; ``TeacherCache(path)`` opens a cache as the
-class of its mode), :mod:`.sparse` and :mod:`.lowrank` (the mode classes), :mod:`.command` (``cache-teacher``).
+class of its mode), :mod:`.sparse` and :mod:`.lowrank` (the mode classes), :mod:`.crosstok` (caches of the teacher's
+own tokens), :mod:`.command` (``cache-teacher``).
 
 Indexing
 --------
@@ -44,10 +50,14 @@ Layout on disk
       manifest.json        written last: its presence marks a cache that was complete once
       plan.json            what is being built (teacher identity and weights hash, tokenizer
                            fingerprint, data stream key, block size, k, temperature, dtypes, sharding)
-      tokenizer/           the teacher's tokenizer (runs that name no tokenizer use it)
+      tokenizer/           the data's tokenizer (runs that name no tokenizer use it): the teacher's, or the
+                           student's in a cross-tokenizer cache
+      teacher_tokenizer/   (cross-tokenizer caches only) the teacher's own tokenizer
       projection.safetensors  (lowrank only) principal directions and projected output layer
       shard-00000.bin      blocks [0, N): logprobs [n, L, k] | token ids [n, L, k] | log residual [n, L]
                            (lowrank: no logprobs | int8 codes [n, L, k] | scale [n, L])
+                           (cross-tokenizer: [n, T, k] | [n, T, k] | [n, T] over the teacher's rows, then its
+                           ids [n, T] and their count [n]; T = the shard's longest teacher tokenization)
       shard-00000.json     that shard's size and SHA-256 (written after the .bin)
       ...
 
@@ -68,8 +78,10 @@ and verify their sizes and checksums before use; a cache whose manifest does not
 tokenizer or block size is refused with what differs and how to fix it.
 """
 
+from lmdistill.teachers.cache.crosstok import AlignedTeacherCache
 from lmdistill.teachers.cache.extract import hybrid_split, teacher_hybrid, teacher_sampled, teacher_top_k
 from lmdistill.teachers.cache.format import VALUE_DTYPES, ShardLayout, decode_shard, encode_shard, index_dtype
+from lmdistill.teachers.cache.lowrank import LowRankTeacherCache
 from lmdistill.teachers.cache.manifest import (
     CACHE_FORMAT,
     CACHE_KIND,
@@ -77,6 +89,7 @@ from lmdistill.teachers.cache.manifest import (
     MANIFEST_NAME,
     PLAN_NAME,
     SAMPLING_MODES,
+    TEACHER_TOKENIZER_DIR,
     TOKENIZER_DIR,
     file_sha256,
     model_weights_sha256,
@@ -85,12 +98,12 @@ from lmdistill.teachers.cache.manifest import (
     read_manifest,
 )
 from lmdistill.teachers.cache.reader import LOGITS_DTYPES, TeacherCache, VerifyMode, cache_tokenizer, open_teacher_cache
-from lmdistill.teachers.cache.sparse import SparseTeacherCache
-from lmdistill.teachers.cache.lowrank import LowRankTeacherCache
 from lmdistill.teachers.cache.shards import CacheDirectory, remove_partial_files
+from lmdistill.teachers.cache.sparse import SparseTeacherCache
 from lmdistill.teachers.cache.writer import WriteReport, build_plan, shrink_teacher_cache, write_teacher_cache
 
 __all__ = [
+    "AlignedTeacherCache",
     "CACHE_FORMAT",
     "CACHE_KIND",
     "CACHE_MODES",
@@ -102,6 +115,7 @@ __all__ = [
     "SAMPLING_MODES",
     "ShardLayout",
     "SparseTeacherCache",
+    "TEACHER_TOKENIZER_DIR",
     "TOKENIZER_DIR",
     "TeacherCache",
     "VALUE_DTYPES",

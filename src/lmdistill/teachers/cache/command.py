@@ -10,6 +10,13 @@ A cache-teacher config (YAML; unknown keys are errors)::
     cache: {k: 32, temperature: 1.0, dtype: float16, blocks_per_shard: 256, batch_size: 16, split: train}
 
 Train from it with ``teacher: {cache: .cache/teachers/kjv-k32}`` and the same ``data`` section.
+
+A student with another tokenizer than the teacher's (vocabulary rungs 3-4): set ``tokenizer`` to the student's (its
+model directory) and ``cache.mode: topk`` (the default then). The data is the student's text, and the cache stores the
+teacher's own tokens of each block and its top-k over them (:mod:`lmdistill.teachers.cache.crosstok`); train from it
+with a cross-tokenizer objective (``projected_kd``, ``span_kd``, ``uld``, ``mined``), rung 3 also with same-vocabulary
+ones on aligned spans.
+
 Several processes share the work: ``torchrun --nproc_per_node=N -m lmdistill.cli cache-teacher CONFIG``
 (each process computes its own shards; the result is the same as with one process).
 """
@@ -76,7 +83,8 @@ class CacheTeacherConfig(_Section):
     output: str = Field(..., description="directory of the cache")
     data: DataConfig = DataConfig()
     teacher: CacheTeacherModel
-    tokenizer: str | None = Field(None, description="tokenizer directory; default: the teacher's")
+    tokenizer: str | None = Field(None, description="tokenizer directory of the data; default: the teacher's. Another "
+                                  "tokenizer than the teacher's (the student's) makes a cross-tokenizer top-k cache")
     cache: CacheSettings = CacheSettings()
 
     _tok_exists = field_validator("tokenizer")(lambda v: require_existing(v, "tokenizer path"))
@@ -91,12 +99,24 @@ def build_teacher_cache(config: CacheTeacherConfig, *, show_progress: bool = Tru
     from lmdistill.data.cache import default_cache_dir
     from lmdistill.data.prepare import prepare_data
     from lmdistill.data.tokenizer import load_tokenizer
+    from lmdistill.teachers.aligned import teacher_max_positions
     from lmdistill.teachers.cache.reader import TeacherCache
     from lmdistill.teachers.cache.writer import write_teacher_cache
     from lmdistill.teachers.live import load_live_teacher
 
     state = PartialState(cpu=not torch.cuda.is_available())
     tokenizer = load_tokenizer(config.tokenizer or config.teacher.path)
+    teacher_tokenizer = _teacher_tokenizer(config, tokenizer)
+    c = config.cache
+    if teacher_tokenizer is not None and c.mode != "topk":
+        if "mode" in c.model_fields_set:
+            raise ConfigError(
+                f"cache.mode: {c.mode}: the tokenizer ({config.tokenizer}) is not the teacher's, so the cache stores the "
+                "teacher's own tokens of the text and its top-k there: set cache.mode: topk (or drop tokenizer for a "
+                "cache in the teacher's tokens)"
+            )
+        log.info("cross-tokenizer cache (the data's tokenizer is not the teacher's): cache.mode topk")
+        c = c.model_copy(update={"mode": "topk"})
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
     with state.main_process_first():  # one process tokenizes, the others then read its cache
         data = prepare_data(
@@ -106,9 +126,11 @@ def build_teacher_cache(config: CacheTeacherConfig, *, show_progress: bool = Tru
             fractions=config.data.split_fractions,
             cache_dir=cache_dir,
         )
-    live = load_live_teacher(config.teacher.path, tokenizer=tokenizer, dtype=config.teacher.dtype, device=state.device)
+    live = load_live_teacher(config.teacher.path, tokenizer=teacher_tokenizer or tokenizer, dtype=config.teacher.dtype,
+                             device=state.device)
     model, vocab = live.model, live.alignment.real_vocab_size
-    c = config.cache
+    if teacher_tokenizer is not None:
+        vocab = len(teacher_tokenizer)  # what a live aligned teacher slices its logits to
     hidden = model.get_output_embeddings().weight.shape[1]
     k = c.k if c.k is not None else (min(128, hidden) if c.mode == "lowrank" else 32)
     if k > vocab:
@@ -137,6 +159,8 @@ def build_teacher_cache(config: CacheTeacherConfig, *, show_progress: bool = Tru
         device=state.device,
         verify_existing=c.verify_existing,
         show_progress=show_progress and state.is_main_process,
+        teacher_tokenizer=teacher_tokenizer,
+        teacher_max_positions=None if teacher_tokenizer is None else teacher_max_positions(str(config.teacher.path)),
     )
     cache = TeacherCache(config.output, verify="first_use")  # sizes checked; hashes were checked while writing
     return {
@@ -148,6 +172,7 @@ def build_teacher_cache(config: CacheTeacherConfig, *, show_progress: bool = Tru
         "k": cache.k,
         "dtype": cache.value_dtype,
         "mode": cache.mode,
+        "rows": cache.rows,
         "bytes_per_token": cache.bytes_per_token,
         **({"fidelity": cache.manifest["projection"]["fidelity"]} if "projection" in cache.manifest else {}),
         "dense_fp16_bytes_per_token": 2 * cache.vocab_size,
@@ -156,3 +181,20 @@ def build_teacher_cache(config: CacheTeacherConfig, *, show_progress: bool = Tru
         "shards_skipped_here": len(report.shards_skipped),
         "tokens_per_second_here": round(report.tokens_per_second, 1),
     }
+
+
+def _teacher_tokenizer(config: CacheTeacherConfig, tokenizer: Any) -> Any | None:
+    """The teacher's own tokenizer when the data's (``config.tokenizer``) has another token map: the cache is then a
+    cross-tokenizer one; None when they are one map (or the teacher directory has no tokenizer to compare)."""
+    from lmdistill.data.tokenizer import load_tokenizer
+    from lmdistill.errors import LmdistillError
+
+    if config.tokenizer is None:
+        return None
+    try:
+        own = load_tokenizer(config.teacher.path)
+    except LmdistillError:
+        log.warning("the teacher %s has no tokenizer of its own: the cache assumes it reads %s",
+                    config.teacher.path, config.tokenizer)
+        return None
+    return None if own.get_vocab() == tokenizer.get_vocab() else own

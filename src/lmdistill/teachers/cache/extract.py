@@ -11,14 +11,17 @@ import torch
 
 
 def teacher_top_k(
-    model: torch.nn.Module, input_ids: torch.Tensor, *, k: int, temperature: float, vocab_size: int, row_chunk: int = 4096
+    model: torch.nn.Module, input_ids: torch.Tensor, *, k: int, temperature: float, vocab_size: int, row_chunk: int = 4096,
+    attention_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The teacher's top-k of ``log_softmax(logits / T)`` over the real vocabulary, with the log of the
     mass outside the top-k, for ``input_ids`` ``[B, L]``: ``(logprobs [B, L, k] float32, ids [B, L, k]
     int64, log_residual [B, L] float32)``. The residual is summed over the complement directly (a
-    log-sum-exp, not ``1 - sum``, which would cancel); it is -inf when k equals the vocabulary."""
+    log-sum-exp, not ``1 - sum``, which would cancel); it is -inf when k equals the vocabulary. ``attention_mask``
+    marks the real tokens of right-padded rows (a cross-tokenizer cache's teacher tokens)."""
     with torch.no_grad():
-        logits = model(input_ids=input_ids).logits[..., :vocab_size]
+        extra = {} if attention_mask is None else {"attention_mask": attention_mask}
+        logits = model(input_ids=input_ids, **extra).logits[..., :vocab_size]
         b, length, _ = logits.shape
         flat = logits.reshape(b * length, vocab_size)
         tops, ids, residuals = [], [], []

@@ -4,6 +4,10 @@ A shard holds three arrays one after the other, each starting on a 64-byte bound
 value dtype (log-probabilities; none in a low-rank cache), integers ``[n, L, k]`` (token ids in the smallest
 unsigned type that holds the vocabulary; a low-rank cache's int8 codes) and one value per token ``[n, L]`` (the log
 of the residual mass; a low-rank cache's scale). Numpy has no bfloat16: its bits are stored as uint16.
+
+A cross-tokenizer cache (``token_rows``) stores the teacher's rows instead of the student's: ``L`` is then the
+shard's teacher width, and two more sections follow: the teacher's own input ids of each block ``[n, L]`` (in the
+id type) and how many of them are real ``[n]`` (int32).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class ShardLayout:
     value_dtype: str
     index_dtype: str
     value_count: int | None = None  # values per token; None: k (a low-rank cache stores none)
+    token_rows: bool = False  # a cross-tokenizer cache: the teacher's ids [n, L] and real lengths [n] follow
 
     @property
     def values_per_token(self) -> int:
@@ -90,7 +95,18 @@ class ShardLayout:
         return self.indices_offset + _aligned(math.prod(self.logprobs_shape) * self.index_np.itemsize)
 
     @property
+    def tokens_offset(self) -> int:
+        """Where a cross-tokenizer shard's teacher ids ``[n, L]`` start (then their lengths ``[n]``, int32)."""
+        return _aligned(self.residual_offset + math.prod(self.residual_shape) * self.value_np.itemsize)
+
+    @property
+    def lengths_offset(self) -> int:
+        return _aligned(self.tokens_offset + self.n_blocks * self.block_size * self.index_np.itemsize)
+
+    @property
     def nbytes(self) -> int:
+        if self.token_rows:
+            return self.lengths_offset + self.n_blocks * np.dtype(np.int32).itemsize
         return self.residual_offset + math.prod(self.residual_shape) * self.value_np.itemsize
 
     @staticmethod
@@ -115,27 +131,43 @@ def from_storage(array: np.ndarray, value_dtype: str) -> torch.Tensor:
     return tensor.view(torch.bfloat16) if value_dtype == "bfloat16" else tensor
 
 
-def encode_shard(logprobs: torch.Tensor, indices: torch.Tensor, log_residual: torch.Tensor, layout: ShardLayout) -> bytes:
-    """The bytes of one shard file from ``logprobs`` / ``indices`` ``[n, L, k]`` and ``log_residual`` ``[n, L]``."""
+def encode_shard(logprobs: torch.Tensor, indices: torch.Tensor, log_residual: torch.Tensor, layout: ShardLayout,
+                 teacher_tokens: torch.Tensor | None = None, teacher_lengths: torch.Tensor | None = None) -> bytes:
+    """The bytes of one shard file from ``logprobs`` / ``indices`` ``[n, L, k]`` and ``log_residual`` ``[n, L]``
+    (and, for a cross-tokenizer layout, the teacher's ids ``[n, L]`` and real lengths ``[n]``)."""
     if tuple(logprobs.shape) != layout.values_shape or tuple(indices.shape) != layout.logprobs_shape:
         raise ValueError(f"shard arrays {tuple(logprobs.shape)}/{tuple(indices.shape)} do not match "
                          f"{layout.values_shape}/{layout.logprobs_shape}")
     if tuple(log_residual.shape) != layout.residual_shape:
         raise ValueError(f"log_residual {tuple(log_residual.shape)} does not match {layout.residual_shape}")
-    ids = indices.detach().cpu().numpy()
-    limits = np.iinfo(layout.index_np)
-    if ids.size and (int(ids.min()) < limits.min or int(ids.max()) > limits.max):
-        raise ValueError(f"token ids [{int(ids.min())}, {int(ids.max())}] do not fit {layout.index_dtype}")
+    if layout.token_rows != (teacher_tokens is not None) or (teacher_tokens is None) != (teacher_lengths is None):
+        raise ValueError("a cross-tokenizer shard stores the teacher's ids and lengths; no other shard does")
+    ids = _checked_ids(indices, layout)
+    sections = [
+        (layout.logprobs_offset, to_storage(logprobs, layout.value_dtype)),
+        (layout.indices_offset, ids),
+        (layout.residual_offset, to_storage(log_residual, layout.value_dtype)),
+    ]
+    if teacher_tokens is not None and teacher_lengths is not None:
+        if tuple(teacher_tokens.shape) != (layout.n_blocks, layout.block_size) or tuple(teacher_lengths.shape) != (layout.n_blocks,):
+            raise ValueError(f"teacher ids {tuple(teacher_tokens.shape)} / lengths {tuple(teacher_lengths.shape)} do not "
+                             f"match {(layout.n_blocks, layout.block_size)}")
+        sections += [(layout.tokens_offset, _checked_ids(teacher_tokens, layout)),
+                     (layout.lengths_offset, teacher_lengths.detach().cpu().numpy().astype(np.int32))]
     buffer = bytearray(layout.nbytes)
     view = memoryview(buffer)
-    for offset, array in (
-        (layout.logprobs_offset, to_storage(logprobs, layout.value_dtype)),
-        (layout.indices_offset, ids.astype(layout.index_np)),
-        (layout.residual_offset, to_storage(log_residual, layout.value_dtype)),
-    ):
+    for offset, array in sections:
         raw = np.ascontiguousarray(array).tobytes()
         view[offset : offset + len(raw)] = raw
     return bytes(buffer)
+
+
+def _checked_ids(ids: torch.Tensor, layout: ShardLayout) -> np.ndarray:
+    array = ids.detach().cpu().numpy()
+    limits = np.iinfo(layout.index_np)
+    if array.size and (int(array.min()) < limits.min or int(array.max()) > limits.max):
+        raise ValueError(f"token ids [{int(array.min())}, {int(array.max())}] do not fit {layout.index_dtype}")
+    return array.astype(layout.index_np)
 
 
 def decode_shard(data: np.ndarray | bytes, layout: ShardLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -152,3 +184,16 @@ def decode_shard(data: np.ndarray | bytes, layout: ShardLayout) -> tuple[np.ndar
         section(layout.indices_offset, layout.index_np, layout.logprobs_shape),
         section(layout.residual_offset, layout.value_np, layout.residual_shape),
     )
+
+
+def decode_teacher_tokens(data: np.ndarray | bytes, layout: ShardLayout) -> tuple[np.ndarray, np.ndarray]:
+    """Views of a cross-tokenizer shard's teacher ids ``[n, L]`` (id type) and real lengths ``[n]`` (int32)."""
+    if not layout.token_rows:
+        raise ValueError("only a cross-tokenizer shard stores the teacher's own ids")
+    raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray)) else data
+    if raw.size != layout.nbytes:
+        raise ValueError(f"shard has {raw.size} bytes, its layout needs {layout.nbytes}")
+    n, width = layout.n_blocks, layout.block_size
+    ids = raw[layout.tokens_offset : layout.tokens_offset + n * width * layout.index_np.itemsize]
+    lengths = raw[layout.lengths_offset : layout.lengths_offset + n * 4]
+    return ids.view(layout.index_np).reshape(n, width), lengths.view(np.int32)

@@ -19,6 +19,7 @@ CACHE_KIND = "lmdistill-teacher-cache"
 MANIFEST_NAME = "manifest.json"
 PLAN_NAME = "plan.json"
 TOKENIZER_DIR = "tokenizer"
+TEACHER_TOKENIZER_DIR = "teacher_tokenizer"  # a cross-tokenizer cache's teacher tokenizer (its rows are the teacher's)
 CACHE_MODES = ("topk", "sampled", "hybrid", "lowrank")
 # modes whose stored values are an unbiased estimate of the teacher (no residual; draws seeded per shard)
 SAMPLING_MODES = ("sampled", "hybrid")
@@ -40,6 +41,16 @@ PLAN_KEYS = {
     "blocks_per_shard": "blocks per shard",
     "derived_from.k": "k of the cache it was derived from",
 }
+
+# The entries that also decide a cross-tokenizer cache's bytes (``rows: teacher``): the teacher's tokenization of each
+# block. Hashed only for such caches, so the plans (and finished shards) of the other caches keep their hashes.
+CROSS_PLAN_KEYS = {
+    "rows": "rows (whose tokens a block's rows are)",
+    "teacher_tokenizer.fingerprint": "teacher tokenizer",
+    "teacher_tokenizer.prefix_ids": "teacher prefix ids",
+    "teacher_tokenizer.max_positions": "teacher position cap",
+}
+_CROSS_KEYS = ("fingerprint", "dir", "vocab_size", "prefix_ids", "max_positions")
 
 # what a reader takes from a manifest (a manifest without one of them is damaged, not merely old)
 _MANIFEST_KEYS = ("k", "block_size", "n_blocks", "blocks_per_shard", "n_shards", "vocab_size", "temperature", "dtype",
@@ -81,10 +92,19 @@ def dotted_get(mapping: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+def teacher_rows(plan: dict[str, Any]) -> bool:
+    """Whether a plan or manifest is a cross-tokenizer cache's: its blocks' rows are the teacher's own tokens."""
+    return plan.get("rows", "student") == "teacher"
+
+
+def _content_keys(*plans: dict[str, Any]) -> dict[str, str]:
+    return {**PLAN_KEYS, **CROSS_PLAN_KEYS} if any(teacher_rows(p) for p in plans) else PLAN_KEYS
+
+
 def plan_differences(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
     """Human-readable differences between two cache plans (only the entries that decide the content)."""
     out = []
-    for key, label in PLAN_KEYS.items():
+    for key, label in _content_keys(expected, found).items():
         a, b = dotted_get(expected, key), dotted_get(found, key)
         if a != b:
             out.append(f"{label}: existing {b!r}, requested {a!r}")
@@ -94,7 +114,7 @@ def plan_differences(expected: dict[str, Any], found: dict[str, Any]) -> list[st
 def plan_content_sha256(plan: dict[str, Any]) -> str:
     """Hash of the plan entries that decide the stored bytes (not the teacher's path or the corpus name,
     so a moved teacher directory does not invalidate finished shards)."""
-    return hashlib.sha256(json_bytes({key: dotted_get(plan, key) for key in PLAN_KEYS})).hexdigest()
+    return hashlib.sha256(json_bytes({key: dotted_get(plan, key) for key in _content_keys(plan)})).hexdigest()
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -157,6 +177,10 @@ def read_manifest(cache: Path) -> dict[str, Any]:
             raise DataError(f"shard {shard} is listed with {record['n_blocks']} blocks, its place in the cache holds "
                             f"{expected}", path=path, hint=rebuild)
     named = [record["file"] for record in records]
+    if m.get("rows", "student") not in ("student", "teacher"):
+        raise DataError(f"unknown rows {m['rows']!r} (known: student, teacher)", path=path, hint=rebuild)
+    if teacher_rows(m):
+        named.append(_check_cross(m, path, rebuild))
     if "projection" in m:
         if not isinstance(m["projection"], dict):
             raise DataError("the manifest's projection entry is not an object", path=path, hint=rebuild)
@@ -166,3 +190,19 @@ def read_manifest(cache: Path) -> dict[str, Any]:
             raise DataError(f"the manifest names the file {name!r}, which is not a plain file name inside the cache "
                             "directory; refusing to read outside it", path=path, hint=rebuild)
     return m
+
+
+def _check_cross(m: dict[str, Any], path: Path, rebuild: str) -> str:
+    """Check a cross-tokenizer manifest's own entries; returns the teacher tokenizer's directory name."""
+    if m.get("mode", "topk") != "topk":
+        raise DataError(f"a cross-tokenizer cache stores top-k entries, this one says mode {m['mode']!r}", path=path,
+                        hint=rebuild)
+    entry = m.get("teacher_tokenizer")
+    absent = [key for key in _CROSS_KEYS if not isinstance(entry, dict) or key not in entry]
+    if absent:
+        raise DataError(f"the manifest's teacher_tokenizer entry lacks {', '.join(absent)}", path=path, hint=rebuild)
+    for shard, record in enumerate(m["shards"]):
+        width = record.get("teacher_positions")
+        if not isinstance(width, int) or width < 1:
+            raise DataError(f"shard {shard}'s record lacks its teacher width (teacher_positions)", path=path, hint=rebuild)
+    return entry["dir"]

@@ -1,10 +1,12 @@
 """Reading a finished teacher cache: the shard reader its modes share (manifest, sizes and checksums, memory-mapped
 shards, lookup by block, the checks against a training run), and opening a cache for a run.
 
-``TeacherCache(path, ...)`` returns the class of the manifest's mode (it dispatches in ``__new__``):
+``TeacherCache(path, ...)`` returns the class of the manifest's mode and rows (it dispatches in ``__new__``):
 :class:`~lmdistill.teachers.cache.sparse.SparseTeacherCache` for ``topk``, ``sampled`` and ``hybrid`` caches,
-:class:`~lmdistill.teachers.cache.lowrank.LowRankTeacherCache` for ``lowrank`` ones. Each mode class declares the
-signal kinds it serves; opened directly, it refuses a cache of another mode.
+:class:`~lmdistill.teachers.cache.lowrank.LowRankTeacherCache` for ``lowrank`` ones,
+:class:`~lmdistill.teachers.cache.crosstok.AlignedTeacherCache` for a ``topk`` cache of the teacher's own rows
+(``rows: teacher``, a cross-tokenizer cache). Each class declares the signal kinds it serves; opened directly, it
+refuses a cache of another mode or rows.
 """
 
 from __future__ import annotations
@@ -43,17 +45,21 @@ class TeacherCache(TeacherBase):
 
     #: the manifest modes this class reads
     modes: ClassVar[tuple[str, ...]] = ()
-    _class_of_mode: ClassVar[dict[str, type[TeacherCache]]] = {}
+    #: whose tokens a block's rows are: the student's (the data's; every cache before cross-tokenizer ones) or the
+    #: teacher's own tokenization of the block's text (``rows: teacher`` in the manifest)
+    rows: ClassVar[str] = "student"
+    _class_of_mode: ClassVar[dict[tuple[str, str], type[TeacherCache]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         for mode in cls.modes:
-            TeacherCache._class_of_mode[mode] = cls
+            TeacherCache._class_of_mode[mode, cls.rows] = cls
 
     def __new__(cls, path: str | Path | None = None, *args: Any, **kwargs: Any) -> TeacherCache:
-        if cls is TeacherCache and path is not None:  # open as the class of the manifest's mode
-            # read_manifest checks the mode; the package's __init__ imports (registers) every mode class
-            cls = TeacherCache._class_of_mode[read_manifest(Path(path)).get("mode", "topk")]
+        if cls is TeacherCache and path is not None:  # open as the class of the manifest's mode and rows
+            # read_manifest checks both; the package's __init__ imports (registers) every class
+            m = read_manifest(Path(path))
+            cls = TeacherCache._class_of_mode[m.get("mode", "topk"), m.get("rows", "student")]
         return super().__new__(cls)
 
     def __init__(self, path: str | Path, *, verify: VerifyMode = "open", tail: str = "uniform",
@@ -69,9 +75,12 @@ class TeacherCache(TeacherBase):
         self.path = Path(path)
         self.manifest = m = read_manifest(self.path)
         self.mode: str = m.get("mode", "topk")  # caches from before sampling existed are top-k
-        if self.mode not in self.modes:
+        rows = m.get("rows", "student")
+        if self.mode not in self.modes or rows != self.rows:
+            what = self.mode if rows == "student" else f"{self.mode} cross-tokenizer (teacher rows)"
             raise DataError(
-                f"a {self.mode} cache cannot be read as a {type(self).__name__} (modes {', '.join(self.modes) or 'none'})",
+                f"a {what} cache cannot be read as a {type(self).__name__} (modes {', '.join(self.modes) or 'none'}"
+                f"{'' if self.rows == 'student' else ', teacher rows'})",
                 path=self.path / MANIFEST_NAME, hint="open it with TeacherCache(path), which picks the class of its mode",
             )
         self.k: int = m["k"]
@@ -124,25 +133,29 @@ class TeacherCache(TeacherBase):
         self._verified.add(shard)
 
     def _layout(self, shard: int) -> ShardLayout:
-        n = self.manifest["shards"][shard]["n_blocks"]
-        return ShardLayout(n, self.block_size, self.k, self.value_dtype, self.manifest["index_dtype"],
-                           self.manifest.get("value_count"))
+        record = self.manifest["shards"][shard]
+        width = record.get("teacher_positions")  # a cross-tokenizer shard: rows are the teacher's, this many a block
+        return ShardLayout(record["n_blocks"], self.block_size if width is None else width, self.k, self.value_dtype,
+                           self.manifest["index_dtype"], self.manifest.get("value_count"), token_rows=width is not None)
+
+    def _memmap(self, shard: int) -> np.ndarray:
+        """The bytes of one shard, verified (once) and memory-mapped."""
+        self._verify(shard)
+        return np.memmap(self.path / self.manifest["shards"][shard]["file"], dtype=np.uint8, mode="r",
+                         shape=(self._layout(shard).nbytes,))
 
     def shard_arrays(self, shard: int) -> ShardArrays:
         """Memory-mapped (values, integers, per-token values) of one shard in storage dtypes: (logprobs, token ids,
         log residual) of a sparse cache, (nothing, int8 codes, scale) of a low-rank one."""
         arrays = self._shards[shard]
         if arrays is None:
-            self._verify(shard)
-            layout = self._layout(shard)
-            raw = np.memmap(self.path / self.manifest["shards"][shard]["file"], dtype=np.uint8, mode="r",
-                            shape=(layout.nbytes,))
-            arrays = decode_shard(raw, layout)
+            arrays = decode_shard(self._memmap(shard), self._layout(shard))
             self._shards[shard] = arrays
         return arrays
 
     def block(self, index: int) -> ShardArrays:
-        """Stored arrays of block ``index``: values ``[L, v]``, integers ``[L, k]``, per-token values ``[L]``."""
+        """Stored arrays of block ``index``: values ``[L, v]``, integers ``[L, k]``, per-token values ``[L]`` (a
+        cross-tokenizer cache: its shard's teacher width instead of ``L``)."""
         if not 0 <= index < self.n_blocks:
             raise IndexError(f"block {index} is outside the cache's {self.n_blocks} blocks")
         shard, local = divmod(int(index), self.blocks_per_shard)

@@ -20,6 +20,7 @@ from lmdistill.teachers.cache.format import ShardLayout, encode_shard
 from lmdistill.teachers.cache.manifest import (
     MANIFEST_NAME,
     PLAN_NAME,
+    TEACHER_TOKENIZER_DIR,
     TOKENIZER_DIR,
     file_sha256,
     json_bytes,
@@ -49,11 +50,13 @@ class CacheDirectory:
         # inputs is recomputed on resume
         self.inputs: dict[str, str] = {}
 
-    def layout(self, shard: int) -> ShardLayout:
+    def layout(self, shard: int, teacher_positions: int | None = None) -> ShardLayout:
+        """Shard ``shard``'s layout; a cross-tokenizer shard's rows are its ``teacher_positions`` teacher rows."""
         first = shard * self.plan["blocks_per_shard"]
         n = min(self.plan["blocks_per_shard"], self.plan["n_blocks"] - first)
-        return ShardLayout(n, self.plan["block_size"], self.plan["k"], self.plan["dtype"], self.plan["index_dtype"],
-                           self.plan.get("value_count"))
+        rows = self.plan["block_size"] if teacher_positions is None else teacher_positions
+        return ShardLayout(n, rows, self.plan["k"], self.plan["dtype"], self.plan["index_dtype"],
+                           self.plan.get("value_count"), token_rows=teacher_positions is not None)
 
     def check_existing(self) -> bool:
         """Refuse an output holding a different cache; True when a manifest of this plan is there (the cache was
@@ -78,13 +81,16 @@ class CacheDirectory:
             )
         return False
 
-    def start(self, tokenizer: Any | None, write_shared: bool) -> None:
+    def start(self, tokenizer: Any | None, write_shared: bool, teacher_tokenizer: Any | None = None) -> None:
+        """Create the directory; the writer of the shared files also saves the data's tokenizer (and a cross-tokenizer
+        cache's teacher tokenizer) and the plan."""
         self.output.mkdir(parents=True, exist_ok=True)
         if write_shared:
-            if tokenizer is not None and not (self.output / TOKENIZER_DIR / "tokenizer_config.json").exists():
-                tmp = Path(tempfile.mkdtemp(dir=self.output, prefix=f".{TOKENIZER_DIR}-tmp-"))
-                tokenizer.save_pretrained(tmp)
-                publish_directory(tmp, self.output / TOKENIZER_DIR)
+            for name, saved in ((TOKENIZER_DIR, tokenizer), (TEACHER_TOKENIZER_DIR, teacher_tokenizer)):
+                if saved is not None and not (self.output / name / "tokenizer_config.json").exists():
+                    tmp = Path(tempfile.mkdtemp(dir=self.output, prefix=f".{name}-tmp-"))
+                    saved.save_pretrained(tmp)
+                    publish_directory(tmp, self.output / name)
             if not (self.output / PLAN_NAME).exists():
                 atomic_write_bytes(self.output / PLAN_NAME, json_bytes(self.plan))
 
@@ -111,9 +117,13 @@ class CacheDirectory:
             return None
         return record
 
-    def write_shard(self, shard: int, logprobs: torch.Tensor, indices: torch.Tensor, log_residual: torch.Tensor) -> dict[str, Any]:
-        layout = self.layout(shard)
-        data = encode_shard(logprobs, indices, log_residual, layout)
+    def write_shard(self, shard: int, logprobs: torch.Tensor, indices: torch.Tensor, log_residual: torch.Tensor,
+                    teacher_tokens: torch.Tensor | None = None, teacher_lengths: torch.Tensor | None = None) -> dict[str, Any]:
+        """Write one shard and its checksum record; a cross-tokenizer shard also stores the teacher's ids ``[n, T]``
+        and lengths ``[n]`` (its width T is recorded as ``teacher_positions``)."""
+        width = None if teacher_tokens is None else int(teacher_tokens.shape[1])
+        layout = self.layout(shard, width)
+        data = encode_shard(logprobs, indices, log_residual, layout, teacher_tokens, teacher_lengths)
         name = shard_name(shard)
         # The .bin lands first, then its checksum record: a record always describes a whole file.
         atomic_write_bytes(self.output / f"{name}.bin", data)
@@ -125,6 +135,7 @@ class CacheDirectory:
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
             "plan_sha256": self.plan_sha256,
+            **({} if width is None else {"teacher_positions": width}),
             **self.inputs,
         }
         atomic_write_bytes(self.output / f"{name}.json", json_bytes(record))
@@ -140,7 +151,8 @@ class CacheDirectory:
             if record is None:
                 missing.append(shard_name(shard))
             else:
-                records.append({k: record[k] for k in ("file", "first_block", "n_blocks", "bytes", "sha256")})
+                keys = ("file", "first_block", "n_blocks", "bytes", "sha256", "teacher_positions")
+                records.append({k: record[k] for k in keys if k in record})
         if missing:
             raise LmdistillError(
                 f"teacher cache {self.output}: shards {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
@@ -172,7 +184,7 @@ def remove_partial_files(output: str | Path) -> int:
         if path.name.endswith(".tmp") and path.is_file():
             path.unlink(missing_ok=True)
             count += 1
-        elif path.name.startswith(f".{TOKENIZER_DIR}-tmp-") and path.is_dir():
+        elif path.name.startswith((f".{TOKENIZER_DIR}-tmp-", f".{TEACHER_TOKENIZER_DIR}-tmp-")) and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
             count += 1
     return count

@@ -27,6 +27,7 @@ from lmdistill.data.blocks import BlockDataset, TokenStream
 from lmdistill.data.cache import atomic_write_bytes, publish_directory
 from lmdistill.data.tokenizer import tokenizer_fingerprint
 from lmdistill.errors import ConfigError
+from lmdistill.teachers.cache.crosstok import TeacherRowWriter, cross_plan
 from lmdistill.teachers.cache.extract import teacher_hybrid, teacher_sampled, teacher_top_k
 from lmdistill.teachers.cache.format import VALUE_DTYPES, from_storage, index_dtype
 from lmdistill.teachers.cache.manifest import (
@@ -185,6 +186,8 @@ def write_teacher_cache(
     verify_existing: bool = True,
     show_progress: bool = False,
     on_shard_written: Callable[[int], None] | None = None,
+    teacher_tokenizer: Any | None = None,
+    teacher_max_positions: int | None = None,
 ) -> WriteReport:
     """Run ``model`` over every block of ``stream`` and store its signal (``mode``) in ``output``.
 
@@ -194,22 +197,29 @@ def write_teacher_cache(
     (their bytes re-verified when ``verify_existing``), also when the cache was finished before: a damaged or
     deleted shard is recomputed; an output holding a different plan is refused.
     ``on_shard_written(shard)`` is called after each shard is durable (tests use it to interrupt a run).
+
+    With ``teacher_tokenizer`` (the teacher's own, another than ``tokenizer``, the data's) the cache is a
+    cross-tokenizer one (:mod:`~lmdistill.teachers.cache.crosstok`; ``mode`` topk): per block, the teacher's own
+    tokens of its text (cut at ``teacher_max_positions``, the teacher's learned position table) and its top-k there.
     """
     if world_size > 1 and barrier is None:
         raise ValueError("write_teacher_cache: several processes need a barrier")
-    vocab = int(vocab_size or len(tokenizer))
+    vocab = int(vocab_size or len(tokenizer if teacher_tokenizer is None else teacher_tokenizer))
     plan = build_plan(
         model=model, model_name=model_name, model_dtype=model_dtype, tokenizer=tokenizer, stream=stream,
         block_size=block_size, k=k, temperature=temperature, dtype=dtype, blocks_per_shard=blocks_per_shard,
         split=split, corpus=corpus, vocab_size=vocab, mode=mode, seed=seed,
     )
+    if teacher_tokenizer is not None:
+        plan = cross_plan(plan, model=model, teacher_tokenizer=teacher_tokenizer, source=model_name,
+                          max_positions=teacher_max_positions)
     directory = CacheDirectory(Path(output), plan)
     report = WriteReport(output=Path(output), rank=rank, world_size=world_size)
     if directory.check_existing():
         log.info("teacher cache %s is finished; verifying its shards (recomputing any that do not match)", output)
     if barrier is not None:
         barrier()  # every process has inspected the output before any of them writes to it
-    directory.start(tokenizer, write_shared=(rank == 0))
+    directory.start(tokenizer, write_shared=(rank == 0), teacher_tokenizer=teacher_tokenizer)
     model = model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     ids = stream.ids
@@ -232,6 +242,9 @@ def write_teacher_cache(
         projection = LowRankProjection.from_bytes(data)
         directory.inputs["projection_sha256"] = hashlib.sha256(data).hexdigest()
     signal = _shard_signal(mode, model, k=k, temperature=temperature, vocab=vocab, projection=projection)
+    rows = None if teacher_tokenizer is None else TeacherRowWriter(
+        model, teacher_tokenizer, tokenizer, stream, block_size, k=k, temperature=temperature, vocab_size=vocab,
+        max_positions=teacher_max_positions, batch_size=batch_size, device=device)
     mine = list(range(rank, plan["n_shards"], world_size))
     from tqdm.auto import tqdm
 
@@ -244,23 +257,12 @@ def write_teacher_cache(
                 continue
             layout = directory.layout(shard)
             first = shard * blocks_per_shard
-            logprobs = torch.empty(layout.values_shape, dtype=torch.float32)
-            indices = torch.empty(layout.logprobs_shape, dtype=torch.int64)
-            log_residual = torch.empty(layout.residual_shape, dtype=torch.float32)
-            # one generator per shard, seeded by the shard: any process count draws the same tokens
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + shard) if mode in SAMPLING_MODES else None
-            # Forward batches always start at the shard's first block, whatever the process count:
-            # the same blocks in the same batches give bit-identical shards.
-            for offset in range(0, layout.n_blocks, batch_size):
-                n = min(batch_size, layout.n_blocks - offset)
-                begin = (first + offset) * block_size
-                window = np.asarray(ids[begin : begin + n * block_size], dtype=np.int64).reshape(n, block_size)
-                values, integers, per_token = signal(torch.from_numpy(window).to(device), generator)
-                if values is not None:
-                    logprobs[offset : offset + n] = values
-                indices[offset : offset + n] = integers
-                log_residual[offset : offset + n] = per_token
-            directory.write_shard(shard, logprobs, indices, log_residual)
+            if rows is not None:  # a cross-tokenizer cache: the teacher's rows of its own tokens of each block
+                directory.write_shard(shard, *rows.shard(first, layout.n_blocks))
+            else:
+                _write_student_rows(directory, shard, layout, signal, ids, first, block_size, batch_size, device,
+                                    torch.Generator().manual_seed(seed * 1_000_003 + shard) if mode in SAMPLING_MODES
+                                    else None)  # one generator per shard, seeded by the shard: any process count agrees
             report.shards_written.append(shard)
             report.tokens_written += layout.n_blocks * block_size
             bar.update(1)
@@ -281,6 +283,26 @@ def write_teacher_cache(
     return report
 
 
+def _write_student_rows(directory: CacheDirectory, shard: int, layout: Any, signal: ShardSignal, ids: Any, first: int,
+                        block_size: int, batch_size: int, device: torch.device, generator: torch.Generator | None) -> None:
+    """Compute and write one shard of a cache whose rows are the student's (the data's) positions."""
+    logprobs = torch.empty(layout.values_shape, dtype=torch.float32)
+    indices = torch.empty(layout.logprobs_shape, dtype=torch.int64)
+    log_residual = torch.empty(layout.residual_shape, dtype=torch.float32)
+    # Forward batches always start at the shard's first block, whatever the process count:
+    # the same blocks in the same batches give bit-identical shards.
+    for offset in range(0, layout.n_blocks, batch_size):
+        n = min(batch_size, layout.n_blocks - offset)
+        begin = (first + offset) * block_size
+        window = np.asarray(ids[begin : begin + n * block_size], dtype=np.int64).reshape(n, block_size)
+        values, integers, per_token = signal(torch.from_numpy(window).to(device), generator)
+        if values is not None:
+            logprobs[offset : offset + n] = values
+        indices[offset : offset + n] = integers
+        log_residual[offset : offset + n] = per_token
+    directory.write_shard(shard, logprobs, indices, log_residual)
+
+
 def shrink_teacher_cache(source: str | Path, output: str | Path, k: int, *, show_progress: bool = False) -> Path:
     """A cache with fewer entries per token derived from a larger one, without running the teacher.
 
@@ -289,6 +311,9 @@ def shrink_teacher_cache(source: str | Path, output: str | Path, k: int, *, show
     atomic and self-repairing like the writer (a rerun recomputes damaged shards). Returns the new cache's path.
     """
     src = TeacherCache(source, verify="open")
+    if src.rows != "student":
+        raise ConfigError(f"shrink: {src.path} is a cross-tokenizer cache (rows of the teacher's own tokens); build a "
+                          "new cache with the smaller k")
     if src.mode != "topk":
         raise ConfigError(
             f"shrink: {src.path} is a {src.mode} cache, not a ranking of tokens, so fewer entries cannot be "

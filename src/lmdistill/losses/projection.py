@@ -1,0 +1,213 @@
+"""The teacher's next-token distribution carried onto the student's tokens through their spellings (rungs 3-4).
+
+Every teacher token ``u`` is a string; the student's tokenizer spells that string as student tokens
+``sigma(u) = (v_1, .., v_n)`` (:func:`student_spellings`). Where the student's next token starts at a teacher token
+boundary, both models condition on the same text, and "the student's next token is ``v``" is (up to the tokenizers'
+context effects) the event "the teacher's next token is one whose spelling starts with ``v``":
+
+    p(v) = sum_{u: sigma(u)_1 = v} p_T(u).
+
+Inside a single teacher token, after the student has already emitted ``v_1..v_j`` of it, the same event is
+conditioned on the prefix: ``p(v) ∝ sum_{u: sigma(u)_{1..j} = v_{1..j}, sigma(u)_{j+1} = v} p_T(u)`` (teacher
+tokens whose spelling ends at the prefix are dropped: what follows them would need another teacher step). This is
+the one-token-lookahead form of converting a tokenized model's distribution to another segmentation (Phan et al.,
+"Exact Byte-Level Probabilities from Tokenized Language Models for FIM-Tasks and Model Ensembles",
+arXiv 2410.09303, which marginalises over all tokenizations exactly; here only the teacher's next token is
+marginalised and the student's in-context spelling is assumed to be its spelling of each token alone).
+
+Unlike span folding (:class:`~lmdistill.losses.crosstok.SpanKD`), the target is a distribution over the student's
+whole vocabulary on the student's own rows, so a same-vocabulary objective (forward KL) applies to every student
+row it covers, including the later rows of a word the student splits and the teacher does not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from lmdistill.constants import IGNORE_INDEX
+from lmdistill.losses.alignment import AlignedBatch, encode_spans
+from lmdistill.losses.core import Objective, compute_dtype, kl_from_log_probs
+from lmdistill.losses.pairing import ModelPair
+from lmdistill.losses.signals import CROSSTOK, log_softmax_at, signal_values
+from lmdistill.models.vocab import gpt2_byte_alphabet, token_keys
+
+__all__ = ["student_spellings", "ProjectionRows", "projection_rows", "projected_log_probs", "ProjectedKD"]
+
+
+def _spell_text(key: bytes, student_tokenizer: Any, s_keys: list, byte_level: bool, inverse: dict[int, str]) -> list[int] | None:
+    """The student's ids spelling exactly the bytes ``key``, or None when its tokenizer cannot spell them alone."""
+    try:
+        text = key.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text:
+        spans = encode_spans(student_tokenizer, text, keys=s_keys)
+        ids = list(spans.ids)
+        if ids and b"".join(s_keys[i] if isinstance(s_keys[i], bytes) else b"\0" for i in ids) == key:
+            return ids
+    if byte_level:  # a piece of a multi-byte character (or text the pre-tokenizer splits oddly): the BPE alone
+        model = student_tokenizer.backend_tokenizer.model
+        ids = [student_tokenizer.convert_tokens_to_ids(t.value) for t in model.tokenize("".join(inverse[b] for b in key))]
+        if ids and all(isinstance(i, int) and 0 <= i < len(s_keys) for i in ids):
+            if b"".join(s_keys[i] if isinstance(s_keys[i], bytes) else b"\0" for i in ids) == key:
+                return ids
+    return None
+
+
+def student_spellings(teacher_tokenizer: Any, student_tokenizer: Any, max_depth: int = 8) -> Tensor:
+    """``[V_t, max_depth]`` student ids spelling each teacher token (``-1`` padded; a row of ``-1`` when the
+    student cannot spell it, or it needs more than ``max_depth`` tokens). Special tokens map by role (the
+    teacher's eos to the student's eos)."""
+    t_keys = token_keys(teacher_tokenizer)
+    s_keys = token_keys(student_tokenizer)
+    s_special = {k: i for i, k in enumerate(s_keys) if isinstance(k, tuple)}
+    byte_level = hasattr(student_tokenizer, "backend_tokenizer") and "ByteLevel" in str(
+        student_tokenizer.backend_tokenizer.pre_tokenizer.__getstate__() if student_tokenizer.backend_tokenizer.pre_tokenizer else "")
+    inverse = {b: ch for ch, b in gpt2_byte_alphabet().items()}
+    out = torch.full((len(t_keys), max_depth), -1, dtype=torch.long)
+    for tid, key in enumerate(t_keys):
+        if key is None:
+            continue
+        if isinstance(key, tuple):
+            sid = s_special.get(key)
+            if sid is not None:
+                out[tid, 0] = sid
+            continue
+        ids = _spell_text(key, student_tokenizer, s_keys, byte_level, inverse)
+        if ids is not None and len(ids) <= max_depth:
+            out[tid, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
+
+
+@dataclass(frozen=True)
+class ProjectionRows:
+    """The student rows a projected target exists for: ``student_rows [R]`` (flat label rows), the teacher row
+    whose distribution feeds each ``teacher_rows [R]``, how many student tokens of the teacher's token are already
+    emitted ``depth [R]`` and those tokens ``prefix [R, D]`` (``-1`` padded)."""
+
+    student_rows: Tensor
+    teacher_rows: Tensor
+    depth: Tensor
+    prefix: Tensor
+
+
+def projection_rows(a: AlignedBatch, max_depth: int) -> ProjectionRows:
+    """Rows of an :class:`AlignedBatch` with a projected target: every group's first student row, and the later
+    student rows of groups holding a single teacher token (the student splits a token the teacher does not), up to
+    ``max_depth`` tokens into it."""
+    device = a.s_rows.device
+    g = a.num_groups
+    s_sizes = torch.bincount(a.s_group, minlength=g)
+    t_sizes = torch.bincount(a.t_group, minlength=g)
+    starts = torch.cumsum(s_sizes, 0) - s_sizes
+    depth = torch.arange(a.s_rows.numel(), device=device) - starts[a.s_group]
+    keep = (depth == 0) | ((t_sizes[a.s_group] == 1) & (depth < max_depth))
+    idx = keep.nonzero(as_tuple=True)[0]
+    depth = depth[idx]
+    # prefix[r, j] = the j-th student token of the row's group, for j < depth
+    cols = torch.arange(max_depth, device=device)
+    src = starts[a.s_group[idx]].unsqueeze(1) + cols.unsqueeze(0)
+    prefix = a.s_targets[src.clamp(max=a.s_targets.numel() - 1)]
+    prefix = torch.where(cols.unsqueeze(0) < depth.unsqueeze(1), prefix, torch.full_like(prefix, -1))
+    return ProjectionRows(a.s_rows[idx], a.t_first[a.s_group[idx]], depth, prefix)
+
+
+def projected_log_probs(
+    t_logp: Tensor, spellings: Tensor, depth: Tensor, prefix: Tensor, student_vocab: int
+) -> tuple[Tensor, Tensor]:
+    """Targets over the student's vocabulary ``[R, V_s]`` (log-probabilities) and which rows have one ``[R]``.
+
+    ``t_logp [R, V_t]`` is the teacher's next-token distribution for each row; a row at ``depth`` j conditions on
+    teacher tokens whose spelling starts with its ``prefix`` and continues (module docstring). Rows whose
+    conditioning keeps no mass get an all ``-inf`` target and ``False``."""
+    r, width = t_logp.shape
+    if spellings.shape[0] != width:
+        raise ValueError(f"the teacher distribution has {width} tokens but the spellings cover {spellings.shape[0]}")
+    spellings = spellings.to(t_logp.device)
+    max_depth = spellings.shape[1]
+    if r == 0:
+        return t_logp.new_zeros((0, student_vocab)), torch.zeros(0, dtype=torch.bool, device=t_logp.device)
+    # does teacher token u's spelling start with the row's prefix? [R, V_t], one depth column at a time
+    match = torch.ones(r, width, dtype=torch.bool, device=t_logp.device)
+    for j in range(int(depth.max()) if depth.numel() else 0):
+        active = depth > j
+        match &= ~active.unsqueeze(1) | (spellings[:, j].unsqueeze(0) == prefix[:, j].unsqueeze(1))
+    nxt = spellings[:, depth.clamp(max=max_depth - 1)].T  # [R, V_t]: the spelling's next student token
+    nxt = torch.where(depth.unsqueeze(1) < max_depth, nxt, torch.full_like(nxt, -1))
+    match &= nxt >= 0
+    p = torch.where(match, t_logp.exp(), torch.zeros((), dtype=t_logp.dtype, device=t_logp.device))
+    target = torch.zeros(r, student_vocab + 1, dtype=t_logp.dtype, device=t_logp.device)
+    target.scatter_add_(1, torch.where(match, nxt, torch.full_like(nxt, student_vocab)), p)
+    target = target[:, :student_vocab]
+    mass = target.sum(-1, keepdim=True)
+    has = mass.squeeze(1) > 0
+    logq = torch.log(target) - torch.log(torch.where(mass > 0, mass, torch.ones_like(mass)))
+    return logq, has
+
+
+class ProjectedKD(Objective):
+    """Forward KL on the student's own vocabulary, ``KL(p_proj || q)``, with the teacher's distribution projected
+    through the student's spelling of each teacher token (module docstring; the idea after Phan et al.,
+    arXiv 2410.09303, in its one-step form), both models at ``temperature``.
+
+    Covered rows: every aligned group's first student row, and the later student rows of a teacher token the
+    student splits. Rows without a target (inside a group the teacher splits too, or whose conditioning keeps no
+    teacher mass) get 0: pair it with ``cross_entropy`` in a ``mix``. ``last_coverage`` is the share of the last
+    batch's valid student rows that had a target.
+    """
+
+    name = "projected_kd"
+    accepted_signals = frozenset({CROSSTOK})
+    batch_coupled = True
+    bound_params: ClassVar[tuple[str, ...]] = ("spellings", "student_vocab")  # from the run's tokenizers
+    rows_per_chunk: ClassVar[int] = 256
+
+    def __init__(self, spellings: Tensor | None = None, student_vocab: int | None = None, temperature: float = 1.0,
+                 max_depth: int = 8) -> None:
+        if not temperature > 0:
+            raise ValueError(f"projected_kd: temperature must be > 0, got {temperature!r}")
+        if int(max_depth) < 1:
+            raise ValueError(f"projected_kd: max_depth must be >= 1, got {max_depth!r}")
+        self.temperature = float(temperature)
+        self.max_depth = int(max_depth)
+        self.spellings = spellings
+        self.student_vocab = student_vocab
+        self.last_coverage: float | None = None  # share of valid student rows with a target, last batch
+
+    def bind_models(self, pair: ModelPair) -> None:
+        if self.spellings is None:
+            self.spellings = student_spellings(pair.teacher_tokenizer, pair.student_tokenizer, self.max_depth)
+            self.student_vocab = pair.student_vocab
+
+    def per_token(self, student_logits: Tensor, teacher: Any, labels: Tensor | None, *, context: Any = None) -> Tensor:
+        from lmdistill.losses.crosstok import _aligned, _flat_student
+
+        teacher = _aligned(teacher, self.name)
+        if self.spellings is None or self.student_vocab is None:
+            raise ValueError("projected_kd has no spellings: bind the run's models first (bind_models)")
+        a = teacher.alignment.to(student_logits.device)
+        z, flat_labels, lead = _flat_student(student_logits, labels, a, self.name)
+        dtype = compute_dtype(z, signal_values(teacher.logits))
+        rows = projection_rows(a, self.spellings.shape[1])
+        out = torch.zeros(z.shape[0], dtype=dtype, device=z.device)
+        covered = 0
+        # [rows, V_teacher] index buffers per chunk: bounded memory at large teacher vocabularies
+        for at in range(0, rows.student_rows.numel(), self.rows_per_chunk):
+            part = slice(at, at + self.rows_per_chunk)
+            t_logp = teacher.log_probs(self.temperature, dtype, rows=rows.teacher_rows[part], vocab=self.spellings.shape[0])
+            target, has = projected_log_probs(t_logp, self.spellings, rows.depth[part], rows.prefix[part], self.student_vocab)
+            keep = has & (flat_labels[rows.student_rows[part]] != IGNORE_INDEX)
+            s_rows = rows.student_rows[part][keep]
+            s_logp = log_softmax_at(z[s_rows, : self.student_vocab], self.temperature, dtype)
+            out = out.index_put((s_rows,), kl_from_log_probs(target[keep], s_logp))
+            covered += int(keep.sum())
+        valid = int((flat_labels != IGNORE_INDEX).sum())
+        self.last_coverage = covered / valid if valid else None
+        return out.reshape(lead)
+
+    def config(self) -> dict:
+        return {"name": self.name, "temperature": self.temperature, "max_depth": self.max_depth}
