@@ -92,3 +92,12 @@ def saved_teacher(tmp_path_factory, trained_tiny, verse_tokenizer) -> Path:
     trained_tiny.save_pretrained(path)
     verse_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory, verse_tokenizer):
+    """A tiny GPT-2 student with the verse tokenizer, saved (the task-run tests)."""
+    path = tmp_path_factory.mktemp("models") / "student"
+    tiny_gpt2(verse_tokenizer, layers=1, hidden=32, seed=3).save_pretrained(path)
+    verse_tokenizer.save_pretrained(path)
+    return path

@@ -138,14 +138,6 @@ def test_regime_config_validation():
         RegimeConfig(kind="minillm", mix_alpha=1.5)
 
 
-@pytest.fixture(scope="module")
-def student_dir(tmp_path_factory, verse_tokenizer):
-    path = tmp_path_factory.mktemp("models") / "student"
-    tiny_gpt2(verse_tokenizer, layers=1, hidden=32, seed=3).save_pretrained(path)
-    verse_tokenizer.save_pretrained(path)
-    return path
-
-
 def task_cfg(tmp_path, student_dir, teacher_dir, *, objective="minillm", **regime) -> TaskRunConfig:
     raw = {
         "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"),

@@ -15,16 +15,7 @@ from typer.testing import CliRunner
 from lmdistill.config import validate_config
 from lmdistill.generation.run import build_task_run
 from lmdistill.generation.run_config import TaskRunConfig
-from tests.generation.conftest import tiny_gpt2
 from tests.train.helpers import interrupt_then_resume
-
-
-@pytest.fixture(scope="module")
-def student_dir(tmp_path_factory, verse_tokenizer):
-    path = tmp_path_factory.mktemp("models") / "student"
-    tiny_gpt2(verse_tokenizer, layers=1, hidden=32, seed=3).save_pretrained(path)
-    verse_tokenizer.save_pretrained(path)
-    return path
 
 
 def task_cfg(tmp_path, student_dir, teacher_dir=None, **overrides) -> TaskRunConfig:
