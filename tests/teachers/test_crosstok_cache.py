@@ -28,7 +28,7 @@ from lmdistill.teachers.live import load_live_teacher
 from lmdistill.train.run import build_trainer
 from tests.conftest import save_tiny_model
 from tests.teachers.conftest import BLOCK, run_config
-from tests.train.helpers import distill_through_cli, interrupt_then_resume
+from tests.train.helpers import distill_through_cli, straight_and_resumed
 
 
 @pytest.fixture(scope="module")
@@ -225,10 +225,6 @@ def test_a_run_from_a_cross_tokenizer_cache_resumes_exactly(tmp_path, xcache, fe
                            objective={"mix": [{"name": "cross_entropy"}, {"name": "span_kd", "weight": 0.5}]},
                            checkpoint={"every": 2, "keep": 3})
 
-    straight, _ = build_trainer(cfg(tmp_path / "a"), show_progress=False)
-    straight.train()
-    resumed = interrupt_then_resume(cfg(tmp_path / "b"), monkeypatch, dies_in_step=3)
-    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
-        assert torch.equal(a, b), name
+    straight, resumed = straight_and_resumed(cfg(tmp_path / "a"), cfg(tmp_path / "b"), monkeypatch)
     straight.close()
     resumed.close()

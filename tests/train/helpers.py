@@ -60,6 +60,23 @@ def interrupt_then_resume(config: Any, monkeypatch: Any, *, dies_in_step: int, b
     return resumed
 
 
+def straight_and_resumed(straight_config: RunConfig, resumed_config: RunConfig, monkeypatch: Any, *,
+                         dies_in_step: int = 3) -> tuple[Any, Any]:
+    """Train ``straight_config`` without a break and ``resumed_config`` (same run, another directory) killed at
+    ``dies_in_step`` then resumed; asserts the two students' weights are bitwise equal and returns both trainers
+    (trained, not closed) for further checks."""
+    import torch
+
+    from lmdistill.train.run import build_trainer
+
+    straight, _ = build_trainer(straight_config, show_progress=False)
+    straight.train()
+    resumed = interrupt_then_resume(resumed_config, monkeypatch, dies_in_step=dies_in_step)
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    return straight, resumed
+
+
 def distill_through_cli(tmp: Path, corpus: Path, cache_dir: Path, student: Path, teacher: dict[str, Any], objective: Any,
                         *, steps: int = 3, block_size: int = 32, **sections: Any) -> str:
     """``lmdistill distill`` on a small run config written to ``tmp/run.yaml`` (output ``tmp/run``); asserts it exits 0

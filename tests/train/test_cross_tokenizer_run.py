@@ -16,7 +16,7 @@ from lmdistill.losses import ForwardKL, build_objective
 from lmdistill.losses.crosstok import SpanKD
 from lmdistill.teachers.live import LiveTeacher, load_live_teacher
 from lmdistill.train.run import build_trainer
-from tests.train.helpers import distill_through_cli, interrupt_then_resume, run_config
+from tests.train.helpers import distill_through_cli, run_config, straight_and_resumed
 
 
 def test_the_teacher_reads_its_own_tokens_of_the_students_text(other_teacher, fortune_tokenizer, small_tokenizer,
@@ -107,11 +107,7 @@ def test_a_cross_tokenizer_run_resumes_exactly(tmp_path, kjv_small_txt, cache_di
         return run_config(where, kjv_small_txt, cache_dir, student_dir, other_teacher, objective="span_kd",
                           train={"steps": 4, "warmup_steps": 0}, checkpoint={"every": 2, "keep": 3})
 
-    straight, _ = build_trainer(cfg(tmp_path / "a"), show_progress=False)
-    straight.train()
-    resumed = interrupt_then_resume(cfg(tmp_path / "b"), monkeypatch, dies_in_step=3)
-    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
-        assert torch.equal(a, b), name
+    straight, resumed = straight_and_resumed(cfg(tmp_path / "a"), cfg(tmp_path / "b"), monkeypatch)
     straight.close()
     resumed.close()
 

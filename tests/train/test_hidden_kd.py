@@ -23,7 +23,12 @@ from lmdistill.teachers.aligned import AlignedLiveTeacher
 from lmdistill.teachers.live import load_live_teacher
 from lmdistill.train.run import build_trainer
 from tests.conftest import save_tiny_model
-from tests.train.helpers import distill_through_cli, interrupt_then_resume, relation_kl_reference, run_config
+from tests.train.helpers import (
+    distill_through_cli,
+    relation_kl_reference,
+    run_config,
+    straight_and_resumed,
+)
 
 MIX = {"mix": [{"name": "forward_kl"}, {"name": "hidden_states", "weight": 0.5},
                {"name": "nd", "weight": 0.1}, {"name": "trg", "weight": 0.1}]}
@@ -291,13 +296,9 @@ def test_relations_plain_and_chunked_paths_agree_and_trg_projection_learns(tmp_p
 
 def test_a_run_with_trg_graph_terms_resumes_exactly(tmp_path, kjv_small_txt, cache_dir, student_dir, tiny_teacher,
                                                     monkeypatch):
-    straight, _ = build_trainer(_cfg(tmp_path / "a", kjv_small_txt, cache_dir, student_dir, tiny_teacher,
-                                     objective=RELATIONS), show_progress=False)
-    straight.train()
-    resumed = interrupt_then_resume(_cfg(tmp_path / "b", kjv_small_txt, cache_dir, student_dir, tiny_teacher,
-                                         objective=RELATIONS), monkeypatch, dies_in_step=3)
-    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
-        assert torch.equal(a, b), name
+    straight, resumed = straight_and_resumed(
+        _cfg(tmp_path / "a", kjv_small_txt, cache_dir, student_dir, tiny_teacher, objective=RELATIONS),
+        _cfg(tmp_path / "b", kjv_small_txt, cache_dir, student_dir, tiny_teacher, objective=RELATIONS), monkeypatch)
     a, b = straight.objective.state_dict()["parts"][2]["state"], resumed.objective.state_dict()["parts"][2]["state"]
     assert a["progress"] == b["progress"] == 1.0
     assert torch.equal(a["generator"], b["generator"])
@@ -321,13 +322,9 @@ def test_hidden_state_kd_alone_trains_the_student(tmp_path, kjv_small_txt, cache
 
 def test_a_run_with_learned_projections_resumes_exactly(tmp_path, kjv_small_txt, cache_dir, student_dir, tiny_teacher,
                                                         monkeypatch):
-    straight, _ = build_trainer(_cfg(tmp_path / "a", kjv_small_txt, cache_dir, student_dir, tiny_teacher),
-                                show_progress=False)
-    straight.train()
-    resumed = interrupt_then_resume(_cfg(tmp_path / "b", kjv_small_txt, cache_dir, student_dir, tiny_teacher),
-                                    monkeypatch, dies_in_step=3)
-    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
-        assert torch.equal(a, b), name
+    straight, resumed = straight_and_resumed(_cfg(tmp_path / "a", kjv_small_txt, cache_dir, student_dir, tiny_teacher),
+                                             _cfg(tmp_path / "b", kjv_small_txt, cache_dir, student_dir, tiny_teacher),
+                                             monkeypatch)
     a, b = straight.objective.state_dict(), resumed.objective.state_dict()
     hidden_a, hidden_b = a["parts"][1]["state"]["projection"], b["parts"][1]["state"]["projection"]
     assert hidden_a.keys() == hidden_b.keys() and all(torch.equal(hidden_a[k], hidden_b[k]) for k in hidden_a)

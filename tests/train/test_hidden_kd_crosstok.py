@@ -19,7 +19,12 @@ from lmdistill.losses.representation import AlignedStates, span_features
 from lmdistill.teachers.aligned import AlignedLiveTeacher
 from lmdistill.teachers.live import LiveTeacher, load_live_teacher
 from lmdistill.train.run import build_trainer
-from tests.train.helpers import distill_through_cli, interrupt_then_resume, relation_kl_reference, run_config
+from tests.train.helpers import (
+    distill_through_cli,
+    relation_kl_reference,
+    run_config,
+    straight_and_resumed,
+)
 
 CROSS_MIX = {"mix": [{"name": "cross_entropy"}, {"name": "hidden_states", "weight": 0.5},
                      {"name": "trg", "weight": 0.1, "terms": ["contextual", "local", "global"], "nodes": 24, "k": 4},
@@ -173,11 +178,7 @@ def test_a_cross_tokenizer_representation_run_resumes_exactly(tmp_path, kjv_smal
         return run_config(where, kjv_small_txt, cache_dir, student_dir, other_teacher, objective=CROSS_MIX,
                           train={"steps": 4, "warmup_steps": 0}, checkpoint={"every": 2, "keep": 3})
 
-    straight, _ = build_trainer(cfg(tmp_path / "a"), show_progress=False)
-    straight.train()
-    resumed = interrupt_then_resume(cfg(tmp_path / "b"), monkeypatch, dies_in_step=3)
-    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
-        assert torch.equal(a, b), name
+    straight, resumed = straight_and_resumed(cfg(tmp_path / "a"), cfg(tmp_path / "b"), monkeypatch)
     a, b = straight.objective.state_dict()["parts"], resumed.objective.state_dict()["parts"]
     for part in (1, 2):
         pa, pb = a[part]["state"]["projection"], b[part]["state"]["projection"]

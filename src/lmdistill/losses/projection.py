@@ -31,6 +31,7 @@ from torch import Tensor
 from lmdistill.constants import IGNORE_INDEX
 from lmdistill.losses.alignment import AlignedBatch, encode_spans
 from lmdistill.losses.core import Objective, compute_dtype, kl_from_log_probs
+from lmdistill.losses.crosstok import _aligned, _flat_student
 from lmdistill.losses.pairing import ModelPair
 from lmdistill.losses.signals import CROSSTOK, log_softmax_at, signal_values
 from lmdistill.models.vocab import gpt2_byte_alphabet, token_keys
@@ -184,8 +185,6 @@ class ProjectedKD(Objective):
             self.student_vocab = pair.student_vocab
 
     def per_token(self, student_logits: Tensor, teacher: Any, labels: Tensor | None, *, context: Any = None) -> Tensor:
-        from lmdistill.losses.crosstok import _aligned, _flat_student
-
         teacher = _aligned(teacher, self.name)
         if self.spellings is None or self.student_vocab is None:
             raise ValueError("projected_kd has no spellings: bind the run's models first (bind_models)")
