@@ -15,8 +15,9 @@ step):
   label-only, ``projected_kd`` (the teacher's distribution spelled in the student's tokens) alone and with
   cross-entropy, ``span_kd`` (span-aligned forward KL) alone and with cross-entropy, ``uld`` (with cross-entropy,
   weight 1 each), ``mined`` (``--other-objectives``);
-* ``qwen``  - Qwen's 151,851-id tokenizer (``--qwen``; slow here: the student's logits are 151k wide on the plain
-  path): label-only and the objectives of ``--qwen-objectives``.
+* ``qwen``  - Qwen's 151,851-id tokenizer (``--qwen``; slow on a CPU: the student's output layer is 151k wide, so
+  even label-only steps take several times a same-tokenizer KD step): label-only and the objectives of
+  ``--qwen-objectives``; compare their step times with that student's label-only step.
 
 Part ``hidden``: logit KD alone (forward KL) against forward KL plus a representation objective (hidden states
 with learned projections 128 -> 256 on the uniform layer map, MSE or cosine; ND; TRG's contextual term and its graph

@@ -12,10 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmdistill.constants import IGNORE_INDEX
-from lmdistill.losses import ForwardKL, build_objective
+from lmdistill.losses import ForwardKL, build_objective, fused_linear_distill, reduce_tokens
 from lmdistill.losses.alignment import CrossTokenizerBatcher, align_spans
 from lmdistill.losses.crosstok import AlignedTeacher
-from lmdistill.losses.projection import ProjectedKD, projected_log_probs, student_spellings
+from lmdistill.losses.projection import (
+    ProjectedKD,
+    SpelledColumns,
+    projected_kl,
+    projected_log_probs,
+    projected_targets,
+    student_spellings,
+)
 from lmdistill.models.vocab import token_keys
 from tests.losses.helpers import aligned_inputs, blocks_of, softmax_np
 
@@ -151,3 +158,54 @@ def test_projected_kd_gradient_and_refusals(batcher, verses, student_tok, teache
     for bad in ({"temperature": 0}, {"max_depth": 0}):
         with pytest.raises(ValueError, match="projected_kd"):
             ProjectedKD(**bad)
+
+
+@pytest.mark.parametrize("chunk", [7, 40, 512])
+def test_chunked_path_equals_the_plain_one_across_tokenizers(batcher, verses, student_tok, teacher_tok, chunk):
+    """Student rows cut into chunks (through aligned groups and sequences) give the plain path's loss and gradients:
+    each row's target reads teacher rows only, which every chunk keeps whole."""
+    blocks = blocks_of(student_tok, verses, 24, 3, start=2100)
+    inputs, _, zt = aligned_inputs(batcher, blocks, len(teacher_tok), seed=6)
+    teacher = AlignedTeacher(zt, inputs.alignment, inputs.teacher_valid, len(teacher_tok))
+    labels = blocks[:, 1:].reshape(-1).clone()
+    labels[[3, 40]] = IGNORE_INDEX
+    objective = build_objective({"mix": [{"name": "cross_entropy"}, {"name": "projected_kd", "temperature": 1.5}]})
+    for part, _ in objective.parts:
+        if isinstance(part, ProjectedKD):
+            part.spellings, part.student_vocab = student_spellings(teacher_tok, student_tok), len(student_tok)
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(labels.numel(), 16, generator=g, dtype=torch.float64).requires_grad_(True)
+    weight = (torch.randn(len(student_tok), 16, generator=g, dtype=torch.float64) * 0.5).requires_grad_(True)
+    plain = reduce_tokens(objective.per_token(hidden @ weight.T, teacher, labels), labels)
+    plain_grads = torch.autograd.grad(plain, (hidden, weight))
+    chunked = fused_linear_distill(hidden, weight, teacher, labels, objective, chunk_size=chunk)
+    chunked_grads = torch.autograd.grad(chunked, (hidden, weight))
+    torch.testing.assert_close(chunked, plain, rtol=1e-10, atol=1e-12)
+    for got, expected in zip(chunked_grads, plain_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    # the objectives that couple a sequence's rows are refused by name, never fed a chunk of them
+    with pytest.raises(ValueError, match="'span_kd' couples each sequence's rows across tokenizers"):
+        fused_linear_distill(hidden, weight, teacher, labels, build_objective("span_kd"), chunk_size=chunk)
+    with pytest.raises(ValueError, match="needs the whole batch"):
+        build_objective("uld").per_token(hidden @ weight.T, teacher.cut(0, labels.numel()), labels)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), teacher_vocab=st.integers(2, 40), student_vocab=st.integers(2, 300),
+       depth_cap=st.integers(1, 3))
+def test_the_kl_on_the_spelled_columns_is_the_kl_on_the_whole_vocabulary(seed, teacher_vocab, student_vocab, depth_cap):
+    """Targets and KL live on the few student ids spellings use; on the whole vocabulary they are the same."""
+    g = torch.Generator().manual_seed(seed)
+    spellings = torch.randint(-1, student_vocab, (teacher_vocab, 3), generator=g)
+    t_logp = torch.randn(6, teacher_vocab, generator=g, dtype=torch.float64).log_softmax(-1)
+    s_logp = torch.randn(6, student_vocab, generator=g, dtype=torch.float64).log_softmax(-1)
+    depth = torch.randint(0, depth_cap, (6,), generator=g)
+    prefix = torch.where(torch.arange(3) < depth.unsqueeze(1), spellings[torch.randint(0, teacher_vocab, (6,), generator=g)], -1)
+    columns = SpelledColumns.of(spellings, student_vocab)
+    target, has = projected_targets(t_logp, spellings, depth, prefix, columns)
+    assert target.shape == (6, columns.used.numel()) and bool((target[~has] == 0).all())
+    got = projected_kl(target, s_logp, columns.used)
+    dense, dense_has = projected_log_probs(t_logp, spellings, depth, prefix, student_vocab)
+    expected = torch.where(dense > float("-inf"), dense.exp() * (dense - s_logp), torch.zeros((), dtype=dense.dtype)).sum(-1)
+    assert torch.equal(has, dense_has)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)

@@ -15,7 +15,6 @@ from lmdistill.losses import ATKD, TAID, SinKD, reduce_tokens, sinkhorn_log_plan
 from tests.losses import reference as ref
 from tests.losses.helpers import make_inputs, to_np
 
-
 # --- TAID ----------------------------------------------------------------------------------------------------
 
 def reference_taid_schedule(losses, total, t_start=0.4, t_end=1.0, alpha=5e-4, beta=0.99):
@@ -159,6 +158,24 @@ def test_sinkd_gradient_flows_through_the_plan():
     sharp = SinKD(temperature=1.0, epsilon=0.01, iterations=300, group_size=3)
     assert sharp.per_token(zt, zt, labels).max().item() < 1e-3
     assert objective.per_token(zt, zt, labels).mean() < objective.per_token(z.detach(), zt, labels).mean()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.permutations(range(8)), st.integers(0, 2**16))
+def test_sinkd_cannot_tell_which_row_predicts_which_distribution(order, seed):
+    """Why SinKD is never trained alone (the reference code always adds it to the task loss): with uniform
+    marginals the transport cost of a block is the same whichever student row predicts which of the teacher's
+    distributions, so a student that gives every position the teacher's distribution of another position in its
+    block scores exactly as the student that copies the teacher, while forward KL tells them apart."""
+    _, teacher_logits, labels = make_inputs((8, 40), seed=seed)
+    shuffled = teacher_logits[list(order)]
+    objective = SinKD(group_size=8)
+    copied = reduce_tokens(objective.per_token(teacher_logits, teacher_logits, labels), labels).item()
+    moved = reduce_tokens(objective.per_token(shuffled, teacher_logits, labels), labels).item()
+    assert moved == pytest.approx(copied, rel=1e-9, abs=1e-12)
+    if list(order) != sorted(order):
+        forward_kl = ref.forward_kl(to_np(shuffled), to_np(teacher_logits)).mean()
+        assert forward_kl > 1e-3
 
 
 @pytest.mark.parametrize("variant", ["plain", "masked", "confident_teacher", "padded_vocab"])

@@ -46,6 +46,34 @@ def test_auto_chunked_equals_plain(tmp_path, verse_pairs_jsonl, cache_dir, small
             torch.testing.assert_close(a[key], p[key], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("objective", [
+    {"mix": [{"name": "cross_entropy"}, {"name": "projected_kd", "temperature": 2.0}]},
+    {"mix": [{"name": "cross_entropy"}, {"name": "hidden_states", "weight": 0.5}]},
+    {"mix": [{"name": "cross_entropy"}, {"name": "uld", "weight": 0.5}]},
+], ids=["projected_kd+ce", "ce+hidden_states", "uld+ce"])
+def test_auto_chunked_equals_plain_across_tokenizers(tmp_path, kjv_small_txt, cache_dir, student_dir, other_teacher,
+                                                     objective):
+    """A teacher with another tokenizer: projected_kd (and label-only logit parts) take the student's rows chunk by
+    chunk with the plain path's losses and gradients; objectives coupling a sequence's rows (ULD) stay plain."""
+    runs = {}
+    for mode in ("auto", False):
+        cfg = run_config(tmp_path / f"{mode}", kjv_small_txt, cache_dir, student_dir, other_teacher, objective=objective,
+                         vocab={"rung": "different"}, train={"steps": 2, "warmup_steps": 0, "chunk_size": 24})
+        trainer, _ = build_trainer(cfg, show_progress=False)
+        try:
+            runs[mode] = (_losses_and_grads(trainer, steps=2), trainer.use_chunked)
+        finally:
+            trainer.close()
+    (auto_losses, auto_grads), auto_used = runs["auto"]
+    (plain_losses, plain_grads), _ = runs[False]
+    assert auto_used is (objective["mix"][1]["name"] != "uld")
+    assert auto_losses == pytest.approx(plain_losses, rel=1e-5)
+    for a, p in zip(auto_grads, plain_grads):
+        assert a.keys() == p.keys() and a
+        for key in a:
+            torch.testing.assert_close(a[key], p[key], rtol=1e-4, atol=1e-6)
+
+
 def test_auto_keeps_plain_path_for_post_processed_logits(tmp_path, kjv_small_txt, cache_dir, small_tokenizer, tiny_teacher):
     """A model whose logits are not hidden @ W (here: scaled, like soft-capping models) must not be chunked."""
     student = save_tiny_model(tmp_path / "s", small_tokenizer, layers=1, hidden=32, seed=5)

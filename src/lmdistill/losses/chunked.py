@@ -34,7 +34,7 @@ from lmdistill.losses.core import (
     Workspace,
     iter_chunks,
 )
-from lmdistill.losses.signals import Teacher, TeacherSignal, as_chunk_signal, chunk_rows
+from lmdistill.losses.signals import CROSSTOK, Teacher, TeacherSignal, as_chunk_signal, chunk_rows
 
 __all__ = ["fused_linear_distill", "default_chunk_size"]
 
@@ -312,4 +312,7 @@ def _check_teacher(teacher: TeacherSignal | tuple | None, n: int, vocab: int, ob
         if objective.requires_teacher:
             raise ValueError(f"objective '{objective.name}' needs a teacher")
         return None
+    if getattr(teacher, "kind", None) == CROSSTOK and not objective.takes_aligned_windows:
+        raise ValueError(f"objective '{objective.name}' couples each sequence's rows across tokenizers and cannot be "
+                         "computed in chunks of student rows; use the plain path (or projected_kd, which can)")
     return as_chunk_signal(teacher, n, vocab)

@@ -250,6 +250,9 @@ class Objective:
       cannot be chunked.
     * :meth:`batch_context`: statistics over *all* rows that per-row losses need (ATKD's uncertainty
       threshold); computed once from the teacher before the chunks.
+    * ``takes_aligned_windows``: :meth:`per_token` also accepts a cross-tokenizer teacher
+      (:class:`~lmdistill.losses.crosstok.AlignedTeacher`) cut to a window of the student's rows, so the chunked
+      path can run across tokenizers (projected_kd: each student row's target depends on teacher rows only).
 
     What it accepts, and what it does beyond a loss:
 
@@ -270,6 +273,7 @@ class Objective:
     batch_coupled: bool = False
     needs_batch_context: bool = False
     row_group_size: int | None = None
+    takes_aligned_windows: bool = False
     accepted_signals: frozenset[str] = EXACT_KINDS
     has_outer_step: ClassVar[bool] = False
     # constructor parameters that come from the run (its models), never from a config

@@ -4,7 +4,8 @@ The teacher's signal is an :class:`AlignedTeacher`: its logits over its own rows
 :class:`~lmdistill.losses.alignment.AlignedBatch` pairing its tokens with the student's by character offsets.
 Every objective here returns per-token losses on the student's rows (the project's convention: 0 where the label
 is ignored; the trainer's normaliser is the number of valid student tokens) and couples rows within a
-sequence, so the chunked path never splits them (``batch_coupled``).
+sequence, so the chunked path never splits them (``batch_coupled``); :mod:`lmdistill.losses.projection`'s
+objective is the exception (``takes_aligned_windows``).
 
 * :class:`SpanKD` (``span_kd``): the probabilities of the tokens inside each aligned span are merged (chain rule)
   into one distribution per span and side, folded onto the common columns of
@@ -18,7 +19,7 @@ sequence, so the chunked path never splits them (``batch_coupled``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -63,8 +64,21 @@ class AlignedTeacher:
     alignment: AlignedBatch
     teacher_valid: Tensor
     vocab_size: int | None = None
+    #: the student rows ``(start, stop)`` of the flattened batch a chunk of the chunked path covers (None: all)
+    window: tuple[int, int] | None = None
 
     kind = CROSSTOK
+
+    @property
+    def student_rows(self) -> int:
+        """Rows of the whole student batch the alignment covers (``B * L``)."""
+        return self.alignment.batch_size * self.alignment.student_len
+
+    def cut(self, start: int, stop: int) -> "AlignedTeacher":
+        """The same teacher for student rows ``start:stop`` only (offsets add up when it is already cut); only
+        objectives with ``takes_aligned_windows`` accept it."""
+        offset = 0 if self.window is None else self.window[0]
+        return replace(self, window=(offset + start, offset + stop))
 
     def log_probs(self, temperature: float, dtype: torch.dtype, rows: Tensor | None = None, vocab: int | None = None) -> Tensor:
         """Teacher log-probabilities at ``temperature`` over its first ``vocab`` tokens (default ``vocab_size``, else
@@ -92,20 +106,25 @@ class AlignedTeacher:
             return log_softmax_at(logits, temperature, dtype)
 
 
-def _aligned(teacher: Any, name: str) -> AlignedTeacher:
+def _aligned(teacher: Any, name: str, *, windowed: bool = False) -> AlignedTeacher:
     if not isinstance(teacher, AlignedTeacher):
         raise ValueError(f"objective '{name}' needs an AlignedTeacher (a teacher with its own tokenizer and the "
                          f"alignment of the two tokenizations), got {type(teacher).__name__}")
+    if teacher.window is not None and not windowed:
+        raise ValueError(f"objective '{name}' couples each sequence's rows: it needs the whole batch, not the chunk "
+                         f"of student rows {teacher.window}")
     return teacher
 
 
-def _flat_student(student_logits: Tensor, labels: Tensor | None, alignment: AlignedBatch, name: str):
+def _flat_student(student_logits: Tensor, labels: Tensor | None, alignment: AlignedBatch, name: str,
+                  window: tuple[int, int] | None = None):
     lead = student_logits.shape[:-1]
     z = student_logits.reshape(-1, student_logits.shape[-1])
-    n = alignment.batch_size * alignment.student_len
+    n = alignment.batch_size * alignment.student_len if window is None else window[1] - window[0]
     if z.shape[0] != n:
-        raise ValueError(f"'{name}': the alignment covers {alignment.batch_size} x {alignment.student_len} student rows "
-                         f"but the student logits have {z.shape[0]}")
+        covers = (f"{alignment.batch_size} x {alignment.student_len} student rows" if window is None
+                  else f"student rows {window[0]}:{window[1]}")
+        raise ValueError(f"'{name}': the alignment covers {covers} but the student logits have {z.shape[0]}")
     flat_labels = torch.zeros(n, dtype=torch.long, device=z.device) if labels is None else labels.reshape(-1)
     return z, flat_labels, lead
 

@@ -23,20 +23,21 @@ row it covers, including the later rows of a word the student splits and the tea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import Tensor
 
 from lmdistill.constants import IGNORE_INDEX
 from lmdistill.losses.alignment import AlignedBatch, encode_spans
-from lmdistill.losses.core import Objective, compute_dtype, kl_from_log_probs
-from lmdistill.losses.crosstok import _aligned, _flat_student
+from lmdistill.losses.core import Objective, Workspace, compute_dtype, fast_exp, finish_chunk
+from lmdistill.losses.crosstok import AlignedTeacher, _aligned, _flat_student
 from lmdistill.losses.pairing import ModelPair
 from lmdistill.losses.signals import CROSSTOK, log_softmax_at, signal_values
 from lmdistill.models.vocab import gpt2_byte_alphabet, token_keys
 
-__all__ = ["student_spellings", "ProjectionRows", "projection_rows", "projected_log_probs", "ProjectedKD"]
+__all__ = ["student_spellings", "ProjectionRows", "projection_rows", "SpelledColumns", "projected_targets",
+           "projected_log_probs", "projected_kl", "ProjectedKD"]
 
 
 def _spell_text(key: bytes, student_tokenizer: Any, s_keys: list, byte_level: bool, inverse: dict[int, str]) -> list[int] | None:
@@ -117,37 +118,83 @@ def projection_rows(a: AlignedBatch, max_depth: int) -> ProjectionRows:
     return ProjectionRows(a.s_rows[idx], a.t_first[a.s_group[idx]], depth, prefix)
 
 
-def projected_log_probs(
-    t_logp: Tensor, spellings: Tensor, depth: Tensor, prefix: Tensor, student_vocab: int
-) -> tuple[Tensor, Tensor]:
-    """Targets over the student's vocabulary ``[R, V_s]`` (log-probabilities) and which rows have one ``[R]``.
+@dataclass(frozen=True)
+class SpelledColumns:
+    """The student ids some teacher token's spelling uses, ``used [C]``, and each student id's column among them,
+    ``lookup [V_s + 1]`` (``C`` for the other ids and for the entry ``V_s``, which stands for "no token"). Targets
+    live on these ``C`` columns: a teacher of ``V_t`` tokens reaches at most ``V_t * depth`` student ids, often far
+    fewer than the student's vocabulary (151k for Qwen's), so no ``[rows, V_s]`` target is ever built."""
 
-    ``t_logp [R, V_t]`` is the teacher's next-token distribution for each row; a row at ``depth`` j conditions on
-    teacher tokens whose spelling starts with its ``prefix`` and continues (module docstring). Rows whose
-    conditioning keeps no mass get an all ``-inf`` target and ``False``."""
+    used: Tensor
+    lookup: Tensor
+
+    @classmethod
+    def of(cls, spellings: Tensor, student_vocab: int) -> "SpelledColumns":
+        used = torch.unique(spellings[spellings >= 0])
+        lookup = torch.full((student_vocab + 1,), used.numel(), dtype=torch.long, device=spellings.device)
+        lookup[used] = torch.arange(used.numel(), device=spellings.device)
+        return cls(used, lookup)
+
+    def to(self, device: torch.device) -> "SpelledColumns":
+        return self if self.used.device == device else SpelledColumns(self.used.to(device), self.lookup.to(device))
+
+
+def projected_targets(t_logp: Tensor, spellings: Tensor, depth: Tensor, prefix: Tensor, columns: SpelledColumns
+                      ) -> tuple[Tensor, Tensor]:
+    """The target of each row (module docstring) on the spelled columns, ``[R, C]`` probabilities, and which rows
+    keep any teacher mass ``[R]`` (the others: all 0). ``t_logp [R, V_t]`` is the teacher's next-token distribution
+    for each row; a row at ``depth`` j conditions on teacher tokens whose spelling starts with its ``prefix`` and
+    continues."""
     r, width = t_logp.shape
     if spellings.shape[0] != width:
         raise ValueError(f"the teacher distribution has {width} tokens but the spellings cover {spellings.shape[0]}")
-    spellings = spellings.to(t_logp.device)
-    max_depth = spellings.shape[1]
-    if r == 0:
-        return t_logp.new_zeros((0, student_vocab)), torch.zeros(0, dtype=torch.bool, device=t_logp.device)
-    # does teacher token u's spelling start with the row's prefix? [R, V_t], one depth column at a time
-    match = torch.ones(r, width, dtype=torch.bool, device=t_logp.device)
-    for j in range(int(depth.max()) if depth.numel() else 0):
-        active = depth > j
-        match &= ~active.unsqueeze(1) | (spellings[:, j].unsqueeze(0) == prefix[:, j].unsqueeze(1))
-    nxt = spellings[:, depth.clamp(max=max_depth - 1)].T  # [R, V_t]: the spelling's next student token
-    nxt = torch.where(depth.unsqueeze(1) < max_depth, nxt, torch.full_like(nxt, -1))
-    match &= nxt >= 0
-    p = torch.where(match, t_logp.exp(), torch.zeros((), dtype=t_logp.dtype, device=t_logp.device))
-    target = torch.zeros(r, student_vocab + 1, dtype=t_logp.dtype, device=t_logp.device)
-    target.scatter_add_(1, torch.where(match, nxt, torch.full_like(nxt, student_vocab)), p)
-    target = target[:, :student_vocab]
+    device = t_logp.device
+    spellings, columns = spellings.to(device), columns.to(device)
+    none, c = columns.lookup.numel() - 1, columns.used.numel()
+    p = t_logp.exp()
+    merged = torch.zeros(r, c + 1, dtype=t_logp.dtype, device=device)  # the last column collects what is dropped
+    top = depth == 0
+    if bool(top.any()):  # a teacher token boundary: one column per teacher token, the same for every row
+        first = columns.lookup[torch.where(spellings[:, 0] >= 0, spellings[:, 0], none)]
+        if bool(top.all()):
+            merged.index_add_(1, first, p)
+        else:
+            merged[top] = merged[top].index_add_(1, first, p[top])
+    deep = (~top).nonzero(as_tuple=True)[0]
+    if deep.numel():  # inside a teacher token: the tokens whose spelling starts with the row's prefix
+        d, pre = depth[deep], prefix[deep]
+        max_depth = spellings.shape[1]
+        match = torch.ones(deep.numel(), width, dtype=torch.bool, device=device)
+        for j in range(int(d.max())):
+            match &= ~(d > j).unsqueeze(1) | (spellings[:, j].unsqueeze(0) == pre[:, j].unsqueeze(1))
+        nxt = spellings[:, d.clamp(max=max_depth - 1)].T  # [rows, V_t]: the spelling's next student token
+        match &= (d.unsqueeze(1) < max_depth) & (nxt >= 0)
+        cols = columns.lookup[torch.where(match, nxt, none)]
+        merged[deep] = merged[deep].scatter_add_(1, cols, p[deep])
+    target = merged[:, :c]
     mass = target.sum(-1, keepdim=True)
     has = mass.squeeze(1) > 0
-    logq = torch.log(target) - torch.log(torch.where(mass > 0, mass, torch.ones_like(mass)))
-    return logq, has
+    return target / torch.where(mass > 0, mass, torch.ones_like(mass)), has
+
+
+def projected_log_probs(
+    t_logp: Tensor, spellings: Tensor, depth: Tensor, prefix: Tensor, student_vocab: int
+) -> tuple[Tensor, Tensor]:
+    """The targets of :func:`projected_targets` as log-probabilities over the whole student vocabulary ``[R, V_s]``
+    and which rows have one ``[R]`` (rows whose conditioning keeps no mass: all ``-inf``)."""
+    columns = SpelledColumns.of(spellings.to(t_logp.device), student_vocab)
+    target, has = projected_targets(t_logp, spellings, depth, prefix, columns)
+    dense = torch.zeros(t_logp.shape[0], student_vocab, dtype=t_logp.dtype, device=t_logp.device)
+    dense[:, columns.used] = target
+    return dense.log(), has
+
+
+def projected_kl(target: Tensor, s_logp: Tensor, used: Tensor) -> Tensor:
+    """``KL(target || q)`` per row ``[R]``: ``target [R, C]`` on the student ids ``used [C]``, the student's
+    log-probabilities ``s_logp [R, V_s]`` (read at those ids only); ``0 log 0 = 0``."""
+    log_q = s_logp.index_select(1, used)
+    zero = torch.zeros((), dtype=log_q.dtype, device=log_q.device)
+    return torch.where(target > 0, target * (torch.log(torch.where(target > 0, target, 1.0)) - log_q), zero).sum(-1)
 
 
 class ProjectedKD(Objective):
@@ -158,12 +205,14 @@ class ProjectedKD(Objective):
     Covered rows: every aligned group's first student row, and the later student rows of a teacher token the
     student splits. Rows without a target (inside a group the teacher splits too, or whose conditioning keeps no
     teacher mass) get 0: pair it with ``cross_entropy`` in a ``mix``. ``last_coverage`` is the share of the last
-    batch's valid student rows that had a target.
+    call's valid student rows that had a target (one chunk's on the chunked path, which runs it chunk by chunk:
+    the student's full-vocabulary softmax is the cost at large student vocabularies).
     """
 
     name = "projected_kd"
     accepted_signals = frozenset({CROSSTOK})
-    batch_coupled = True
+    # each student row's target depends on teacher rows only, so the chunked path may cut the student's rows
+    takes_aligned_windows = True
     bound_params: ClassVar[tuple[str, ...]] = ("spellings", "student_vocab")  # from the run's tokenizers
     rows_per_chunk: ClassVar[int] = 256
 
@@ -178,35 +227,79 @@ class ProjectedKD(Objective):
         self.spellings = spellings
         self.student_vocab = student_vocab
         self.last_coverage: float | None = None  # share of valid student rows with a target, last batch
+        self._spelled: tuple[Tensor, SpelledColumns] | None = None  # (spellings, their columns)
 
     def bind_models(self, pair: ModelPair) -> None:
         if self.spellings is None:
             self.spellings = student_spellings(pair.teacher_tokenizer, pair.student_tokenizer, self.max_depth)
             self.student_vocab = pair.student_vocab
 
-    def per_token(self, student_logits: Tensor, teacher: Any, labels: Tensor | None, *, context: Any = None) -> Tensor:
-        teacher = _aligned(teacher, self.name)
+    def _columns(self, device: torch.device) -> SpelledColumns:
+        """The spelled columns of the bound spellings (computed once per spellings tensor), on ``device``."""
+        if self._spelled is None or self._spelled[0] is not self.spellings:
+            self._spelled = (self.spellings, SpelledColumns.of(self.spellings, self.student_vocab))
+        return self._spelled[1].to(device)
+
+    def _row_targets(self, teacher: AlignedTeacher, flat_labels: Tensor, dtype: torch.dtype, device: torch.device
+                     ) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(student rows, their targets [rows, C])`` for the valid student rows with a target, a few hundred rows at
+        a time (the teacher-side ``[rows, V_t]`` buffers stay bounded); rows count from the window's start."""
         if self.spellings is None or self.student_vocab is None:
             raise ValueError("projected_kd has no spellings: bind the run's models first (bind_models)")
-        a = teacher.alignment.to(student_logits.device)
-        z, flat_labels, lead = _flat_student(student_logits, labels, a, self.name)
-        dtype = compute_dtype(z, signal_values(teacher.logits))
-        rows = projection_rows(a, self.spellings.shape[1])
-        out = torch.zeros(z.shape[0], dtype=dtype, device=z.device)
-        covered = 0
-        # [rows, V_teacher] index buffers per chunk: bounded memory at large teacher vocabularies
+        columns = self._columns(device)
+        rows = projection_rows(teacher.alignment.to(device), self.spellings.shape[1])
+        if teacher.window is not None:  # a chunk of the chunked path: its student rows only, numbered from 0
+            start, stop = teacher.window
+            inside = (rows.student_rows >= start) & (rows.student_rows < stop)
+            rows = ProjectionRows(rows.student_rows[inside] - start, rows.teacher_rows[inside], rows.depth[inside],
+                                  rows.prefix[inside])
         for at in range(0, rows.student_rows.numel(), self.rows_per_chunk):
             part = slice(at, at + self.rows_per_chunk)
             t_logp = teacher.log_probs(self.temperature, dtype, rows=rows.teacher_rows[part], vocab=self.spellings.shape[0])
-            target, has = projected_log_probs(t_logp, self.spellings, rows.depth[part], rows.prefix[part], self.student_vocab)
+            target, has = projected_targets(t_logp, self.spellings, rows.depth[part], rows.prefix[part], columns)
             keep = has & (flat_labels[rows.student_rows[part]] != IGNORE_INDEX)
-            s_rows = rows.student_rows[part][keep]
-            s_logp = log_softmax_at(z[s_rows, : self.student_vocab], self.temperature, dtype)
-            out = out.index_put((s_rows,), kl_from_log_probs(target[keep], s_logp))
-            covered += int(keep.sum())
+            yield rows.student_rows[part][keep], target[keep]
+
+    def _note_coverage(self, covered: int, flat_labels: Tensor) -> None:
         valid = int((flat_labels != IGNORE_INDEX).sum())
         self.last_coverage = covered / valid if valid else None
+
+    def per_token(self, student_logits: Tensor, teacher: Any, labels: Tensor | None, *, context: Any = None) -> Tensor:
+        teacher = _aligned(teacher, self.name, windowed=True)
+        z, flat_labels, lead = _flat_student(student_logits, labels, teacher.alignment, self.name, teacher.window)
+        dtype = compute_dtype(z, signal_values(teacher.logits))
+        out = torch.zeros(z.shape[0], dtype=dtype, device=z.device)
+        covered = 0
+        for s_rows, target in self._row_targets(teacher, flat_labels, dtype, z.device):
+            s_logp = log_softmax_at(z[s_rows, : self.student_vocab], self.temperature, dtype)
+            out = out.index_put((s_rows,), projected_kl(target, s_logp, self._columns(z.device).used))
+            covered += s_rows.numel()
+        self._note_coverage(covered, flat_labels)
         return out.reshape(lead)
+
+    def chunk_value_and_grad(self, z: Tensor, teacher: Any, labels: Tensor, ws: Workspace, context: Any = None
+                             ) -> tuple[Tensor, Tensor]:
+        """The chunked path's kernel: ``d KL(t || softmax(z / T)) / dz = (softmax(z / T) - t) / T``, the target ``t``
+        subtracted on its spelled columns only (one dense softmax per chunk, like the label loss)."""
+        teacher = _aligned(teacher, self.name, windowed=True)
+        if z.shape[1] != self.student_vocab:
+            raise ValueError(f"projected_kd: the chunk has {z.shape[1]} logits per row but the student's vocabulary "
+                             f"has {self.student_vocab} tokens")
+        n = z.shape[0]
+        used = self._columns(z.device).used
+        s_logp = ws.student_logp(z, self.temperature)
+        grad = fast_exp(s_logp, ws.buf("tmp"))
+        target = torch.zeros(n, used.numel(), dtype=ws.dtype, device=z.device)  # rows without a target stay 0
+        covered = torch.zeros(n, dtype=torch.bool, device=z.device)
+        for s_rows, rows_target in self._row_targets(teacher, labels, ws.dtype, z.device):
+            target[s_rows], covered[s_rows] = rows_target, True
+        loss = projected_kl(target, s_logp, used)
+        grad[~covered] = 0.0  # rows without a target: no loss, no gradient
+        grad.index_add_(1, used, target, alpha=-1.0)
+        if self.temperature != 1.0:
+            grad.div_(self.temperature)
+        self._note_coverage(int(covered.sum()), labels)
+        return finish_chunk(loss, grad, labels, 1.0)
 
     def config(self) -> dict:
         return {"name": self.name, "temperature": self.temperature, "max_depth": self.max_depth}

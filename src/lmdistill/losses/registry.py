@@ -143,6 +143,7 @@ class Mixture(Objective):
         self.logit_parts = [(o, w) for o, w in self.parts if o.reads_logits]
         self.state_parts = [(o, w) for o, w in self.parts if o.uses_states]
         self.reads_logits = bool(self.logit_parts)
+        self.takes_aligned_windows = all(o.takes_aligned_windows for o, _ in self.logit_parts if o.requires_teacher)
         self.uses_states = bool(self.state_parts)
 
     def for_batch(self, batch: dict[str, Tensor]) -> Objective:

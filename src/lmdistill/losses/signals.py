@@ -430,7 +430,13 @@ def teacher_log_probs_into(
 
 def as_chunk_signal(teacher: TeacherSignal | tuple | list, n: int, vocab: int) -> TeacherSignal:
     """Check a chunked-path teacher against ``n`` student rows and ``vocab`` entries and return it flattened,
-    detached and in one dtype (a hand-written ``(hidden, weight[, bias])`` tuple becomes :class:`HiddenStates`)."""
+    detached and in one dtype (a hand-written ``(hidden, weight[, bias])`` tuple becomes :class:`HiddenStates`).
+    A cross-tokenizer teacher (:class:`~lmdistill.losses.crosstok.AlignedTeacher`) stays whole: its rows are the
+    teacher's own, and each chunk gets it cut to the chunk's student rows."""
+    if getattr(teacher, "kind", None) == CROSSTOK:
+        if teacher.student_rows != n:
+            raise ValueError(f"the teacher's alignment covers {teacher.student_rows} student rows but the student has {n}")
+        return teacher
     if isinstance(teacher, SparseTeacher):
         teacher = teacher.flatten()
         if teacher.num_rows != n:
@@ -465,7 +471,10 @@ def as_chunk_signal(teacher: TeacherSignal | tuple | list, n: int, vocab: int) -
 
 def chunk_rows(signal: TeacherSignal, start: int, stop: int, ws: "Workspace | None" = None) -> Teacher:
     """Rows ``start:stop`` of a (checked, flattened) chunked-path signal as a per-token teacher: dense logits
-    (built from hidden states or low-rank codes) or a sparse teacher."""
+    (built from hidden states or low-rank codes), a sparse teacher, or a cross-tokenizer teacher cut to those
+    student rows."""
+    if getattr(signal, "kind", None) == CROSSTOK:
+        return signal.cut(start, stop)
     if isinstance(signal, HiddenStates):
         return signal.logits_rows(start, stop, ws)
     return teacher_rows(signal, start, stop)

@@ -29,7 +29,7 @@ __all__ = ["AlignedLiveTeacher", "teacher_max_positions"]
 class AlignedLiveTeacher(TeacherBase):
     """Teacher signal across tokenizers: the teacher's logits over its own real vocabulary for its own tokenization
     of each student sequence, with the alignment of the two. Runs on packed blocks (every row a full block of
-    text); the plain loss path (cross-tokenizer objectives couple the rows of a sequence)."""
+    text); the plain loss path, except for objectives that take the student's rows chunk by chunk (projected_kd)."""
 
     signal_kinds = frozenset({CROSSTOK})
     scores_text = False  # it cannot score student ids; agreement metrics need one vocabulary
@@ -80,18 +80,16 @@ class AlignedLiveTeacher(TeacherBase):
         return self._forward(batch, states=False)[0]
 
     def chunked_signal(self, batch: dict[str, torch.Tensor]) -> AlignedTeacher:
-        return self.signal(batch)  # never chunked: the objectives couple each sequence's rows
-
-    def chunked_mismatch(self, probe_ids: torch.Tensor) -> str | None:
-        return "its signal lives on its own tokens (the chunked path builds logits on the student's rows)"
+        # the same signal: the chunked path cuts the student's rows, which only some objectives take (the trainer
+        # keeps the plain path for the others)
+        return self.signal(batch)
 
     @torch.no_grad()
     def signal_and_states(self, batch: dict[str, torch.Tensor], *, chunked: bool) -> tuple[AlignedTeacher, AlignedStates]:
         """The signal of :meth:`signal` and every hidden state of the same forward, in the teacher's own tokens, as
         :class:`~lmdistill.losses.representation.AlignedStates` (with the alignment): representation objectives
-        compare them with the student's at the aligned span ends. ``chunked`` changes nothing (the trainer asks
-        for it only when no logit part reads the teacher: this teacher keeps the plain path, see
-        :meth:`chunked_mismatch`)."""
+        compare them with the student's at the aligned span ends. ``chunked`` changes nothing (the signal is the
+        same on both paths)."""
         return self._forward(batch, states=True)
 
     def _forward(self, batch: dict[str, torch.Tensor], *, states: bool) -> tuple[AlignedTeacher, AlignedStates | None]:

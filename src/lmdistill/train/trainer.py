@@ -39,6 +39,7 @@ from lmdistill.data.blocks import BlockDataset, TokenStream
 from lmdistill.errors import ConfigError, LmdistillError
 from lmdistill.eval.lm import evaluate_lm
 from lmdistill.losses import Objective, fused_linear_distill, reduce_tokens
+from lmdistill.losses.signals import CROSSTOK
 from lmdistill.models.heads import LogitTransform, linear_head_mismatch, logit_transform
 from lmdistill.models.lora import enable_gradient_checkpointing, is_lora, load_lora_state, save_lora_student
 from lmdistill.teachers.base import TeacherSource
@@ -203,8 +204,8 @@ class Trainer:
         kept for: models that post-process logits (soft-capping, scaling: refused by config field and by a
         one-off bit-exact comparison of the model's logits with hidden @ W on this batch's first row, for the
         student here and for the teacher by its ``chunked_mismatch``),
-        sharded parameters (FSDP, DeepSpeed), and objectives coupling all rows of a batch (SinKD without a
-        group size). All ranks take the same decision. Under autocast the chunked path computes the
+        sharded parameters (FSDP, DeepSpeed), objectives coupling all rows of a batch (SinKD without a
+        group size) and cross-tokenizer objectives other than projected_kd (they couple each sequence's rows). All ranks take the same decision. Under autocast the chunked path computes the
         teacher's logits in float32 where the plain path has them in bf16/fp16: rounding differences only.
         """
         acc = self.accelerator
@@ -214,6 +215,8 @@ class Trainer:
             why = f"{acc.distributed_type.value} shards the output layer"
         elif self.objective.batch_coupled and self.objective.row_group_size is None:
             why = f"objective '{self.objective.name}' couples all rows of the batch"
+        elif needs_teacher and CROSSTOK in self.teacher.signal_kinds and not self.objective.takes_aligned_windows:
+            why = f"objective '{self.objective.name}' couples each sequence's rows across tokenizers"
         else:
             # one row, its real tokens only (left/right padding would give meaningless or NaN positions)
             mask = extra.get("attention_mask")

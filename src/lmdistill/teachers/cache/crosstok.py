@@ -253,7 +253,4 @@ class AlignedTeacherCache(TeacherCache):
                               self.teacher_vocab_size)
 
     def chunked_signal(self, batch: dict[str, torch.Tensor]) -> AlignedTeacher:
-        return self.signal(batch)  # never chunked: the cross-tokenizer objectives couple each sequence's rows
-
-    def chunked_mismatch(self, probe_ids: torch.Tensor) -> str | None:
-        return "its signal lives on the teacher's own tokens (the chunked path builds logits on the student's rows)"
+        return self.signal(batch)  # the chunked path cuts the student's rows (objectives with takes_aligned_windows)
