@@ -257,11 +257,15 @@ def test_teacher_pretrained_then_fine_tuned_on_the_task(tmp_path, compare_raw, k
 def test_command_line(tmp_path, compare_raw):
     path = write_config(tmp_path, compare_raw)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
+    done = Path(compare_raw["output_dir"]) / "cells" / "tiny--forward_kl--seed1"
+    done.mkdir(parents=True)
+    (done / "result.json").write_text("{}", encoding="utf-8")  # a cell an earlier run finished
     listed = subprocess.run([sys.executable, "-m", "lmdistill.cli", "compare", str(path), "--dry-run",
                              "--set", "grid.objectives=[forward_kl,not_installed]"],
                             capture_output=True, text=True, env=env, timeout=300)
     assert listed.returncode == 0, listed.stderr
-    assert "tiny--forward_kl--seed1" in listed.stdout
+    assert "tiny--forward_kl--seed1  (finished earlier)" in listed.stdout
+    assert "tiny--forward_kl--seed0\n" in listed.stdout and "(1 finished earlier)" in listed.stdout
     assert "tiny--not_installed--seed0  SKIPPED: objective: unknown objective" in listed.stdout
     bad = subprocess.run([sys.executable, "-m", "lmdistill.cli", "compare", str(path), "--set", "grid.sedes=[1]"],
                          capture_output=True, text=True, env=env, timeout=300)

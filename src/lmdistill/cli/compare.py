@@ -33,8 +33,18 @@ def compare(
     plan.command = shlex.join(["lmdistill", "compare", str(config), *(f"--set={o}" for o in set or []),
                                *([f"--jobs={jobs}"] if jobs is not None else [])])
     if dry_run:
+        from pathlib import Path
+
+        from lmdistill.compare.cell import RESULT_NAME
+
+        # a result from an earlier run: skipped when its settings hash still matches (checked when it runs, after
+        # the teachers are prepared)
+        has_result = {c.id for c in plan.cells if (Path(plan.output_dir) / "cells" / c.id / RESULT_NAME).exists()}
         for cell in plan.cells:
-            typer.echo(f"{cell.id}" + (f"  SKIPPED: {cell.skip.splitlines()[0]}" if cell.skip else ""))
-        typer.echo(f"{len(plan.cells)} cells, {sum(c.skip is None for c in plan.cells)} to run -> {plan.output_dir}")
+            note = f"  SKIPPED: {cell.skip.splitlines()[0]}" if cell.skip else ("  (finished earlier)" if cell.id in has_result else "")
+            typer.echo(f"{cell.id}{note}")
+        runnable = sum(c.skip is None for c in plan.cells)
+        typer.echo(f"{len(plan.cells)} cells, {runnable} not skipped ({len(has_result)} finished earlier) -> "
+                   f"{plan.output_dir}")
         return
     run_compare(plan, jobs=jobs, report_only=report_only)
