@@ -205,7 +205,8 @@ class Trainer:
         one-off bit-exact comparison of the model's logits with hidden @ W on this batch's first row, for the
         student here and for the teacher by its ``chunked_mismatch``),
         sharded parameters (FSDP, DeepSpeed), objectives coupling all rows of a batch (SinKD without a
-        group size) and cross-tokenizer objectives other than projected_kd (they couple each sequence's rows). All ranks take the same decision. Under autocast the chunked path computes the
+        group size) and cross-tokenizer objectives other than projected_kd (they couple each sequence's rows).
+        All ranks take the same decision. Under autocast the chunked path computes the
         teacher's logits in float32 where the plain path has them in bf16/fp16: rounding differences only.
         """
         acc = self.accelerator
