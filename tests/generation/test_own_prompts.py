@@ -15,7 +15,6 @@ from lmdistill.errors import ConfigError, DataError
 from lmdistill.generation.config import TaskConfig
 from lmdistill.generation.run import build_task_run
 from lmdistill.generation.tasks import apply_chat_template, build_task
-from tests.generation.conftest import tiny_gpt2
 from tests.generation.test_run import app_with_commands, task_cfg
 
 
@@ -95,22 +94,14 @@ def test_mistakes_in_own_task_files_are_named(tmp_path):
         TaskConfig(path=str(plain), prompt_template="no placeholder")
 
 
-@pytest.fixture(scope="module")
-def own_student(tmp_path_factory, verse_tokenizer):
-    path = tmp_path_factory.mktemp("own-models") / "student"
-    tiny_gpt2(verse_tokenizer, layers=1, hidden=32, seed=3).save_pretrained(path)
-    verse_tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("regime", [
     {"kind": "on_policy", "lmbda": 1.0, "sampling": {"max_new_tokens": 6}},
     {"kind": "scrg", "sampling": {"max_new_tokens": 6}},
     {"kind": "kid", "kid_mask_ratio": 0.2},
 ])
-def test_every_regime_trains_on_own_prompts(tmp_path, own_student, saved_teacher, chat_examples, regime):
+def test_every_regime_trains_on_own_prompts(tmp_path, student_dir, saved_teacher, chat_examples, regime):
     task = {"path": str(chat_examples), "max_examples": {"train": 40, "validation": 8, "test": 8}}
-    cfg = task_cfg(tmp_path, own_student, saved_teacher, objective="forward_kl",
+    cfg = task_cfg(tmp_path, student_dir, saved_teacher, objective="forward_kl",
                    regime={**regime, "max_length": 48, "task": task}, train={"steps": 2})
     run = build_task_run(cfg, show_progress=False)
     assert all(d.meta.get("messages") for d in run.splits["train"])
@@ -118,7 +109,7 @@ def test_every_regime_trains_on_own_prompts(tmp_path, own_student, saved_teacher
     assert run.trainer.step == 2 and all(r["loss"] == r["loss"] for r in result.history if "loss" in r)
 
 
-def test_generate_sft_and_sequence_kd_on_own_prompts_through_the_cli(tmp_path, own_student, saved_teacher, own_examples):
+def test_generate_sft_and_sequence_kd_on_own_prompts_through_the_cli(tmp_path, student_dir, saved_teacher, own_examples):
     runner = CliRunner()
     app = app_with_commands()
     task = {"path": str(own_examples), "max_examples": {"train": 16, "validation": 8, "test": 8}}
@@ -129,12 +120,12 @@ def test_generate_sft_and_sequence_kd_on_own_prompts_through_the_cli(tmp_path, o
     result = runner.invoke(app, ["generate", str(gen)])
     assert result.exit_code == 0, result.output
     assert len(store.read_text().splitlines()) == 16
-    sft = task_cfg(tmp_path / "sft", own_student).model_dump(mode="json")
+    sft = task_cfg(tmp_path / "sft", student_dir).model_dump(mode="json")
     sft["regime"]["task"] = task
     (tmp_path / "sft.yaml").write_text(yaml.safe_dump(sft))
     result = runner.invoke(app, ["sft", str(tmp_path / "sft.yaml"), "--set", "train.steps=2"])
     assert result.exit_code == 0, result.output
-    kd = task_cfg(tmp_path / "kd", own_student).model_dump(mode="json")
+    kd = task_cfg(tmp_path / "kd", student_dir).model_dump(mode="json")
     kd["regime"] = {"kind": "sequence_kd", "store": str(store), "max_length": 48, "task": task}
     (tmp_path / "kd.yaml").write_text(yaml.safe_dump(kd))
     result = runner.invoke(app, ["distill", str(tmp_path / "kd.yaml"), "--set", "train.steps=2"])
