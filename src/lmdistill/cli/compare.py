@@ -33,13 +33,11 @@ def compare(
     plan.command = shlex.join(["lmdistill", "compare", str(config), *(f"--set={o}" for o in set or []),
                                *([f"--jobs={jobs}"] if jobs is not None else [])])
     if dry_run:
-        from pathlib import Path
-
-        from lmdistill.compare.cell import RESULT_NAME
+        from lmdistill.compare.cell import RESULT_NAME, cell_dir
 
         # a result from an earlier run: skipped when its settings hash still matches (checked when it runs, after
         # the teachers are prepared)
-        has_result = {c.id for c in plan.cells if (Path(plan.output_dir) / "cells" / c.id / RESULT_NAME).exists()}
+        has_result = {c.id for c in plan.cells if (cell_dir(plan.output_dir, c.id) / RESULT_NAME).exists()}
         for cell in plan.cells:
             note = f"  SKIPPED: {cell.skip.splitlines()[0]}" if cell.skip else ("  (finished earlier)" if cell.id in has_result else "")
             typer.echo(f"{cell.id}{note}")

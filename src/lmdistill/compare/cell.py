@@ -25,11 +25,16 @@ from typing import Any
 
 from lmdistill.errors import LmdistillError
 
-__all__ = ["run_cell_spec", "main", "RESULT_NAME", "ATTEMPTS_NAME", "PROBE_NAME", "seconds_per_step"]
+__all__ = ["run_cell_spec", "main", "cell_dir", "RESULT_NAME", "ATTEMPTS_NAME", "PROBE_NAME", "seconds_per_step"]
 
 RESULT_NAME = "result.json"
 ATTEMPTS_NAME = "attempts.jsonl"
 PROBE_NAME = "probe.json"
+
+
+def cell_dir(output_dir: Path | str, cell_id: str) -> Path:
+    """Where a grid's cell trains and keeps its result: ``OUTPUT_DIR/cells/CELL_ID``."""
+    return Path(output_dir) / "cells" / cell_id
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:

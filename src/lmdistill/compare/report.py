@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from lmdistill.compare.cell import RESULT_NAME, corpus_name
+from lmdistill.compare.cell import RESULT_NAME, cell_dir, corpus_name
 from lmdistill.compare.grid import Cell, Row
 from lmdistill.report.stats import PairedTest, Summary, paired_t_test, summarize
 
@@ -78,8 +78,8 @@ class CellRecord:
 def collect(cells: list[Cell], output_dir: Path) -> list[CellRecord]:
     records = []
     for cell in cells:
-        cell_dir = output_dir / "cells" / cell.id
-        result_path, failure_path = cell_dir / RESULT_NAME, cell_dir / "failure.json"
+        where = cell_dir(output_dir, cell.id)
+        result_path, failure_path = where / RESULT_NAME, where / "failure.json"
         if cell.skip is not None:
             records.append(CellRecord(cell, "skipped", error=cell.skip))
         elif result_path.exists():
@@ -202,7 +202,7 @@ def _curves(records: list[CellRecord], output_dir: Path) -> dict[str, dict[int, 
     for record in records:
         if record.status != "done":
             continue
-        path = output_dir / "cells" / record.cell.id / "metrics.jsonl"
+        path = cell_dir(output_dir, record.cell.id) / "metrics.jsonl"
         if not path.exists():
             continue
         points = series.setdefault(record.cell.row.label, {})
@@ -229,7 +229,7 @@ def _teacher_rows(output_dir: Path, in_domain: str | None) -> list[tuple[str, di
 def _row_config(output_dir: Path, row_results_: RowResults) -> tuple[str, str] | None:
     """(cell id, its saved run config) of the row's first finished cell."""
     for cell_id in row_results_.cell_ids[:1]:
-        path = output_dir / "cells" / cell_id / "config.yaml"
+        path = cell_dir(output_dir, cell_id) / "config.yaml"
         if path.exists():
             return cell_id, path.read_text(encoding="utf-8")
     return None

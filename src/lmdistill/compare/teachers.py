@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmdistill.compare.cell import cell_dir
 from lmdistill.compare.config import TEACHER_ANSWERS, BuildSpec, CompareConfig, TeacherChoice
 from lmdistill.compare.grid import Cell
 from lmdistill.config import apply_overrides, read_config_mapping, validate_config
@@ -188,7 +189,7 @@ def resolve_cell_config(cell: Cell, teachers: dict[str, PreparedTeacher], output
     """The cell's complete raw run config: its output directory, teacher section and answer store filled in
     (``stores`` remembers the answer stores already checked, so the seeds of a row check theirs once)."""
     raw = copy.deepcopy(cell.config)
-    raw["output_dir"] = str(output_dir / "cells" / cell.id)
+    raw["output_dir"] = str(cell_dir(output_dir, cell.id))
     if cell.teacher is not None:
         teacher = teachers[cell.teacher]
         raw["teacher"] = teacher.section()

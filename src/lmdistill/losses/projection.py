@@ -228,6 +228,7 @@ class ProjectedKD(Objective):
         self.student_vocab = student_vocab
         self.last_coverage: float | None = None  # share of valid student rows with a target, last batch
         self._spelled: tuple[Tensor, SpelledColumns] | None = None  # (spellings, their columns)
+        self._rows: tuple[AlignedBatch, ProjectionRows] | None = None  # (alignment, its projection rows)
 
     def bind_models(self, pair: ModelPair) -> None:
         if self.spellings is None:
@@ -236,6 +237,8 @@ class ProjectedKD(Objective):
 
     def _columns(self, device: torch.device) -> SpelledColumns:
         """The spelled columns of the bound spellings (computed once per spellings tensor), on ``device``."""
+        if self.spellings is None or self.student_vocab is None:
+            raise ValueError("projected_kd has no spellings: bind the run's models first (bind_models)")
         if self._spelled is None or self._spelled[0] is not self.spellings:
             self._spelled = (self.spellings, SpelledColumns.of(self.spellings, self.student_vocab))
         return self._spelled[1].to(device)
@@ -244,10 +247,11 @@ class ProjectedKD(Objective):
                      ) -> Iterator[tuple[Tensor, Tensor]]:
         """``(student rows, their targets [rows, C])`` for the valid student rows with a target, a few hundred rows at
         a time (the teacher-side ``[rows, V_t]`` buffers stay bounded); rows count from the window's start."""
-        if self.spellings is None or self.student_vocab is None:
-            raise ValueError("projected_kd has no spellings: bind the run's models first (bind_models)")
         columns = self._columns(device)
-        rows = projection_rows(teacher.alignment.to(device), self.spellings.shape[1])
+        # the chunked path asks once per chunk with the same alignment: its rows are computed once
+        if self._rows is None or self._rows[0] is not teacher.alignment:
+            self._rows = (teacher.alignment, projection_rows(teacher.alignment.to(device), self.spellings.shape[1]))
+        rows = self._rows[1]
         if teacher.window is not None:  # a chunk of the chunked path: its student rows only, numbered from 0
             start, stop = teacher.window
             inside = (rows.student_rows >= start) & (rows.student_rows < stop)
@@ -270,9 +274,10 @@ class ProjectedKD(Objective):
         dtype = compute_dtype(z, signal_values(teacher.logits))
         out = torch.zeros(z.shape[0], dtype=dtype, device=z.device)
         covered = 0
+        used = self._columns(z.device).used
         for s_rows, target in self._row_targets(teacher, flat_labels, dtype, z.device):
             s_logp = log_softmax_at(z[s_rows, : self.student_vocab], self.temperature, dtype)
-            out = out.index_put((s_rows,), projected_kl(target, s_logp, self._columns(z.device).used))
+            out = out.index_put((s_rows,), projected_kl(target, s_logp, used))
             covered += s_rows.numel()
         self._note_coverage(covered, flat_labels)
         return out.reshape(lead)
