@@ -75,4 +75,4 @@ def test_the_shipped_regimes_grid_runs_every_row_at_toy_size(tmp_path: Path, com
         assert 0.0 <= metrics["rouge_l"] <= 1.0 and 0.0 <= metrics["exact_match"] <= 1.0, cell.id
         assert metrics["bits_per_byte"] > 0, cell.id
     report = (plan.output_dir / "report.md").read_text(encoding="utf-8")
-    assert all(f"{label}" in report for label in ("MiniLLM", "SCRG", "KID", "sequence-level", "on-policy"))
+    assert all(label in report for label in ("MiniLLM", "SCRG", "KID", "sequence-level", "on-policy"))
