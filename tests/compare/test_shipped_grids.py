@@ -12,10 +12,12 @@ import pytest
 import yaml
 
 from lmdistill.compare import load_compare_config, plan_grid, run_compare
+from lmdistill.compare.cell import RESULT_NAME, cell_dir
 from lmdistill.compare.runner import _validate
 from tests.compare.conftest import write_config
 
-GRIDS = sorted((Path(__file__).resolve().parents[2] / "configs" / "compare").glob("*.yaml"))
+GRIDS_DIR = Path(__file__).resolve().parents[2] / "configs" / "compare"
+GRIDS = sorted(GRIDS_DIR.glob("*.yaml"))
 
 
 def test_the_three_ready_grids_are_shipped():
@@ -43,7 +45,7 @@ def test_every_cell_of_a_shipped_grid_runs_and_validates(path: Path, tmp_path: P
 
 
 def test_the_objectives_grid_has_every_method_the_comparison_names():
-    path = next(p for p in GRIDS if p.stem == "objectives")
+    path = GRIDS_DIR / "objectives.yaml"
     config, raw = load_compare_config(path)
     objectives = {cell.row.objective.split("(")[0] for cell in plan_grid(config, raw, str(path)).cells}
     expected = {"forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl", "akl", "taid", "atkd",
@@ -53,7 +55,7 @@ def test_the_objectives_grid_has_every_method_the_comparison_names():
 
 def test_the_shipped_regimes_grid_runs_every_row_at_toy_size(tmp_path: Path, compare_raw: dict):
     """The shipped rows and their settings, on the tiny teacher and student: 2 steps, a few prompts, one seed."""
-    raw = yaml.safe_load(next(p for p in GRIDS if p.stem == "regimes").read_text(encoding="utf-8"))
+    raw = yaml.safe_load((GRIDS_DIR / "regimes.yaml").read_text(encoding="utf-8"))
     base = raw["base"]
     base["student"] = compare_raw["base"]["student"]
     base["cache_dir"] = compare_raw["base"]["data"]["cache_dir"]
@@ -70,7 +72,7 @@ def test_the_shipped_regimes_grid_runs_every_row_at_toy_size(tmp_path: Path, com
     rows = {cell.row.label for cell in plan.cells}
     assert len(rows) == len(raw["grid"]["regimes"]) == len(plan.cells)
     for cell in plan.cells:
-        result = json.loads((plan.output_dir / "cells" / cell.id / "result.json").read_text(encoding="utf-8"))
+        result = json.loads((cell_dir(plan.output_dir, cell.id) / RESULT_NAME).read_text(encoding="utf-8"))
         metrics = result["metrics"]
         assert 0.0 <= metrics["rouge_l"] <= 1.0 and 0.0 <= metrics["exact_match"] <= 1.0, cell.id
         assert metrics["bits_per_byte"] > 0, cell.id
