@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from lmdistill.losses import ForwardKL, ReverseKL, SparseTeacher
-from lmdistill.losses.akl import AdaptiveKL, akl_weights
+from lmdistill.losses.akl import AdaptiveKL, akl_head_mask, akl_weights
 from lmdistill.losses.core import Workspace
 from tests.losses import logit_refs as ref
 from tests.losses.helpers import make_inputs
@@ -73,6 +73,45 @@ def test_padded_vocabulary_and_sparse_teacher():
     z, zt, labels = make_inputs((10, 7), seed=9)
     full = SparseTeacher.from_logits(zt, k=7)
     torch.testing.assert_close(AdaptiveKL().per_token(z, full, labels), AdaptiveKL().per_token(z, zt, labels))
+
+
+def _head_by_full_sort(p: torch.Tensor, mu: float) -> torch.Tensor:
+    """The head rule read off a stable descending sort of the whole row (the official code's order)."""
+    p_sorted, order = torch.sort(p, dim=-1, descending=True, stable=True)
+    head = torch.cumsum(p_sorted, dim=-1) <= mu
+    head[:, 0] = True
+    return torch.zeros_like(head).scatter_(-1, order, head)
+
+
+@settings(max_examples=120, deadline=None)
+@given(rows=st.integers(1, 5), v=st.sampled_from([3, 64, 65, 300]), levels=st.integers(0, 5),
+       spread=st.floats(0.0, 15.0), mu=st.floats(0.01, 0.99),
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_head_mask_is_the_full_sorts(rows, v, levels, spread, mu, dtype, seed):
+    """The top-k head equals the one read off a full stable sort, token for token: logits on a few levels give
+    many equal probabilities at the head's boundary (taken in vocabulary order), a small spread gives rows
+    too flat for the top 64 to reach mu (sorted fully), a large one rows whose head is one token."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randint(0, levels + 1, (rows, v), generator=g).double() * (spread / max(levels, 1))
+    p = torch.softmax(logits, dim=-1).to(dtype)
+    assert torch.equal(akl_head_mask(p, mu), _head_by_full_sort(p, mu))
+
+
+def test_flat_and_peaked_rows_of_a_large_vocabulary_match_the_papers_rule():
+    """Rows whose head needs more than the 64 top-k candidates (near-uniform teachers over 500 tokens) and
+    rows whose head is a few tokens, in one batch: values and gradients against the float64 reference."""
+    z, zt, labels = make_inputs((12, 500), seed=21, scale=3.0)
+    zt[::3] *= 0.01  # every third row nearly uniform: the top 64 hold about 13% of the mass
+    zt[1::3] *= 10.0
+    p = torch.softmax(zt, dim=-1)
+    assert torch.topk(p, 64).values.sum(-1).lt(0.5).sum().item() == 4
+    for mu in (0.1, 0.5, 0.9):
+        leaf = z.clone().requires_grad_(True)
+        got = AdaptiveKL(mu=mu).per_token(leaf, zt, labels)
+        want, want_grad = ref.akl(z.numpy(), zt.numpy(), labels.numpy(), mu)
+        np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-10, atol=1e-13)
+        (grad,) = torch.autograd.grad(got.sum(), leaf)
+        np.testing.assert_allclose(grad.numpy(), want_grad, rtol=1e-9, atol=1e-13)
 
 
 logit_rows = st.integers(1, 4).flatmap(

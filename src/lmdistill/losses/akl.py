@@ -8,34 +8,73 @@ from torch import Tensor
 from lmdistill.losses.core import Divergence, Workspace, finish_chunk, finite_products, kl_from_log_probs
 from lmdistill.losses.signals import Teacher
 
-__all__ = ["AdaptiveKL", "akl_weights"]
+__all__ = ["AdaptiveKL", "akl_head_mask", "akl_weights"]
+
+
+# Candidates ranked by a partial top-k before falling back to a full sort: a trained teacher's head up to
+# mu = 0.5 is a handful of tokens, and a full sort of the vocabulary costs more than the rest of the loss.
+_HEAD_CANDIDATES = 64
+
+
+def akl_head_mask(p: Tensor, mu: float) -> Tensor:
+    """The head of each row of teacher probabilities ``p`` ``[N, V]``, as a mask in vocabulary order.
+
+    Sorted in descending order (ties in vocabulary order, as a stable sort puts them), position ``k`` is head
+    while the cumulative probability up to and including it is at most ``mu``; the first always is. The head
+    count comes from the top-``64`` probabilities, whose cumulative sums are the first entries of the full
+    sort's; the head is then every token above the last head value plus, among the tokens equal to it, as many
+    as are left in vocabulary order. Rows whose top 64 do not reach ``mu`` (a flat teacher) are sorted fully.
+    """
+    n, v = p.shape
+    k = min(_HEAD_CANDIDATES, v)
+    top = torch.topk(p, k, dim=-1, sorted=True).values
+    cum = torch.cumsum(top, dim=-1)
+    count = (cum <= mu).sum(-1).clamp_(min=1)
+    last = top.gather(-1, (count - 1).unsqueeze(-1))
+    head = p >= last
+    # more tokens equal to the last head value than places left for them: the first ones in vocabulary order
+    crowded = (head.sum(-1) > count).nonzero().squeeze(-1)
+    if crowded.numel():
+        rows, edge = p[crowded], last[crowded]
+        above, tied = rows > edge, rows == edge
+        left = (count[crowded] - above.sum(-1)).unsqueeze(-1)
+        head[crowded] = above | (tied & (torch.cumsum(tied, dim=-1) <= left))
+    open_rows = (cum[:, -1] <= mu).nonzero().squeeze(-1) if k < v else cum.new_zeros(0, dtype=torch.long)
+    if open_rows.numel():
+        every = open_rows.numel() == n
+        p_open = p if every else p[open_rows]
+        p_sorted, order = torch.sort(p_open, dim=-1, descending=True, stable=True)
+        sorted_head = torch.cumsum(p_sorted, dim=-1) <= mu
+        sorted_head[:, 0] = True
+        by_vocab = torch.zeros_like(sorted_head).scatter_(-1, order, sorted_head)
+        if every:
+            return by_vocab
+        head[open_rows] = by_vocab
+    return head
 
 
 def akl_weights(s_logp: Tensor, t_logp: Tensor, mu: float) -> tuple[Tensor, Tensor]:
-    """AKL's per-row weights ``(w_head, w_tail)`` from log-probabilities ``[N, V]`` (no gradient).
+    """AKL's per-row weights ``(w_head, w_tail)`` from log-probabilities ``[..., V]`` (no gradient).
 
-    The teacher's probabilities are sorted in descending order (a stable sort: equal probabilities keep their
-    vocabulary order) and the student's are gathered into the same order. An entry belongs to the head while
-    the teacher's cumulative probability up to and including it is at most ``mu``; the first entry always
-    does. ``g_head`` and ``g_tail`` are the sums of ``|p - q|`` over the head and the tail, and the weights
-    are ``g_head / (g_head + g_tail)`` and ``g_tail / (g_head + g_tail)``; a row with ``p == q`` (both gaps 0,
-    where both divergences vanish) gets 1/2 each.
+    The head is :func:`akl_head_mask`: the teacher's most likely tokens, sorted in descending order, while
+    their cumulative probability is at most ``mu`` (the first always). ``g_head`` and ``g_tail`` are the sums
+    of ``|p - q|`` over the head and the tail, and the weights are ``g_head / (g_head + g_tail)`` and
+    ``g_tail / (g_head + g_tail)``; a row with ``p == q`` (both gaps 0, where both divergences vanish) gets
+    1/2 each.
     """
     with torch.no_grad():
-        p = t_logp.exp()
-        q = s_logp.exp()
-        p_sorted, order = torch.sort(p, dim=-1, descending=True, stable=True)
-        gap = (p_sorted - q.gather(-1, order)).abs()
-        tail = torch.cumsum(p_sorted, dim=-1) > mu
-        tail[..., 0] = False
-        g_tail = torch.where(tail, gap, 0.0).sum(-1)
-        g_head = torch.where(tail, 0.0, gap).sum(-1)
+        shape = t_logp.shape[:-1]
+        p = t_logp.exp().reshape(-1, t_logp.shape[-1])
+        gap = (p - s_logp.exp().reshape(p.shape)).abs()
+        head = akl_head_mask(p, mu)
+        g_head = torch.where(head, gap, 0.0).sum(-1)
+        g_tail = torch.where(head, 0.0, gap).sum(-1)
         total = g_head + g_tail
         tied = total == 0
         safe_total = torch.where(tied, 1.0, total)
         w_head = torch.where(tied, 0.5, g_head / safe_total)
         w_tail = torch.where(tied, 0.5, g_tail / safe_total)
-    return w_head, w_tail
+    return w_head.reshape(shape), w_tail.reshape(shape)
 
 
 class AdaptiveKL(Divergence):
@@ -50,7 +89,8 @@ class AdaptiveKL(Divergence):
     teacher probability exceeds ``mu`` as tail (the first position is always head). The mask is built and
     applied in the sorted order; a mask computed on sorted probabilities but applied to the unsorted gaps (as
     a baseline copy in another public repository does) puts arbitrary tokens in the head. See
-    :func:`akl_weights`.
+    :func:`akl_weights`; :func:`akl_head_mask` finds the same head without sorting the whole vocabulary when
+    the teacher's top 64 tokens reach ``mu`` (``bench/akl_head.py``).
 
     The weights are constants for the gradient (the official code computes them from the detached student).
     Both distributions are taken at ``temperature`` (the official code uses 1). Where the official code
