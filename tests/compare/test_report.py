@@ -10,8 +10,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 from lmdistill.compare.config import CompareConfig
-from lmdistill.compare.grid import expand_grid
-from lmdistill.compare.report import write_report
+from lmdistill.compare.grid import NO_AXIS, Row, expand_grid
+from lmdistill.compare.report import baseline_row, write_report
 from lmdistill.compare.runner import Plan
 from lmdistill.config import validate_config
 
@@ -120,3 +120,22 @@ def test_html_is_self_contained_and_well_formed(tmp_path):
     assert "1.4400 ± 0.0361" in parser.best and "0.3100 ± 0.0100" in parser.best
     assert "&lt;" not in "".join(parser.best)
     assert "objective: reverse_kl" in page  # each row's run config is embedded
+
+
+def test_rows_that_change_another_axis_are_compared_with_the_closest_baseline_row():
+    """A regime row with its own objective has no baseline row that differs only in the regime: it is compared
+    with the baseline row sharing most of its other axes, when exactly one does; baseline rows never are."""
+    t, off, on = "t", "off-policy", "on-policy"
+    present = {Row(t, off, "forward_kl"), Row(t, on, "forward_kl"), Row(t, on, "distillm2"), Row(t, "MiniLLM", "minillm")}
+    by_regime = {"regime": off}
+    assert baseline_row(Row(t, on, "forward_kl"), by_regime, present) == Row(t, off, "forward_kl")
+    assert baseline_row(Row(t, on, "distillm2"), by_regime, present) == Row(t, off, "forward_kl")
+    assert baseline_row(Row(t, "MiniLLM", "minillm"), by_regime, present) == Row(t, off, "forward_kl")
+    assert baseline_row(Row(t, off, "forward_kl"), by_regime, present) is None
+    # two teachers: each objective row is compared within its teacher; a row of a third teacher with no baseline
+    # row of its own is equally close to both, so it is not compared
+    by_objective = {"objective": "forward_kl"}
+    two = {Row("t7m", NO_AXIS, "forward_kl"), Row("t12m", NO_AXIS, "forward_kl"), Row("t12m", NO_AXIS, "taid")}
+    assert baseline_row(Row("t12m", NO_AXIS, "taid"), by_objective, two) == Row("t12m", NO_AXIS, "forward_kl")
+    assert baseline_row(Row("t3", NO_AXIS, "taid"), by_objective, two) is None
+    assert baseline_row(Row("t12m", NO_AXIS, "forward_kl"), by_objective, two) is None

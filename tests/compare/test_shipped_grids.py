@@ -6,14 +6,22 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lmdistill.compare import load_compare_config, plan_grid, run_compare
 from lmdistill.compare.cell import RESULT_NAME, cell_dir
 from lmdistill.compare.runner import _validate
+from lmdistill.data.tokenizer import load_tokenizer
+from lmdistill.generation.batching import encode_examples
+from lmdistill.generation.metrics import evaluate_generation
+from lmdistill.generation.sampling import SamplingParams
+from lmdistill.generation.tasks import build_task
+from lmdistill.models.loading import load_causal_lm
 from tests.compare.conftest import write_config
 
 GRIDS_DIR = Path(__file__).resolve().parents[2] / "configs" / "compare"
@@ -78,3 +86,27 @@ def test_the_shipped_regimes_grid_runs_every_row_at_toy_size(tmp_path: Path, com
         assert metrics["bits_per_byte"] > 0, cell.id
     report = (plan.output_dir / "report.md").read_text(encoding="utf-8")
     assert all(label in report for label in ("MiniLLM", "SCRG", "KID", "sequence-level", "on-policy"))
+    # the teacher's own task scores, taken as the cells' are: response bits per byte on the validation examples the
+    # trainer scores (eval.max_batches x eval.batch_size), summed here example by example without padding; ROUGE-L
+    # and exact match of its greedy answers to the same test prompts
+    reference = json.loads((plan.output_dir / "teachers" / "tiny" / "reference.json").read_text(encoding="utf-8"))
+    task_config = _validate(next(iter(plan.specs.values()))["config"], "task", "cell")
+    splits = build_task(task_config.regime.task)
+    teacher_dir = Path(plan.teachers["tiny"].path)
+    model, tokenizer = load_causal_lm(teacher_dir).eval(), load_tokenizer(teacher_dir)
+    docs = splits["validation"][: task_config.eval.max_batches * task_config.eval.batch_size]
+    nll = 0.0
+    with torch.no_grad():
+        for example in encode_examples(tokenizer, docs):
+            ids = torch.tensor(example.prompt + example.response)
+            logp = torch.log_softmax(model(input_ids=ids[None, :-1]).logits[0, :, : len(tokenizer)].double(), dim=-1)
+            targets = ids[len(example.prompt):]
+            nll -= logp[len(example.prompt) - 1:].gather(-1, targets[:, None]).sum().item()
+    n_bytes = sum(len(d.response.encode("utf-8")) for d in docs)
+    assert reference["task"]["bits_per_byte"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
+    direct = evaluate_generation(model, tokenizer, splits["test"][:8], params=SamplingParams(greedy=True, max_new_tokens=12),
+                                 batch_size=8)
+    assert (reference["task"]["rouge_l"], reference["task"]["exact_match"]) == pytest.approx((direct.rouge_l,
+                                                                                               direct.exact_match))
+    teacher_line = next(line for line in report.splitlines() if line.startswith("| *teacher tiny"))
+    assert f"*{reference['task']['bits_per_byte']:.4f}*" in teacher_line

@@ -2,9 +2,10 @@
 
 * **Table**: one row per method setting, every metric as mean +- sample standard deviation over the finished
   seeds; the best mean of each column is marked (bold; lower is better for bits per byte, KL, time and memory,
-  higher for agreement, ROUGE-L, exact match and tokens/s). The teachers' own bits per byte follow as reference
-  rows (never marked).
-* **Differences to the baseline row** (``baseline:``, plain forward KL by default) with the same other axes:
+  higher for agreement, ROUGE-L, exact match and tokens/s). The teachers' own bits per byte (and task scores)
+  follow as reference rows (never marked).
+* **Differences to the baseline row** (``baseline:``, plain forward KL by default) with the same other axes
+  (for a row that changes another axis too, the baseline row closest to it: :func:`baseline_row`):
   mean difference over seeds paired by seed, its standard deviation and the two-sided p-value of the paired
   t-test (:mod:`lmdistill.report.stats`). Few seeds give wide intervals: read p as a screen, not a verdict.
 * **Plots**: validation bits per byte against steps (mean over seeds, +- one standard deviation band), and
@@ -20,7 +21,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,8 @@ from lmdistill.compare.cell import RESULT_NAME, cell_dir, corpus_name
 from lmdistill.compare.grid import Cell, Row
 from lmdistill.report.stats import PairedTest, Summary, paired_t_test, summarize
 
-__all__ = ["MetricSpec", "metric_specs", "collect", "RowResults", "row_results", "best_rows", "baseline_tests",
-           "write_report", "environment"]
+__all__ = ["MetricSpec", "metric_specs", "collect", "RowResults", "row_results", "best_rows", "baseline_row",
+           "baseline_tests", "write_report", "environment"]
 
 
 @dataclass(frozen=True)
@@ -126,16 +127,38 @@ def best_rows(rows: list[RowResults], spec: MetricSpec) -> set[int]:
     return {i for i, m in means.items() if m == target}
 
 
+AXES = tuple(f.name for f in fields(Row))
+
+
+def is_baseline(row: Row, baseline: dict[str, str]) -> bool:
+    return all(row.axis(k) == v for k, v in baseline.items())
+
+
+def baseline_row(row: Row, baseline: dict[str, str], present: set[Row]) -> Row | None:
+    """The row ``row`` is compared with: the ``baseline`` axes' labels with ``row``'s other axes. Where the grid
+    has no such row (a row that changes another axis too, e.g. a regime row with its own objective), the
+    baseline row that shares most of ``row``'s other axes, when exactly one does. None for a baseline row
+    itself and for a row with no (or no unique) closest baseline row."""
+    if is_baseline(row, baseline):
+        return None
+    exact = Row(**{a: baseline.get(a, row.axis(a)) for a in AXES})
+    if exact in present:
+        return exact
+    candidates = [r for r in present if is_baseline(r, baseline)]
+    shared = {r: sum(r.axis(a) == row.axis(a) for a in AXES if a not in baseline) for r in candidates}
+    closest = [r for r in candidates if shared[r] == max(shared.values())] if shared else []
+    return closest[0] if len(closest) == 1 else None
+
+
 def baseline_tests(rows: list[RowResults], baseline: dict[str, str], specs: list[MetricSpec]
                    ) -> dict[Row, tuple[Row, dict[str, PairedTest]]]:
-    """For each row with a baseline row (the ``baseline`` axes' labels, the other axes equal): the paired test
-    of each quality metric over the seeds both finished."""
+    """For each row with a baseline row (:func:`baseline_row`): the paired test of each quality metric over
+    the seeds both finished."""
     by_row = {r.row: r for r in rows}
     out = {}
     for r in rows:
-        axes = {"teacher": r.row.teacher, "regime": r.row.regime, "objective": r.row.objective, **baseline}
-        base_row = Row(**axes)
-        if base_row == r.row or base_row not in by_row:
+        base_row = baseline_row(r.row, baseline, set(by_row))
+        if base_row is None:
             continue
         base = by_row[base_row]
         tests = {}
@@ -222,6 +245,7 @@ def _teacher_rows(output_dir: Path, in_domain: str | None) -> list[tuple[str, di
         ref = json.loads(path.read_text(encoding="utf-8"))
         values = {("bits_per_byte" if corpus == in_domain else f"ood/{corpus_name(corpus)}"): s["bits_per_byte"]
                   for corpus, s in ref["scores"].items()}
+        values.update({k: ref["task"][k] for k in ("bits_per_byte", "rouge_l", "exact_match") if k in ref.get("task", {})})
         rows.append((f"teacher {ref['teacher']} ({ref['params_m']:.1f}M params)", values))
     return rows
 
@@ -318,6 +342,10 @@ def write_report(plan: Any, *, run_seconds: float | None = None) -> Path:
                  "process's peak so far)")
     notes.append("the tables score every cell on the same validation blocks (evaluation.max_batches); the learning "
                  "curves show the trainer's periodic validation (base eval settings), so their last points may differ")
+    unpaired = [r.row.label for r in rows if r.row not in tests and not is_baseline(r.row, plan.config.baseline)]
+    if unpaired:
+        notes.append("not compared with the baseline (no baseline row shares more of their other axes than another): "
+                     + ", ".join(unpaired))
     # the environment the cells ran in (saved by the last run that trained), else this process's
     env_path = output_dir / "environment.json"
     env = json.loads(env_path.read_text(encoding="utf-8")) if env_path.exists() else environment()

@@ -129,27 +129,35 @@ def _streams_for(plan: Plan, tokenizer: Any, corpora: list[str]) -> dict[str, st
     return paths
 
 
-def _teacher_reference(plan: Plan, teacher: PreparedTeacher, streams: dict[str, str], block_size: int) -> None:
-    """The teacher's own bits per byte on the grid's streams (the report's reference row), computed once."""
+def _teacher_reference(plan: Plan, teacher: PreparedTeacher, streams: dict[str, str], block_size: int,
+                       task_config: Any = None) -> None:
+    """The teacher's own numbers (the report's reference row), computed once: bits per byte on the grid's
+    streams and, for a task grid (``task_config``: one of its cells' validated config), its task scores as the
+    cells are scored (response bits per byte, ROUGE-L, exact match)."""
     from lmdistill.compare.evaluate import evaluate_model_on_streams
     from lmdistill.data.blocks import TokenStream
-    from lmdistill.models.loading import load_causal_lm
+    from lmdistill.models.loading import count_parameters, load_causal_lm
 
-    if not streams or not all(streams.values()):
+    if not all(streams.values()):
         return
     ev = plan.config.evaluation
-    key = config_hash([str(teacher.path), streams, ev.model_dump(), block_size])
+    task_settings = None if task_config is None else task_config.model_dump(
+        mode="json", include={"regime": {"task", "max_length"}, "eval": {"batch_size", "max_batches"}, "generation": True})
+    key = config_hash([str(teacher.path), streams, ev.model_dump(), block_size] + ([task_settings] if task_settings else []))
     path = plan.output_dir / "teachers" / teacher.name / "reference.json"
     if path.exists() and json.loads(path.read_text(encoding="utf-8")).get("key") == key:
         return
     model = load_causal_lm(teacher.path)
     scores = evaluate_model_on_streams(model, {c: TokenStream.load(Path(p)) for c, p in streams.items()},
                                        block_size=block_size, batch_size=ev.batch_size, max_batches=ev.max_batches)
-    from lmdistill.models.loading import count_parameters
+    reference = {"key": key, "teacher": teacher.name, "path": str(teacher.path),
+                 "params_m": count_parameters(model) / 1e6, "scores": scores}
+    if task_config is not None:
+        from lmdistill.generation.run import score_model_on_task
 
+        reference["task"] = score_model_on_task(task_config, teacher.path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": key, "teacher": teacher.name, "path": str(teacher.path),
-                                "params_m": count_parameters(model) / 1e6, "scores": scores}, indent=1), encoding="utf-8")
+    path.write_text(json.dumps(reference, indent=1), encoding="utf-8")
 
 
 def prepare(plan: Plan) -> None:
@@ -187,7 +195,7 @@ def prepare(plan: Plan) -> None:
         streams = _streams_for(plan, tokenizer, corpora)
         per_teacher[name] = {"streams": streams, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer) if tokenizer else None,
                              "teacher_path": str(teacher.path) if teacher else None}
-        if teacher is not None:
+        if teacher is not None and plan.kind == "run":
             _teacher_reference(plan, teacher, streams, block_size)
     plan.evaluation = {"max_batches": config.evaluation.max_batches, "batch_size": config.evaluation.batch_size,
                        "block_size": block_size, "in_domain": in_domain if plan.kind == "run" else None,
@@ -204,6 +212,13 @@ def prepare(plan: Plan) -> None:
         plan.specs[cell.id] = {"id": cell.id, "kind": cell.kind, "config": raw, "evaluation": evaluation,
                                "row": {"teacher": cell.row.teacher, "regime": cell.row.regime, "objective": cell.row.objective},
                                "seed": cell.seed, "cell_dir": raw["output_dir"]}
+    if plan.kind == "task":  # the teacher's task scores need a cell's complete config (task, eval, generation)
+        for name, info in per_teacher.items():
+            teacher = plan.teachers.get(name) if name is not None else _base_teacher(plan)
+            spec = next((plan.specs[c.id] for c in runnable if c.teacher == name and c.id in plan.specs), None)
+            if teacher is not None and spec is not None:
+                _teacher_reference(plan, teacher, info["streams"], block_size,
+                                   task_config=_validate(spec["config"], "task", f"cell {spec['id']}"))
 
 
 def _base_teacher(plan: Plan) -> PreparedTeacher | None:

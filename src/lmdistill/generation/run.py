@@ -66,6 +66,19 @@ def stream_name(task: TaskConfig) -> str:
     return f"{task.name or Path(task.path).stem}-{key}"
 
 
+def _validation_examples(docs: Sequence[Document], tokenizer: Any, batch_size: int, max_batches: int | None
+                         ) -> tuple[list[Any], int, float]:
+    """The scored validation examples (the first ``max_batches * batch_size``), the pad id and the UTF-8 bytes of
+    response text per response target."""
+    docs = list(docs)
+    if max_batches is not None:
+        docs = docs[: max_batches * batch_size]
+    examples = encode_examples(tokenizer, docs)
+    # bytes per target over the whole (uncut) responses, like TokenStream.bytes_per_target
+    n_bytes = sum(len((d.response or "").encode("utf-8")) for d in docs)
+    return examples, pad_id_of(tokenizer), n_bytes / max(1, sum(len(e.response) for e in examples))
+
+
 def task_evaluator(
     docs: Sequence[Document],
     tokenizer: Any,
@@ -84,14 +97,7 @@ def task_evaluator(
     ``tokens`` (targets scored), and with a live teacher (``trainer.teacher.logits``) ``top1_agreement``
     (student argmax == teacher argmax) and ``kl_to_teacher`` (mean KL(teacher || student)) on the same
     targets. Batches are split over ranks and the sums all-reduced, so every rank returns the same."""
-    docs = list(docs)
-    if max_batches is not None:
-        docs = docs[: max_batches * batch_size]
-    examples = encode_examples(tokenizer, docs)
-    pad_id = pad_id_of(tokenizer)
-    # bytes per target over the whole (uncut) responses, like TokenStream.bytes_per_target
-    n_bytes = sum(len((d.response or "").encode("utf-8")) for d in docs)
-    bytes_per_target = n_bytes / max(1, sum(len(e.response) for e in examples))
+    examples, pad_id, bytes_per_target = _validation_examples(docs, tokenizer, batch_size, max_batches)
 
     def evaluate(trainer: Trainer) -> dict[str, float]:
         acc = trainer.accelerator
@@ -176,6 +182,27 @@ def evaluate_task_model(
                                teacher=teacher_model, batch_size=gen.batch_size, vocab_size=vocab_size, seed=cfg.train.seed)
 
 
+def score_model_on_task(cfg: TaskRunConfig, path: str | Path) -> dict[str, float]:
+    """The model at ``path`` scored on ``cfg``'s task as a task run scores its trained student, without
+    training: response bits per byte and perplexity on the validation examples the trainer's evaluation uses
+    (``eval.max_batches`` x ``eval.batch_size``), and ROUGE-L / exact match of its generations on
+    ``generation.split`` with ``generation.sampling`` (the teacher reference row of ``lmdistill compare``)."""
+    splits = build_task(cfg.regime.task)
+    tokenizer = load_tokenizer(path)
+    if cfg.regime.task.chat_template == "tokenizer":
+        splits = apply_chat_template(splits, tokenizer)
+    model = load_causal_lm(path)
+    examples, pad_id, bytes_per_target = _validation_examples(splits["validation"], tokenizer, cfg.eval.batch_size,
+                                                              cfg.eval.max_batches)
+    sums = response_token_sums(model, examples, pad_id=pad_id, max_length=cfg.regime.max_length,
+                               batch_size=cfg.eval.batch_size, vocab_size=len(tokenizer))
+    validation = metrics_from_sums(sums, bytes_per_target, with_teacher=False)
+    scores = evaluate_task_model(model, tokenizer, splits[cfg.generation.split], cfg, vocab_size=len(tokenizer))
+    generation = scores.as_dict()
+    return {"bits_per_byte": validation["bits_per_byte"], "perplexity": validation["perplexity"],
+            "rouge_l": generation["rouge_l"], "exact_match": generation["exact_match"]}
+
+
 def run_task(cfg: TaskRunConfig, *, resume: bool = False, show_progress: bool = True,
              splits: dict[str, list[Document]] | None = None) -> dict[str, Any]:
     """Train on the task with the configured regime and objective, save ``final/``, then score
@@ -226,4 +253,5 @@ def run_generate(cfg: GenerateConfig, *, progress: Any = None, environ: Any = No
                             doc_ids=ids, progress=progress)
 
 
-__all__ = ["TaskConfig", "TaskRun", "build_task_run", "run_generate", "run_task", "task_evaluator", "task_streams"]
+__all__ = ["TaskConfig", "TaskRun", "build_task_run", "run_generate", "run_task", "score_model_on_task", "task_evaluator",
+           "task_streams"]
