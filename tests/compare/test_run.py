@@ -280,3 +280,21 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def test_a_cell_process_reports_its_own_peak_memory_not_its_parents():
+    """A cell is a child process of the compare process, which may have pretrained a teacher: with 1 GiB touched
+    here, a child that only imports the cell module must report its own peak (Linux carries ru_maxrss across
+    exec, which made every cell of a grid report the compare process's peak)."""
+    import subprocess
+    import sys
+
+    from lmdistill.compare.cell import peak_rss_mb
+
+    ballast = bytearray(1024 * 2**20)
+    ballast[::4096] = b"\x01" * len(range(0, len(ballast), 4096))  # touch every page: resident
+    assert peak_rss_mb() > 1024
+    child = subprocess.run([sys.executable, "-c", "from lmdistill.compare.cell import peak_rss_mb; print(peak_rss_mb())"],
+                           capture_output=True, text=True, check=True)
+    del ballast
+    assert 0 < float(child.stdout) < 512

@@ -44,8 +44,16 @@ def _write_json_atomic(path: Path, payload: Any) -> None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports ``ru_maxrss`` in KiB)."""
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak resident memory of this process so far, in MiB: ``VmHWM`` of ``/proc/self/status`` where there is
+    one. Not ``ru_maxrss`` on Linux: it survives ``exec``, so a cell process started by a compare process that
+    had pretrained a teacher reported that process's peak (every cell of a grid the same figure)."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return kib / 1024.0 if sys.platform != "darwin" else kib / 2**20
 
 
