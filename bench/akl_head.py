@@ -27,14 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cache as bench_cache  # noqa: E402  (bench/cache.py: teacher, logging and table helpers)
 
 
-def head_by_full_sort(p: torch.Tensor, mu: float) -> torch.Tensor:
-    """The baseline: the head read off a stable descending sort of every row."""
-    p_sorted, order = torch.sort(p, dim=-1, descending=True, stable=True)
-    head = torch.cumsum(p_sorted, dim=-1) <= mu
-    head[:, 0] = True
-    return torch.zeros_like(head).scatter_(-1, order, head)
-
-
 def teacher_rows(teacher_dir: Path, rows: int) -> torch.Tensor:
     """The teacher's logits on the first ``rows`` tokens of KJV text, in blocks of 128."""
     from transformers import AutoTokenizer
@@ -73,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
 
     from lmdistill.data.cache import default_cache_dir
-    from lmdistill.losses.akl import akl_head_mask
+    from lmdistill.losses.akl import akl_head_by_sort, akl_head_mask
 
     teacher_dir, note = bench_cache.find_teacher(Path(default_cache_dir()))
     print(f"Teacher: {note}. At start: {bench_cache.load_note()}", flush=True)
@@ -82,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     for temperature in (1.0, 4.0):
         p = torch.softmax(logits / temperature, dim=-1)
         for mu in (float(m) for m in args.mu.split(",")):
-            same = torch.equal(akl_head_mask(p, mu), head_by_full_sort(p, mu))
-            sort_s = best_seconds(lambda: head_by_full_sort(p, mu), args.repeats)
+            same = torch.equal(akl_head_mask(p, mu), akl_head_by_sort(p, mu))
+            sort_s = best_seconds(lambda: akl_head_by_sort(p, mu), args.repeats)
             topk_s = best_seconds(lambda: akl_head_mask(p, mu), args.repeats)
             sorted_rows = int((torch.topk(p, 64).values.sum(-1) <= mu).sum())
             rows.append({"T": temperature, "mu": mu, "rows": f"{p.shape[0]} x {p.shape[1]}",

@@ -108,11 +108,12 @@ def log(msg: str) -> None:
 def find_teacher(cache_root: Path) -> tuple[Path, str]:
     """The demo teacher when `lmdistill demo` has cached one, else a briefly pretrained bench teacher
     (same preset and recipe as the demo teacher, fewer steps), trained once and reused."""
-    demo = sorted((cache_root / "demo").glob("teacher-*/final/model.safetensors"))
-    if demo:
-        return demo[-1].parent, f"demo teacher {demo[-1].parent}"
+    from lmdistill.report.demo import demo_teacher_dir, recipe
+
+    demo = demo_teacher_dir(cache_root / "demo") / "final"
+    if (demo / "model.safetensors").exists():
+        return demo, f"demo teacher {demo}"
     from lmdistill.config import validate_config
-    from lmdistill.report.demo import recipe
     from lmdistill.train.run import run_training
 
     raw = recipe("demo_teacher")

@@ -201,10 +201,11 @@ def prepare(plan: Plan) -> None:
                        "block_size": block_size, "in_domain": in_domain if plan.kind == "run" else None,
                        "cache_dir": str(_cache_dir(plan.base))}
     stores: dict[str, Path] = {}
+    first_config: dict[str | None, Any] = {}  # per teacher: its first cell's validated config (task grids)
     for cell in runnable:
         try:
             raw = resolve_cell_config(cell, plan.teachers, output_dir, plan.base, stores)
-            _validate(raw, plan.kind, f"cell {cell.id}")
+            first_config.setdefault(cell.teacher, _validate(raw, plan.kind, f"cell {cell.id}"))
         except LmdistillError as exc:
             cell.skip = str(exc)
             continue
@@ -215,10 +216,8 @@ def prepare(plan: Plan) -> None:
     if plan.kind == "task":  # the teacher's task scores need a cell's complete config (task, eval, generation)
         for name, info in per_teacher.items():
             teacher = plan.teachers.get(name) if name is not None else _base_teacher(plan)
-            spec = next((plan.specs[c.id] for c in runnable if c.teacher == name and c.id in plan.specs), None)
-            if teacher is not None and spec is not None:
-                _teacher_reference(plan, teacher, info["streams"], block_size,
-                                   task_config=_validate(spec["config"], "task", f"cell {spec['id']}"))
+            if teacher is not None and name in first_config:
+                _teacher_reference(plan, teacher, info["streams"], block_size, task_config=first_config[name])
 
 
 def _base_teacher(plan: Plan) -> PreparedTeacher | None:

@@ -58,7 +58,7 @@ def _read_build(spec: BuildSpec, what: str) -> dict[str, Any]:
 
 
 def _key(payload: Any) -> str:
-    # the same hash as lmdistill.report.demo.ensure_teacher, so an unchanged demo recipe maps to its directory
+    # the same hash as lmdistill.report.demo.demo_teacher_dir, so an unchanged demo recipe maps to its directory
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
 
 

@@ -8,7 +8,7 @@ from torch import Tensor
 from lmdistill.losses.core import Divergence, Workspace, finish_chunk, finite_products, kl_from_log_probs
 from lmdistill.losses.signals import Teacher
 
-__all__ = ["AdaptiveKL", "akl_head_mask", "akl_weights"]
+__all__ = ["AdaptiveKL", "akl_head_by_sort", "akl_head_mask", "akl_weights"]
 
 
 # Candidates ranked by a partial top-k before falling back to a full sort: a trained teacher's head up to
@@ -40,17 +40,19 @@ def akl_head_mask(p: Tensor, mu: float) -> Tensor:
         left = (count[crowded] - above.sum(-1)).unsqueeze(-1)
         head[crowded] = above | (tied & (torch.cumsum(tied, dim=-1) <= left))
     open_rows = (cum[:, -1] <= mu).nonzero().squeeze(-1) if k < v else cum.new_zeros(0, dtype=torch.long)
+    if open_rows.numel() == n:
+        return akl_head_by_sort(p, mu)
     if open_rows.numel():
-        every = open_rows.numel() == n
-        p_open = p if every else p[open_rows]
-        p_sorted, order = torch.sort(p_open, dim=-1, descending=True, stable=True)
-        sorted_head = torch.cumsum(p_sorted, dim=-1) <= mu
-        sorted_head[:, 0] = True
-        by_vocab = torch.zeros_like(sorted_head).scatter_(-1, order, sorted_head)
-        if every:
-            return by_vocab
-        head[open_rows] = by_vocab
+        head[open_rows] = akl_head_by_sort(p[open_rows], mu)
     return head
+
+
+def akl_head_by_sort(p: Tensor, mu: float) -> Tensor:
+    """The head of :func:`akl_head_mask` read off a stable descending sort of every row (its fallback)."""
+    p_sorted, order = torch.sort(p, dim=-1, descending=True, stable=True)
+    sorted_head = torch.cumsum(p_sorted, dim=-1) <= mu
+    sorted_head[:, 0] = True
+    return torch.zeros_like(sorted_head).scatter_(-1, order, sorted_head)
 
 
 def akl_weights(s_logp: Tensor, t_logp: Tensor, mu: float) -> tuple[Tensor, Tensor]:

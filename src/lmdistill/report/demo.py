@@ -36,11 +36,17 @@ def recipe(name: str) -> dict[str, Any]:
     return yaml.safe_load(text)
 
 
+def demo_teacher_dir(cache_root: Path) -> Path:
+    """Where the demo teacher's run lives under ``cache_root``: keyed by its recipe, so other teachers cached
+    beside it (``lmdistill compare`` builds them there too) are never taken for it."""
+    key = hashlib.sha1(json.dumps(recipe("demo_teacher"), sort_keys=True).encode()).hexdigest()[:10]
+    return cache_root / f"teacher-{key}"
+
+
 def ensure_teacher(cache_root: Path) -> Path:
     """The demo teacher, pretrained once per recipe and reused afterwards."""
     raw = recipe("demo_teacher")
-    key = hashlib.sha1(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:10]
-    run_dir = cache_root / f"teacher-{key}"
+    run_dir = demo_teacher_dir(cache_root)
     final = run_dir / "final"
     if (final / "model.safetensors").exists():
         print(f"reusing the cached teacher {final}")
