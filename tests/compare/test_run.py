@@ -151,6 +151,12 @@ def test_base_teacher_section_without_teacher_choices(tmp_path, compare_raw, tin
     metrics = _result(plan, "reverse_kl--seed0")["metrics"]
     assert metrics["top1_agreement"] > 0 and metrics["kl_to_teacher"] > 0
     assert "| *teacher teacher (" in report  # the base teacher's reference row
+    # a reference cut short (a kill in an older version, a full disk) is computed again, not a crash
+    reference = plan.output_dir / "teachers" / "teacher" / "reference.json"
+    saved = json.loads(reference.read_text())
+    reference.write_text(reference.read_text()[:40])
+    prepare(_plan(tmp_path, raw))
+    assert json.loads(reference.read_text())["scores"] == saved["scores"]
 
 
 def test_seconds_per_step_by_hand():

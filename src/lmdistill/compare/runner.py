@@ -33,6 +33,7 @@ from lmdistill.compare.config import CompareConfig, base_mapping
 from lmdistill.compare.grid import Cell, Row, cell_id, config_hash, expand_grid
 from lmdistill.compare.teachers import PreparedTeacher, prepare_teacher, resolve_cell_config
 from lmdistill.config import validate_config
+from lmdistill.data.cache import atomic_write_bytes
 from lmdistill.errors import ConfigError, LmdistillError
 
 __all__ = ["Plan", "plan_grid", "run_compare", "cell_action", "FAILURE_NAME", "SPEC_NAME", "LOG_NAME"]
@@ -145,8 +146,11 @@ def _teacher_reference(plan: Plan, teacher: PreparedTeacher, streams: dict[str, 
         mode="json", include={"regime": {"task", "max_length"}, "eval": {"batch_size", "max_batches"}, "generation": True})
     key = config_hash([str(teacher.path), streams, ev.model_dump(), block_size] + ([task_settings] if task_settings else []))
     path = plan.output_dir / "teachers" / teacher.name / "reference.json"
-    if path.exists() and json.loads(path.read_text(encoding="utf-8")).get("key") == key:
-        return
+    try:
+        if json.loads(path.read_text(encoding="utf-8")).get("key") == key:
+            return
+    except (OSError, ValueError):
+        pass  # none yet, or unreadable: computed again
     model = load_causal_lm(teacher.path)
     scores = evaluate_model_on_streams(model, {c: TokenStream.load(Path(p)) for c, p in streams.items()},
                                        block_size=block_size, batch_size=ev.batch_size, max_batches=ev.max_batches)
@@ -156,8 +160,7 @@ def _teacher_reference(plan: Plan, teacher: PreparedTeacher, streams: dict[str, 
         from lmdistill.generation.run import score_model_on_task
 
         reference["task"] = score_model_on_task(task_config, teacher.path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(reference, indent=1), encoding="utf-8")
+    atomic_write_bytes(path, json.dumps(reference, indent=1).encode("utf-8"))  # a kill never leaves half a file
 
 
 def prepare(plan: Plan) -> None:
